@@ -1,0 +1,66 @@
+// The whole Qwen3-MoE sparse block (router + experts), in the Transformers v5 weight layout.
+//
+// Forward:  logits = x . router^T;  (ids, w) = router(logits);  h = gather(x) . gate_up[e]^T;  a = swiglu(h);
+//           out[t] = sum_j w[t, j] * (a . down[e]^T)[pair(t, j)].
+// Backward keeps x and h (in `saved`) and recomputes a; the routing-weight gradient is rowdot(gather(grad_out) .
+// down[e], a), so the down-projection output is never kept.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "moefuse/ops.h"
+#include "moefuse/tensor.h"
+
+namespace moefuse {
+
+struct MoeConfig {
+  std::int64_t hidden = 0;        // H
+  std::int64_t intermediate = 0;  // I (moe_intermediate_size)
+  int experts = 0;                // E
+  int top_k = 0;                  // k
+  bool renormalize = true;        // norm_topk_prob
+};
+
+// All of one dtype (f32 | bf16 | f16) and one device.
+struct MoeWeights {
+  TensorView router;   // [E, H]
+  TensorView gate_up;  // [E, 2I, H]: gate rows then up rows
+  TensorView down;     // [E, H, I]
+};
+
+// Gradients to compute; each absent one is skipped. Leaving gate_up and down absent is the frozen-experts mode
+// (LoRA fine-tuning): no expert weight gradient is formed.
+struct MoeGrads {
+  TensorView x;        // [T, H]
+  TensorView router;   // [E, H]
+  TensorView gate_up;  // [E, 2I, H]
+  TensorView down;     // [E, H, I]
+};
+
+// What forward leaves for backward, laid out inside the caller's `saved` buffer (u8, moe_saved_bytes long).
+struct MoeSaved {
+  TensorView topk_ids;      // [T, k] i32
+  TensorView topk_weights;  // [T, k] f32
+  Plan plan;
+  TensorView h;  // [M, 2I] in the weights' dtype, sorted order
+};
+
+std::size_t moe_saved_bytes(const MoeConfig& cfg, std::int64_t tokens, DType dtype);
+MoeSaved moe_saved_view(const MoeConfig& cfg, std::int64_t tokens, DType dtype, TensorView saved);
+
+std::size_t moe_forward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w);
+std::size_t moe_backward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w,
+                                         const MoeGrads& grads);
+
+//   x [T, H];  out [T, H];  router_logits [T, E] (dtype of x)
+void moe_forward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, TensorView out, TensorView router_logits,
+                 TensorView saved, TensorView workspace, void* stream = nullptr);
+
+// grad_router_logits (optional, [T, E]): gradient that reaches the logits from outside the block (the auxiliary
+// load-balancing loss); it is added to the gradient that flows back through the routing weights.
+void moe_backward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, TensorView router_logits, TensorView saved,
+                  TensorView grad_out, TensorView grad_router_logits, const MoeGrads& grads, TensorView workspace,
+                  void* stream = nullptr);
+
+}  // namespace moefuse

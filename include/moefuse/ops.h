@@ -1,0 +1,90 @@
+// The moefuse ops. Every op has one meaning on every backend; the CPU backend is the reference.
+//
+// Conventions (all ops):
+// - Tensors are contiguous and live on one device; `stream` is a cudaStream_t for CUDA tensors (nullptr = default
+//   stream) and is ignored on the CPU.
+// - Float data is f32, bf16 or f16 storage; arithmetic accumulates in f32. Index tensors are i32.
+// - Outputs are overwritten entirely (never accumulated into). Optional arguments are views with ndim == -1.
+// - Ops never allocate device memory: scratch comes from `workspace`, a u8 tensor of at least the bytes the matching
+//   *_workspace_bytes query returns (queries read shapes, dtypes and devices only; data pointers may be null).
+// - Nothing synchronises the host with the device: per-expert sizes stay on the device.
+// - Bad arguments throw moefuse::Error naming the argument.
+//
+// Sizes: T tokens, k = top_k experts per token, E experts, M = T*k routed pairs.
+// Pair p = t*k + j is token t's j-th choice.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "moefuse/tensor.h"
+
+namespace moefuse {
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Router: softmax over experts in f32, top-k (ties go to the lower expert id, choices sorted by descending weight),
+// optional renormalisation so each token's k weights sum to 1.
+//   logits       [T, E]  f32 | bf16 | f16
+//   topk_ids     [T, k]  i32   (out)
+//   topk_weights [T, k]  f32   (out)
+void router_forward(TensorView logits, int top_k, bool renormalize, TensorView topk_ids, TensorView topk_weights,
+                    void* stream = nullptr);
+
+// Gradient of topk_weights with respect to logits (the ids are piecewise constant).
+//   grad_topk_weights [T, k] f32;  grad_logits [T, E] f32 | bf16 | f16 (out)
+void router_backward(TensorView logits, TensorView topk_ids, bool renormalize, TensorView grad_topk_weights,
+                     TensorView grad_logits, void* stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Routing plan: the M pairs sorted by expert, stable (pair order kept within an expert).
+// Ids >= E are expert-parallel placeholders: they contribute nothing and sort after every real expert, so sorted
+// positions [offsets[E], M) hold them. Negative ids are an error: the CPU backend throws; the CUDA backend cannot
+// raise without a host sync, so it treats them as placeholders and writes their number to `invalid`
+// (check_plan() reads it and throws).
+struct Plan {
+  std::int64_t tokens = 0;
+  int top_k = 0;
+  int experts = 0;
+  TensorView counts;          // [E]   i32: pairs routed to each expert
+  TensorView offsets;         // [E+1] i32: expert e owns sorted rows [offsets[e], offsets[e+1])
+  TensorView sorted_pairs;    // [M]   i32: the pair at each sorted position
+  TensorView pair_positions;  // [M]   i32: the sorted position of each pair (inverse of sorted_pairs)
+  TensorView invalid;         // [1]   i32: number of negative ids seen
+};
+
+std::size_t routing_plan_workspace_bytes(const Plan& plan, TensorView topk_ids);
+void routing_plan(TensorView topk_ids, const Plan& plan, TensorView workspace, void* stream = nullptr);
+// Throws if the plan saw negative expert ids. Synchronises with the device: call it in tests or debug mode only.
+void check_plan(const Plan& plan, void* stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------------------
+// moe_fused_linear: out[s, o] = sum_i weight[e(s), o, i] * x[src(s), i] for each sorted row s routed to expert e(s).
+//   weight [E, out, in]
+//   gather == false: x is [M, in] already in sorted order, src(s) = s.
+//   gather == true:  x is [T, in] in token order, src(s) = sorted_pairs[s] / k (fused into the loads on CUDA).
+//   combine_weights absent: out is [M, out] in sorted order; rows of placeholder pairs are zero.
+//   combine_weights [T, k] f32: out is [T, out] in token order,
+//       out[t] = sum_j combine_weights[t, j] * row(t, j) over the routed pairs of t (a per-token sum: deterministic).
+std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
+                                       TensorView combine_weights);
+void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
+                        TensorView out, TensorView workspace, void* stream = nullptr);
+
+// Backward of moe_linear_forward with the same arguments; each gradient left absent is not computed.
+//   grad_x: like x (with gather, a deterministic per-token sum over the token's pairs)
+//   grad_weight [E, out, in]: experts that got no rows get zeros
+//   grad_combine_weights [T, k] f32 (only with combine_weights): <grad_out[t], row(t, j)>, zero for placeholders;
+//       computed as rowdot(grad_out[t] . W[e], x[src]) so the un-combined rows need not be kept.
+std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
+                                                TensorView combine_weights);
+void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
+                         TensorView grad_out, TensorView grad_x, TensorView grad_weight,
+                         TensorView grad_combine_weights, TensorView workspace, void* stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------------------
+// SwiGLU on the concatenated [gate | up] layout of Transformers v5: a = silu(h[:, :I]) * h[:, I:], in f32.
+//   h [R, 2I]; a [R, I]; grad_a [R, I]; grad_h [R, 2I]
+void swiglu_forward(TensorView h, TensorView a, void* stream = nullptr);
+void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* stream = nullptr);
+
+}  // namespace moefuse

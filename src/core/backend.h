@@ -1,0 +1,54 @@
+// The interface every backend implements, once per namespace (moefuse::cpu, moefuse::cuda).
+// src/core has already checked shapes, dtypes, devices, contiguity and workspace size before any of these runs,
+// so backends only compute. Semantics are those of include/moefuse/ops.h, plus the few internal extras below.
+#pragma once
+
+#include <cstddef>
+
+#include "moefuse/ops.h"
+#include "moefuse/tensor.h"
+
+#define MOEFUSE_BACKEND_DECLARATIONS                                                                                \
+  void router_forward(const TensorView& logits, int top_k, bool renormalize, const TensorView& topk_ids,          \
+                      const TensorView& topk_weights, void* stream);                                               \
+  /* extra_grad_logits (optional, dtype of grad_logits) is added to the result. */                                 \
+  void router_backward(const TensorView& logits, const TensorView& topk_ids, bool renormalize,                     \
+                       const TensorView& grad_topk_weights, const TensorView& extra_grad_logits,                   \
+                       const TensorView& grad_logits, void* stream);                                               \
+                                                                                                                    \
+  std::size_t routing_plan_workspace_bytes(const Plan& plan);                                                      \
+  void routing_plan(const TensorView& topk_ids, const Plan& plan, const TensorView& workspace, void* stream);      \
+  /* Number of negative ids the plan saw (synchronises). */                                                         \
+  int plan_invalid_count(const Plan& plan, void* stream);                                                          \
+                                                                                                                    \
+  std::size_t moe_linear_workspace_bytes(const Plan& plan, const TensorView& x, const TensorView& weight,           \
+                                         bool gather, const TensorView& combine_weights);                          \
+  void moe_linear_forward(const Plan& plan, const TensorView& x, const TensorView& weight, bool gather,             \
+                          const TensorView& combine_weights, const TensorView& out, const TensorView& workspace,   \
+                          void* stream);                                                                            \
+  std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, const TensorView& x, const TensorView& weight,  \
+                                                  bool gather, const TensorView& combine_weights);                 \
+  void moe_linear_backward(const Plan& plan, const TensorView& x, const TensorView& weight, bool gather,            \
+                           const TensorView& combine_weights, const TensorView& grad_out, const TensorView& grad_x, \
+                           const TensorView& grad_weight, const TensorView& grad_combine_weights,                  \
+                           const TensorView& workspace, void* stream);                                             \
+                                                                                                                    \
+  void swiglu_forward(const TensorView& h, const TensorView& a, void* stream);                                     \
+  void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void* stream);      \
+                                                                                                                    \
+  /* Dense linear (the router projection): y[T, N] = x[T, K] . w[N, K]^T, all one dtype. */                        \
+  void dense_linear_forward(const TensorView& x, const TensorView& w, const TensorView& y, void* stream);          \
+  /* grad_x[T, K] = dy . w (added to grad_x when accumulate_grad_x); grad_w[N, K] = dy^T . x. Either may be        \
+     absent. All one dtype. */                                                                                     \
+  void dense_linear_backward(const TensorView& x, const TensorView& w, const TensorView& dy,                       \
+                             const TensorView& grad_x, bool accumulate_grad_x, const TensorView& grad_w,            \
+                             void* stream);
+
+namespace moefuse {
+namespace cpu {
+MOEFUSE_BACKEND_DECLARATIONS
+}  // namespace cpu
+namespace cuda {
+MOEFUSE_BACKEND_DECLARATIONS
+}  // namespace cuda
+}  // namespace moefuse

@@ -1,0 +1,42 @@
+// Argument checks shared by the dispatch layer. Each failure throws moefuse::Error with a message that names
+// the op, the argument, what was expected and what came.
+#pragma once
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+#include "moefuse/error.h"
+#include "moefuse/tensor.h"
+
+namespace moefuse::detail {
+
+template <class... Args>
+[[noreturn]] void fail(const char* op, Args&&... args) {
+  std::ostringstream s;
+  s << "moefuse::" << op << ": ";
+  (s << ... << args);
+  throw Error(s.str());
+}
+
+}  // namespace moefuse::detail
+
+#define MOEFUSE_CHECK(cond, op, ...)                       \
+  do {                                                     \
+    if (!(cond)) ::moefuse::detail::fail(op, __VA_ARGS__); \
+  } while (0)
+
+namespace moefuse::detail {
+
+// Checks a required tensor: present, contiguous, `ndim` dims with these sizes (-1 = any), one of `dtypes`.
+void expect(const char* op, const char* name, const TensorView& t, std::initializer_list<std::int64_t> shape,
+            std::initializer_list<DType> dtypes);
+// Same checks for an optional tensor when present.
+void expect_optional(const char* op, const char* name, const TensorView& t, std::initializer_list<std::int64_t> shape,
+                     std::initializer_list<DType> dtypes);
+void expect_same_device(const char* op, const char* name, const TensorView& t, Device device);
+void expect_workspace(const char* op, const TensorView& workspace, std::size_t needed, Device device);
+
+constexpr std::initializer_list<DType> kFloatTypes = {DType::f32, DType::bf16, DType::f16};
+
+}  // namespace moefuse::detail
