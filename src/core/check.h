@@ -35,6 +35,7 @@ void expect(const char* op, const char* name, const TensorView& t, std::initiali
 void expect_optional(const char* op, const char* name, const TensorView& t, std::initializer_list<std::int64_t> shape,
                      std::initializer_list<DType> dtypes);
 void expect_same_device(const char* op, const char* name, const TensorView& t, Device device);
+void expect_same_dtype(const char* op, const char* name, const TensorView& t, DType dtype);
 void expect_workspace(const char* op, const TensorView& workspace, std::size_t needed, Device device);
 
 constexpr std::initializer_list<DType> kFloatTypes = {DType::f32, DType::bf16, DType::f16};

@@ -122,6 +122,12 @@ void expect_same_device(const char* op, const char* name, const TensorView& t, D
                   device_name(device));
 }
 
+void expect_same_dtype(const char* op, const char* name, const TensorView& t, DType dtype) {
+  if (t.defined())
+    MOEFUSE_CHECK(t.dtype == dtype, op, name, " must have the dtype of the other float tensors (", dtype_name(dtype),
+                  "), got ", describe(t));
+}
+
 void expect_workspace(const char* op, const TensorView& workspace, std::size_t needed, Device device) {
   if (needed == 0) return;
   MOEFUSE_CHECK(workspace.defined() && workspace.nbytes() >= needed, op, "workspace must hold at least ", needed,

@@ -1,0 +1,204 @@
+// Public ops: validate every argument, then hand the call to the backend of the tensors' device.
+#include <limits>
+
+#include "core/dispatch.h"
+#include "moefuse/moefuse.h"
+
+namespace moefuse {
+
+using detail::expect;
+using detail::expect_optional;
+using detail::expect_same_dtype;
+using detail::expect_same_device;
+using detail::expect_workspace;
+using detail::kFloatTypes;
+
+namespace {
+
+void check_top_k(const char* op, int top_k, std::int64_t experts) {
+  MOEFUSE_CHECK(top_k >= 1 && top_k <= experts, op, "top_k must be in [1, ", experts, "], got ", top_k);
+}
+
+// Validates the plan's own buffers and returns M = T*k.
+std::int64_t check_plan_views(const char* op, const Plan& p) {
+  MOEFUSE_CHECK(p.tokens >= 0, op, "plan.tokens must be >= 0, got ", p.tokens);
+  MOEFUSE_CHECK(p.experts >= 1, op, "plan.experts must be >= 1, got ", p.experts);
+  check_top_k(op, p.top_k, p.experts);
+  const std::int64_t m = p.tokens * p.top_k;
+  MOEFUSE_CHECK(m <= std::numeric_limits<std::int32_t>::max(), op, "tokens * top_k = ", m,
+                " routed pairs do not fit the i32 indices of a plan");
+  expect(op, "plan.counts", p.counts, {p.experts}, {DType::i32});
+  expect(op, "plan.offsets", p.offsets, {p.experts + 1}, {DType::i32});
+  expect(op, "plan.sorted_pairs", p.sorted_pairs, {m}, {DType::i32});
+  expect(op, "plan.pair_positions", p.pair_positions, {m}, {DType::i32});
+  expect(op, "plan.invalid", p.invalid, {1}, {DType::i32});
+  const Device d = p.counts.device;
+  expect_same_device(op, "plan.offsets", p.offsets, d);
+  expect_same_device(op, "plan.sorted_pairs", p.sorted_pairs, d);
+  expect_same_device(op, "plan.pair_positions", p.pair_positions, d);
+  expect_same_device(op, "plan.invalid", p.invalid, d);
+  return m;
+}
+
+// Shared checks of moe_linear_forward/backward; returns the out feature count.
+std::int64_t check_linear(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight, bool gather,
+                          const TensorView& combine_weights) {
+  const std::int64_t m = check_plan_views(op, plan);
+  expect(op, "weight", weight, {plan.experts, -1, -1}, kFloatTypes);
+  const std::int64_t in = weight.shape[2];
+  expect(op, "x", x, {gather ? plan.tokens : m, in}, kFloatTypes);
+  expect_same_dtype(op, "x", x, weight.dtype);
+  expect_optional(op, "combine_weights", combine_weights, {plan.tokens, plan.top_k}, {DType::f32});
+  const Device d = plan.counts.device;
+  expect_same_device(op, "x", x, d);
+  expect_same_device(op, "weight", weight, d);
+  expect_same_device(op, "combine_weights", combine_weights, d);
+  return weight.shape[1];
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------------
+void router_forward(TensorView logits, int top_k, bool renormalize, TensorView topk_ids, TensorView topk_weights,
+                    void* stream) {
+  const char* op = "router_forward";
+  expect(op, "logits", logits, {-1, -1}, kFloatTypes);
+  const std::int64_t t = logits.shape[0], e = logits.shape[1];
+  MOEFUSE_CHECK(e >= 1, op, "logits must have at least one expert column, got ", describe(logits));
+  check_top_k(op, top_k, e);
+  expect(op, "topk_ids", topk_ids, {t, top_k}, {DType::i32});
+  expect(op, "topk_weights", topk_weights, {t, top_k}, {DType::f32});
+  expect_same_device(op, "topk_ids", topk_ids, logits.device);
+  expect_same_device(op, "topk_weights", topk_weights, logits.device);
+  BACKEND(op, logits.device, router_forward, logits, top_k, renormalize, topk_ids, topk_weights, stream);
+}
+
+void router_backward(TensorView logits, TensorView topk_ids, bool renormalize, TensorView grad_topk_weights,
+                     TensorView grad_logits, void* stream) {
+  const char* op = "router_backward";
+  expect(op, "logits", logits, {-1, -1}, kFloatTypes);
+  const std::int64_t t = logits.shape[0], e = logits.shape[1];
+  expect(op, "topk_ids", topk_ids, {t, -1}, {DType::i32});
+  const std::int64_t k = topk_ids.shape[1];
+  check_top_k(op, static_cast<int>(k), e);
+  expect(op, "grad_topk_weights", grad_topk_weights, {t, k}, {DType::f32});
+  expect(op, "grad_logits", grad_logits, {t, e}, kFloatTypes);
+  expect_same_device(op, "topk_ids", topk_ids, logits.device);
+  expect_same_device(op, "grad_topk_weights", grad_topk_weights, logits.device);
+  expect_same_device(op, "grad_logits", grad_logits, logits.device);
+  BACKEND(op, logits.device, router_backward, logits, topk_ids, renormalize, grad_topk_weights, TensorView{},
+          grad_logits, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+std::size_t routing_plan_workspace_bytes(const Plan& plan, TensorView topk_ids) {
+  const char* op = "routing_plan_workspace_bytes";
+  check_plan_views(op, plan);
+  expect(op, "topk_ids", topk_ids, {plan.tokens, plan.top_k}, {DType::i32});
+  return BACKEND(op, plan.counts.device, routing_plan_workspace_bytes, plan);
+}
+
+void routing_plan(TensorView topk_ids, const Plan& plan, TensorView workspace, void* stream) {
+  const char* op = "routing_plan";
+  check_plan_views(op, plan);
+  expect(op, "topk_ids", topk_ids, {plan.tokens, plan.top_k}, {DType::i32});
+  expect_same_device(op, "topk_ids", topk_ids, plan.counts.device);
+  expect_workspace(op, workspace, BACKEND(op, plan.counts.device, routing_plan_workspace_bytes, plan),
+                   plan.counts.device);
+  BACKEND(op, plan.counts.device, routing_plan, topk_ids, plan, workspace, stream);
+}
+
+void check_plan(const Plan& plan, void* stream) {
+  const char* op = "check_plan";
+  check_plan_views(op, plan);
+  const int invalid = BACKEND(op, plan.counts.device, plan_invalid_count, plan, stream);
+  MOEFUSE_CHECK(invalid == 0, op, invalid, " expert ids are negative; ids must be in [0, ", plan.experts,
+                ") (ids >= num_experts are placeholders that contribute nothing)");
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
+                                       TensorView combine_weights) {
+  const char* op = "moe_linear_workspace_bytes";
+  check_linear(op, plan, x, weight, gather, combine_weights);
+  return BACKEND(op, plan.counts.device, moe_linear_workspace_bytes, plan, x, weight, gather, combine_weights);
+}
+
+void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
+                        TensorView out, TensorView workspace, void* stream) {
+  const char* op = "moe_linear_forward";
+  const std::int64_t n = check_linear(op, plan, x, weight, gather, combine_weights);
+  const Device d = plan.counts.device;
+  expect(op, "out", out, {combine_weights.defined() ? plan.tokens : plan.tokens * plan.top_k, n}, kFloatTypes);
+  expect_same_dtype(op, "out", out, weight.dtype);
+  expect_same_device(op, "out", out, d);
+  expect_workspace(op, workspace, BACKEND(op, d, moe_linear_workspace_bytes, plan, x, weight, gather, combine_weights),
+                   d);
+  BACKEND(op, d, moe_linear_forward, plan, x, weight, gather, combine_weights, out, workspace, stream);
+}
+
+std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
+                                                TensorView combine_weights) {
+  const char* op = "moe_linear_backward_workspace_bytes";
+  check_linear(op, plan, x, weight, gather, combine_weights);
+  return BACKEND(op, plan.counts.device, moe_linear_backward_workspace_bytes, plan, x, weight, gather,
+                 combine_weights);
+}
+
+void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
+                         TensorView grad_out, TensorView grad_x, TensorView grad_weight,
+                         TensorView grad_combine_weights, TensorView workspace, void* stream) {
+  const char* op = "moe_linear_backward";
+  const std::int64_t n = check_linear(op, plan, x, weight, gather, combine_weights);
+  const Device d = plan.counts.device;
+  const DType dt = weight.dtype;
+  expect(op, "grad_out", grad_out, {combine_weights.defined() ? plan.tokens : plan.tokens * plan.top_k, n},
+         kFloatTypes);
+  expect_optional(op, "grad_x", grad_x, {x.shape[0], x.shape[1]}, kFloatTypes);
+  expect_optional(op, "grad_weight", grad_weight, {weight.shape[0], weight.shape[1], weight.shape[2]}, kFloatTypes);
+  MOEFUSE_CHECK(!grad_combine_weights.defined() || combine_weights.defined(), op,
+                "grad_combine_weights needs combine_weights");
+  expect_optional(op, "grad_combine_weights", grad_combine_weights, {plan.tokens, plan.top_k}, {DType::f32});
+  expect_same_dtype(op, "grad_out", grad_out, dt);
+  expect_same_dtype(op, "grad_x", grad_x, dt);
+  expect_same_dtype(op, "grad_weight", grad_weight, dt);
+  expect_same_device(op, "grad_out", grad_out, d);
+  expect_same_device(op, "grad_x", grad_x, d);
+  expect_same_device(op, "grad_weight", grad_weight, d);
+  expect_same_device(op, "grad_combine_weights", grad_combine_weights, d);
+  expect_workspace(
+      op, workspace,
+      BACKEND(op, d, moe_linear_backward_workspace_bytes, plan, x, weight, gather, combine_weights), d);
+  BACKEND(op, d, moe_linear_backward, plan, x, weight, gather, combine_weights, grad_out, grad_x, grad_weight,
+          grad_combine_weights, workspace, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+namespace {
+std::int64_t check_swiglu(const char* op, const TensorView& h, const TensorView& a, const char* a_name) {
+  expect(op, "h", h, {-1, -1}, kFloatTypes);
+  MOEFUSE_CHECK(h.shape[1] % 2 == 0, op, "h must be [rows, 2*I] ([gate | up]), got an odd width: ", describe(h));
+  const std::int64_t i = h.shape[1] / 2;
+  expect(op, a_name, a, {h.shape[0], i}, kFloatTypes);
+  expect_same_dtype(op, a_name, a, h.dtype);
+  expect_same_device(op, a_name, a, h.device);
+  return i;
+}
+}  // namespace
+
+void swiglu_forward(TensorView h, TensorView a, void* stream) {
+  const char* op = "swiglu_forward";
+  check_swiglu(op, h, a, "a");
+  BACKEND(op, h.device, swiglu_forward, h, a, stream);
+}
+
+void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* stream) {
+  const char* op = "swiglu_backward";
+  check_swiglu(op, h, grad_a, "grad_a");
+  expect(op, "grad_h", grad_h, {h.shape[0], h.shape[1]}, kFloatTypes);
+  expect_same_dtype(op, "grad_h", grad_h, h.dtype);
+  expect_same_device(op, "grad_h", grad_h, h.device);
+  BACKEND(op, h.device, swiglu_backward, h, grad_a, grad_h, stream);
+}
+
+}  // namespace moefuse
