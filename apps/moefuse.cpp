@@ -1,0 +1,198 @@
+// moefuse command line: `moefuse bench` times the MoE block (forward, forward+backward, forward+dX) at one shape.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/half.h"
+#include "moefuse/moefuse.h"
+#ifdef MOEFUSE_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+using namespace moefuse;
+
+namespace {
+
+struct Args {
+  MoeConfig cfg{1024, 512, 32, 4, true};
+  std::int64_t tokens = 2048;
+  DType dtype = DType::f32;
+  std::string device = "cpu";
+  int iters = 5;
+};
+
+[[noreturn]] void usage(int code) {
+  std::fprintf(code ? stderr : stdout,
+               "usage: moefuse bench [--tokens T] [--hidden H] [--intermediate I] [--experts E] [--top-k K]\n"
+               "                     [--dtype f32|bf16|f16] [--device cpu|cuda] [--iters N] [--preset 30b|235b]\n"
+               "Times the MoE block: forward, forward+backward (all gradients) and forward+dX (frozen experts).\n"
+               "FLOPs are counted as 6*T*k*H*I forward, x3 with all gradients, x2 with frozen experts.\n");
+  std::exit(code);
+}
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 2; i < argc; ++i) {
+    std::string k = argv[i];
+    if (k == "-h" || k == "--help") usage(0);
+    if (i + 1 >= argc) usage(2);
+    std::string v = argv[++i];
+    if (k == "--tokens") a.tokens = std::stoll(v);
+    else if (k == "--hidden") a.cfg.hidden = std::stoll(v);
+    else if (k == "--intermediate") a.cfg.intermediate = std::stoll(v);
+    else if (k == "--experts") a.cfg.experts = std::stoi(v);
+    else if (k == "--top-k") a.cfg.top_k = std::stoi(v);
+    else if (k == "--iters") a.iters = std::max(1, std::stoi(v));
+    else if (k == "--device") a.device = v;
+    else if (k == "--dtype") a.dtype = v == "bf16" ? DType::bf16 : v == "f16" ? DType::f16 : v == "f32" ? DType::f32 : (usage(2), DType::f32);
+    else if (k == "--preset" && v == "30b") a.cfg = {2048, 768, 128, 8, true};
+    else if (k == "--preset" && v == "235b") a.cfg = {4096, 1536, 128, 8, true};
+    else usage(2);
+  }
+  if (a.device != "cpu" && a.device != "cuda") usage(2);
+  return a;
+}
+
+// Memory on the bench's device; a tiny RAII owner so the program cleans up on errors too.
+class Buffer {
+ public:
+  Buffer(std::size_t bytes, bool cuda) : cuda_(cuda) {
+    bytes = (bytes + 255) / 256 * 256;
+#ifdef MOEFUSE_WITH_CUDA
+    if (cuda_) {
+      if (cudaMalloc(&p_, bytes) != cudaSuccess) throw Error("cudaMalloc failed");
+      return;
+    }
+#endif
+    p_ = std::aligned_alloc(256, bytes ? bytes : 256);
+    if (!p_) throw Error("out of host memory");
+  }
+  ~Buffer() {
+#ifdef MOEFUSE_WITH_CUDA
+    if (cuda_) { cudaFree(p_); return; }
+#endif
+    std::free(p_);
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  void* get() const { return p_; }
+
+ private:
+  void* p_ = nullptr;
+  bool cuda_;
+};
+
+// Random N(0, stddev) data of the bench dtype, copied to the device.
+void fill_normal(const TensorView& t, float stddev, std::mt19937& rng, bool cuda) {
+  std::normal_distribution<float> dist(0.f, stddev);
+  const std::size_t n = static_cast<std::size_t>(t.numel());
+  std::vector<std::uint8_t> host(t.nbytes());
+  for (std::size_t i = 0; i < n; ++i) {
+    const float v = dist(rng);
+    if (t.dtype == DType::f32) std::memcpy(host.data() + 4 * i, &v, 4);
+    else {
+      const std::uint16_t h = t.dtype == DType::bf16 ? detail::f32_to_bf16(v) : detail::f32_to_f16(v);
+      std::memcpy(host.data() + 2 * i, &h, 2);
+    }
+  }
+#ifdef MOEFUSE_WITH_CUDA
+  if (cuda) { cudaMemcpy(t.data, host.data(), host.size(), cudaMemcpyHostToDevice); return; }
+#endif
+  (void)cuda;
+  std::memcpy(t.data, host.data(), host.size());
+}
+
+void sync(bool cuda) {
+#ifdef MOEFUSE_WITH_CUDA
+  if (cuda && cudaDeviceSynchronize() != cudaSuccess) throw Error("CUDA error during the benchmark");
+#endif
+  (void)cuda;
+}
+
+// Median wall time in ms over `iters` runs after one warm-up (the device is synchronised around each run).
+double median_ms(const std::function<void()>& fn, int iters, bool cuda) {
+  fn();
+  sync(cuda);
+  std::vector<double> ts;
+  for (int i = 0; i < iters; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    fn();
+    sync(cuda);
+    ts.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(ts.begin(), ts.end());
+  return ts[ts.size() / 2];
+}
+
+int bench(const Args& a) {
+  const bool cuda = a.device == "cuda";
+  if (cuda && !has_cuda()) throw Error("this moefuse was built without the CUDA backend");
+  const Device dev = cuda ? Device::cuda(0) : Device::cpu();
+  const MoeConfig& c = a.cfg;
+  const std::int64_t T = a.tokens, H = c.hidden, I = c.intermediate, E = c.experts;
+
+  std::vector<std::unique_ptr<Buffer>> owned;
+  auto alloc = [&](DType dt, std::initializer_list<std::int64_t> shape) {
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    owned.push_back(std::make_unique<Buffer>(static_cast<std::size_t>(n) * dtype_size(dt), cuda));
+    return view(owned.back()->get(), dt, dev, shape);
+  };
+  auto bytes = [&](std::size_t n) { return alloc(DType::u8, {static_cast<std::int64_t>(n)}); };
+
+  const TensorView x = alloc(a.dtype, {T, H});
+  const MoeWeights w{alloc(a.dtype, {E, H}), alloc(a.dtype, {E, 2 * I, H}), alloc(a.dtype, {E, H, I})};
+  std::mt19937 rng(0);
+  fill_normal(x, 1.f, rng, cuda);
+  fill_normal(w.router, 0.02f, rng, cuda);
+  fill_normal(w.gate_up, 0.02f, rng, cuda);
+  fill_normal(w.down, 0.02f, rng, cuda);
+
+  const TensorView out = alloc(a.dtype, {T, H}), logits = alloc(a.dtype, {T, E}), grad_out = alloc(a.dtype, {T, H});
+  fill_normal(grad_out, 1.f, rng, cuda);
+  const MoeGrads full{alloc(a.dtype, {T, H}), alloc(a.dtype, {E, H}), alloc(a.dtype, {E, 2 * I, H}),
+                      alloc(a.dtype, {E, H, I})};
+  const MoeGrads frozen{full.x, full.router, {}, {}};
+  const TensorView saved = bytes(moe_saved_bytes(c, T, a.dtype));
+  const TensorView ws_f = bytes(moe_forward_workspace_bytes(c, x, w));
+  const TensorView ws_b = bytes(moe_backward_workspace_bytes(c, x, w, full));
+
+  auto fwd = [&] { moe_forward(c, x, w, out, logits, saved, ws_f); };
+  auto step = [&](const MoeGrads& g) {
+    fwd();
+    moe_backward(c, x, w, logits, saved, grad_out, {}, g, ws_b);
+  };
+  const double f_ms = median_ms(fwd, a.iters, cuda);
+  const double fb_ms = median_ms([&] { step(full); }, a.iters, cuda);
+  const double fx_ms = median_ms([&] { step(frozen); }, a.iters, cuda);
+
+  const double flops = 6.0 * T * c.top_k * H * I;
+  std::printf("moefuse bench: %s %s  T=%lld H=%lld I=%lld E=%lld k=%d  (median of %d)\n", a.device.c_str(),
+              dtype_name(a.dtype), (long long)T, (long long)H, (long long)I, (long long)E, c.top_k, a.iters);
+  std::printf("  %-28s %10s %12s\n", "pass", "ms", "GFLOP/s");
+  std::printf("  %-28s %10.2f %12.1f\n", "forward", f_ms, flops / f_ms * 1e-6);
+  std::printf("  %-28s %10.2f %12.1f\n", "forward+backward (all)", fb_ms, 3 * flops / fb_ms * 1e-6);
+  std::printf("  %-28s %10.2f %12.1f\n", "forward+dX (frozen experts)", fx_ms, 2 * flops / fx_ms * 1e-6);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "-h") == 0 || std::strcmp(argv[1], "--help") == 0) usage(argc < 2 ? 2 : 0);
+  try {
+    if (std::strcmp(argv[1], "bench") == 0) return bench(parse(argc, argv));
+    std::fprintf(stderr, "moefuse: unknown command '%s'\n", argv[1]);
+    usage(2);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moefuse: %s\n", e.what());
+    return 1;
+  }
+}
