@@ -27,6 +27,8 @@ struct MoeWeights {
   TensorView router;   // [E, H]
   TensorView gate_up;  // [E, 2I, H]: gate rows then up rows
   TensorView down;     // [E, H, I]
+  Lora gate_up_lora;   // optional stacked LoRA: a [E, r, H], b [E, 2I, r]
+  Lora down_lora;      // optional stacked LoRA: a [E, r, I], b [E, H, r]
 };
 
 // Gradients to compute; each absent one is skipped. Leaving gate_up and down absent is the frozen-experts mode
@@ -34,8 +36,10 @@ struct MoeWeights {
 struct MoeGrads {
   TensorView x;        // [T, H]
   TensorView router;   // [E, H]
-  TensorView gate_up;  // [E, 2I, H]
-  TensorView down;     // [E, H, I]
+  TensorView gate_up;  // [E, 2I, H] (not with gate_up_lora: LoRA freezes its base weight)
+  TensorView down;     // [E, H, I]  (not with down_lora)
+  LoraGrads gate_up_lora;
+  LoraGrads down_lora;
 };
 
 // What forward leaves for backward, laid out inside the caller's `saved` buffer (u8, moe_saved_bytes long).

@@ -82,6 +82,34 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool
                          TensorView grad_combine_weights, TensorView workspace, void* stream = nullptr);
 
 // ---------------------------------------------------------------------------------------------------------------------
+// Stacked LoRA on an expert projection (frozen base weight): row(s) += scale * (x[src(s)] . a[e]^T) . b[e]^T.
+// W + b.a is never formed: the low-rank product rides along the grouped GEMM.
+//   a [E, r, in]; b [E, out, r]; same dtype as the weight; scale = lora_alpha / r (or alpha / sqrt(r) for rsLoRA).
+struct Lora {
+  TensorView a;
+  TensorView b;
+  float scale = 1.f;
+  bool defined() const { return a.defined() || b.defined(); }
+};
+struct LoraGrads {
+  TensorView a;  // [E, r, in]: experts that got no rows get zeros
+  TensorView b;  // [E, out, r]
+};
+
+// moe_linear_forward/backward with a LoRA adapter on the weight; the same semantics otherwise. The base weight is
+// frozen (no grad_weight); the adapter's gradients are written to `grad_lora` (each absent one is skipped).
+std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, const Lora& lora,
+                                       bool gather, TensorView combine_weights);
+void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, bool gather,
+                        TensorView combine_weights, TensorView out, TensorView workspace, void* stream = nullptr);
+std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, const Lora& lora,
+                                                bool gather, TensorView combine_weights);
+void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, bool gather,
+                         TensorView combine_weights, TensorView grad_out, TensorView grad_x,
+                         const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
+                         void* stream = nullptr);
+
+// ---------------------------------------------------------------------------------------------------------------------
 // SwiGLU on the concatenated [gate | up] layout of Transformers v5: a = silu(h[:, :I]) * h[:, I:], in f32.
 //   h [R, 2I]; a [R, I]; grad_a [R, I]; grad_h [R, 2I]
 void swiglu_forward(TensorView h, TensorView a, void* stream = nullptr);

@@ -33,6 +33,20 @@
                            const TensorView& grad_weight, const TensorView& grad_combine_weights,                  \
                            const TensorView& workspace, void* stream);                                             \
                                                                                                                     \
+  /* LoRA: the low-rank part of moe_linear with an adapter. out (and in backward grad_x, grad_combine_weights)      \
+     already hold the base result; these add the adapter's part to them and write grad_lora. */                    \
+  std::size_t moe_lora_workspace_bytes(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,        \
+                                       const TensorView& combine_weights);                                         \
+  void moe_lora_forward_add(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,                  \
+                            const TensorView& combine_weights, const TensorView& out, const TensorView& workspace, \
+                            void* stream);                                                                          \
+  std::size_t moe_lora_backward_workspace_bytes(const Plan& plan, const TensorView& x, const Lora& lora,           \
+                                                bool gather, const TensorView& combine_weights);                   \
+  void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,                 \
+                             const TensorView& combine_weights, const TensorView& grad_out,                        \
+                             const TensorView& grad_x, const LoraGrads& grad_lora,                                  \
+                             const TensorView& grad_combine_weights, const TensorView& workspace, void* stream);   \
+                                                                                                                    \
   void swiglu_forward(const TensorView& h, const TensorView& a, void* stream);                                     \
   void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void* stream);      \
                                                                                                                     \

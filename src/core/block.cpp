@@ -73,11 +73,10 @@ ForwardWork layout_forward(const MoeConfig& c, const TensorView& x, const MoeWei
   const Device d = x.device;
   ForwardWork f;
   f.a = cv.take(x.dtype, {s.h.shape[0], c.intermediate});
-  const std::size_t scratch = std::max({BACKEND("moe_forward", d, routing_plan_workspace_bytes, s.plan),
-                                        BACKEND("moe_forward", d, moe_linear_workspace_bytes, s.plan, x, w.gate_up,
-                                                true, TensorView{}),
-                                        BACKEND("moe_forward", d, moe_linear_workspace_bytes, s.plan, f.a, w.down,
-                                                false, s.topk_weights)});
+  const std::size_t scratch =
+      std::max({BACKEND("moe_forward", d, routing_plan_workspace_bytes, s.plan),
+                moe_linear_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}),
+                moe_linear_workspace_bytes(s.plan, f.a, w.down, w.down_lora, false, s.topk_weights)});
   f.scratch = cv.take_bytes(scratch);
   return f;
 }
@@ -88,7 +87,6 @@ struct BackwardWork {
 
 BackwardWork layout_backward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const MoeSaved& s,
                              Carver& cv) {
-  const Device d = x.device;
   const std::int64_t m = s.h.shape[0], t = x.shape[0];
   BackwardWork b;
   b.a = cv.take(x.dtype, {m, c.intermediate});
@@ -96,12 +94,25 @@ BackwardWork layout_backward(const MoeConfig& c, const TensorView& x, const MoeW
   b.grad_h = cv.take(x.dtype, {m, 2 * c.intermediate});
   b.grad_weights = cv.take(DType::f32, {t, c.top_k});
   b.grad_logits = cv.take(x.dtype, {t, c.experts});
-  const std::size_t scratch = std::max(BACKEND("moe_backward", d, moe_linear_backward_workspace_bytes, s.plan, b.a,
-                                               w.down, false, s.topk_weights),
-                                       BACKEND("moe_backward", d, moe_linear_backward_workspace_bytes, s.plan, x,
-                                               w.gate_up, true, TensorView{}));
+  const std::size_t scratch =
+      std::max(moe_linear_backward_workspace_bytes(s.plan, b.a, w.down, w.down_lora, false, s.topk_weights),
+               moe_linear_backward_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}));
   b.scratch = cv.take_bytes(scratch);
   return b;
+}
+
+// One expert projection's backward: the base weight's gradient, or the adapter's when there is one (LoRA freezes
+// the base weight).
+void projection_backward(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
+                         bool gather, const TensorView& combine_weights, const TensorView& grad_out,
+                         const TensorView& grad_x, const TensorView& grad_weight, const LoraGrads& grad_lora,
+                         const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
+  if (lora.defined())
+    moe_linear_backward(plan, x, weight, lora, gather, combine_weights, grad_out, grad_x, grad_lora,
+                        grad_combine_weights, workspace, stream);
+  else
+    moe_linear_backward(plan, x, weight, gather, combine_weights, grad_out, grad_x, grad_weight,
+                        grad_combine_weights, workspace, stream);
 }
 
 // The saved state of `tokens` tokens laid out in `saved` (or only sized, when saved has no data).
@@ -162,9 +173,9 @@ void moe_forward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, Tensor
   BACKEND(op, d, dense_linear_forward, x, w.router, router_logits, stream);
   BACKEND(op, d, router_forward, router_logits, cfg.top_k, cfg.renormalize, s.topk_ids, s.topk_weights, stream);
   BACKEND(op, d, routing_plan, s.topk_ids, s.plan, f.scratch, stream);
-  BACKEND(op, d, moe_linear_forward, s.plan, x, w.gate_up, true, TensorView{}, s.h, f.scratch, stream);
+  moe_linear_forward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, s.h, f.scratch, stream);
   BACKEND(op, d, swiglu_forward, s.h, f.a, stream);
-  BACKEND(op, d, moe_linear_forward, s.plan, f.a, w.down, false, s.topk_weights, out, f.scratch, stream);
+  moe_linear_forward(s.plan, f.a, w.down, w.down_lora, false, s.topk_weights, out, f.scratch, stream);
 }
 
 void moe_backward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, TensorView router_logits, TensorView saved,
@@ -179,6 +190,9 @@ void moe_backward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, Tenso
   expect_like_x(op, "grads.router", grads.router, {cfg.experts, cfg.hidden}, x);
   expect_like_x(op, "grads.gate_up", grads.gate_up, {cfg.experts, 2 * cfg.intermediate, cfg.hidden}, x);
   expect_like_x(op, "grads.down", grads.down, {cfg.experts, cfg.hidden, cfg.intermediate}, x);
+  MOEFUSE_CHECK(!(grads.gate_up.defined() && w.gate_up_lora.defined()) &&
+                    !(grads.down.defined() && w.down_lora.defined()),
+                op, "an expert weight with a LoRA adapter is frozen: ask for the adapter's gradient, not the weight's");
   expect_same_device(op, "saved", saved, x.device);
   const MoeSaved s = saved_in(op, cfg, t, x.dtype, saved);
   detail::expect_workspace(op, workspace, moe_backward_workspace_bytes(cfg, x, w, grads), x.device);
@@ -186,20 +200,21 @@ void moe_backward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, Tenso
   const BackwardWork b = layout_backward(cfg, x, w, s, cv);
   const Device d = x.device;
 
+  auto any = [](const LoraGrads& g) { return g.a.defined() || g.b.defined(); };
   const bool need_route = grads.x.defined() || grads.router.defined();  // gradient through the routing weights
-  const bool need_grad_h = grads.x.defined() || grads.gate_up.defined();
-  if (!need_route && !need_grad_h && !grads.down.defined()) return;
+  const bool need_grad_h = grads.x.defined() || grads.gate_up.defined() || any(grads.gate_up_lora);
+  if (!need_route && !need_grad_h && !grads.down.defined() && !any(grads.down_lora)) return;
 
   // Down projection: a is recomputed from h; the routing-weight gradient comes out of the same pass.
   BACKEND(op, d, swiglu_forward, s.h, b.a, stream);
-  BACKEND(op, d, moe_linear_backward, s.plan, b.a, w.down, false, s.topk_weights, grad_out,
-          need_grad_h ? b.grad_a : TensorView{}, grads.down, need_route ? b.grad_weights : TensorView{}, b.scratch,
-          stream);
+  projection_backward(s.plan, b.a, w.down, w.down_lora, false, s.topk_weights, grad_out,
+                      need_grad_h ? b.grad_a : TensorView{}, grads.down, grads.down_lora,
+                      need_route ? b.grad_weights : TensorView{}, b.scratch, stream);
   // Up projection (gathered x): grads.x gets the experts' part here, the router's part below.
   if (need_grad_h) {
     BACKEND(op, d, swiglu_backward, s.h, b.grad_a, b.grad_h, stream);
-    BACKEND(op, d, moe_linear_backward, s.plan, x, w.gate_up, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
-            TensorView{}, b.scratch, stream);
+    projection_backward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
+                        grads.gate_up_lora, TensorView{}, b.scratch, stream);
   }
   if (need_route) {
     BACKEND(op, d, router_backward, router_logits, s.topk_ids, cfg.renormalize, b.grad_weights, grad_router_logits,

@@ -1,4 +1,5 @@
 // Public ops: validate every argument, then hand the call to the backend of the tensors' device.
+#include <algorithm>
 #include <limits>
 
 #include "core/dispatch.h"
@@ -170,6 +171,83 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool
       op, workspace,
       BACKEND(op, d, moe_linear_backward_workspace_bytes, plan, x, weight, gather, combine_weights), d);
   BACKEND(op, d, moe_linear_backward, plan, x, weight, gather, combine_weights, grad_out, grad_x, grad_weight,
+          grad_combine_weights, workspace, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+namespace {
+// Checks an adapter against its weight [E, out, in]; returns r.
+std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weight) {
+  MOEFUSE_CHECK(lora.a.defined() && lora.b.defined(), op, "lora needs both a and b, got a ", describe(lora.a),
+                " and b ", describe(lora.b));
+  const std::int64_t e = weight.shape[0], out = weight.shape[1], in = weight.shape[2];
+  expect(op, "lora.a", lora.a, {e, -1, in}, kFloatTypes);
+  const std::int64_t r = lora.a.shape[1];
+  MOEFUSE_CHECK(r >= 1, op, "lora rank must be >= 1, got lora.a ", describe(lora.a));
+  expect(op, "lora.b", lora.b, {e, out, r}, kFloatTypes);
+  expect_same_dtype(op, "lora.a", lora.a, weight.dtype);
+  expect_same_dtype(op, "lora.b", lora.b, weight.dtype);
+  expect_same_device(op, "lora.a", lora.a, weight.device);
+  expect_same_device(op, "lora.b", lora.b, weight.device);
+  return r;
+}
+}  // namespace
+
+std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, const Lora& lora,
+                                       bool gather, TensorView combine_weights) {
+  const char* op = "moe_linear_workspace_bytes";
+  const std::size_t base = moe_linear_workspace_bytes(plan, x, weight, gather, combine_weights);
+  if (!lora.defined()) return base;
+  check_lora(op, lora, weight);
+  return std::max(base, BACKEND(op, plan.counts.device, moe_lora_workspace_bytes, plan, x, lora, gather,
+                                combine_weights));
+}
+
+void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, bool gather,
+                        TensorView combine_weights, TensorView out, TensorView workspace, void* stream) {
+  moe_linear_forward(plan, x, weight, gather, combine_weights, out, workspace, stream);
+  if (!lora.defined()) return;
+  const char* op = "moe_linear_forward";
+  check_lora(op, lora, weight);
+  const Device d = plan.counts.device;
+  expect_workspace(op, workspace, BACKEND(op, d, moe_lora_workspace_bytes, plan, x, lora, gather, combine_weights),
+                   d);
+  BACKEND(op, d, moe_lora_forward_add, plan, x, lora, gather, combine_weights, out, workspace, stream);
+}
+
+std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, const Lora& lora,
+                                                bool gather, TensorView combine_weights) {
+  const char* op = "moe_linear_backward_workspace_bytes";
+  const std::size_t base = moe_linear_backward_workspace_bytes(plan, x, weight, gather, combine_weights);
+  if (!lora.defined()) return base;
+  check_lora(op, lora, weight);
+  return std::max(base, BACKEND(op, plan.counts.device, moe_lora_backward_workspace_bytes, plan, x, lora, gather,
+                                combine_weights));
+}
+
+void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, bool gather,
+                         TensorView combine_weights, TensorView grad_out, TensorView grad_x,
+                         const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
+                         void* stream) {
+  const char* op = "moe_linear_backward";
+  // The base part writes grad_x and grad_combine_weights; the adapter's part is added to them.
+  moe_linear_backward(plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{}, grad_combine_weights,
+                      workspace, stream);
+  if (!lora.defined()) {
+    MOEFUSE_CHECK(!grad_lora.a.defined() && !grad_lora.b.defined(), op, "grad_lora given without a lora");
+    return;
+  }
+  const std::int64_t r = check_lora(op, lora, weight);
+  const Device d = plan.counts.device;
+  expect_optional(op, "grad_lora.a", grad_lora.a, {weight.shape[0], r, weight.shape[2]}, kFloatTypes);
+  expect_optional(op, "grad_lora.b", grad_lora.b, {weight.shape[0], weight.shape[1], r}, kFloatTypes);
+  expect_same_dtype(op, "grad_lora.a", grad_lora.a, weight.dtype);
+  expect_same_dtype(op, "grad_lora.b", grad_lora.b, weight.dtype);
+  expect_same_device(op, "grad_lora.a", grad_lora.a, d);
+  expect_same_device(op, "grad_lora.b", grad_lora.b, d);
+  expect_workspace(op, workspace,
+                   BACKEND(op, d, moe_lora_backward_workspace_bytes, plan, x, lora, gather, combine_weights), d);
+  BACKEND(op, d, moe_lora_backward_add, plan, x, lora, gather, combine_weights, grad_out, grad_x, grad_lora,
           grad_combine_weights, workspace, stream);
 }
 
