@@ -1,0 +1,103 @@
+// Shared helpers of the CUDA backend: error checks, element types, small device utilities.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "moefuse/error.h"
+#include "moefuse/tensor.h"
+
+namespace moefuse::cuda {
+
+[[noreturn]] inline void throw_cuda(cudaError_t err, const char* what, const char* file, int line) {
+  throw Error(std::string("moefuse CUDA error: ") + cudaGetErrorString(err) + " in " + what + " (" + file + ":" +
+              std::to_string(line) + ")");
+}
+
+}  // namespace moefuse::cuda
+
+#define MOEFUSE_CUDA_CHECK(call)                                                         \
+  do {                                                                                   \
+    cudaError_t err_ = (call);                                                           \
+    if (err_ != cudaSuccess) ::moefuse::cuda::throw_cuda(err_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+// After every launch: catches bad configurations at once (asynchronous faults surface at the next sync).
+#define MOEFUSE_CUDA_LAUNCH_CHECK() MOEFUSE_CUDA_CHECK(cudaGetLastError())
+
+namespace moefuse::cuda {
+
+inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+// Makes the tensors' device current for one op and restores the caller's device after.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const Device& d) {
+    MOEFUSE_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (d.index != prev_) MOEFUSE_CUDA_CHECK(cudaSetDevice(d.index));
+    changed_ = d.index != prev_;
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool changed_ = false;
+};
+
+// A kernel may use more than 48 KB of dynamic shared memory only after this.
+template <class Kernel>
+void set_smem_limit(Kernel kernel, std::size_t bytes) {
+  if (bytes > 48 * 1024)
+    MOEFUSE_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <class T>
+constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+// Calls f(T{}) with T the storage type of a float dtype.
+template <class F>
+decltype(auto) dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::bf16: return f(__nv_bfloat16{});
+    case DType::f16: return f(__half{});
+    default: return f(float{});
+  }
+}
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+
+template <class T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// 16 bytes of T: the unit of vectorised loads and stores.
+template <class T>
+struct alignas(16) Vec {
+  static constexpr int n = 16 / sizeof(T);
+  T v[n];
+};
+
+template <class T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+  return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0;
+}
+
+}  // namespace moefuse::cuda

@@ -1,0 +1,546 @@
+// Grouped GEMM over experts, with per-expert sizes read on the device (no host sync, graph-capturable).
+//
+// Every problem is C[m, n] = sum_k A(m, k) * B(n, k) for one expert e. Three kinds cover moe_linear:
+//   fwd:   A = activations [rows s, K] (k inner),  B = W[e] [N, K] (k inner)      -> rows s of C
+//   dgrad: A = activations [rows s, K] (k inner),  B = W[e] [K, N] (n inner)      -> rows s of C
+//   wgrad: A = G [rows s, M] (m inner),            B = X [rows s, N] (n inner)    -> dW[e] [M, N], k runs over rows s
+// "Rows s" are the plan's sorted rows of expert e, [offsets[e], offsets[e+1]); an operand stored in token order is
+// read at row pairs[s] / top_k (the gather is fused into the tile loads).
+//
+// Two kernels share the tile schedule and the epilogue:
+//   - tensor cores (bf16/f16, inner dims multiple of 8, 16-byte aligned): 128x128x64 tiles, 8 warps of 64x32,
+//     mma.sync m16n8k16 with f32 accumulators, ldmatrix from XOR-swizzled shared memory, 3-stage cp.async pipeline;
+//   - SIMT (f32 or unaligned shapes): 64x64x16 tiles, 4x4 outputs per thread.
+// Grids are sized by upper bounds; surplus blocks exit at once.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "cuda/scan.cuh"
+
+namespace moefuse::cuda {
+
+enum class GemmKind { fwd, dgrad, wgrad };
+
+struct GemmOperand {
+  const void* ptr = nullptr;
+  std::int64_t ld = 0;             // elements between rows
+  std::int64_t expert_stride = 0;  // elements between experts' matrices (weights); 0 for activations
+  bool gather = false;             // sorted row s lives at row pairs[s] / top_k
+};
+
+struct GemmEpilogue {
+  void* out = nullptr;  // null: only the row dot products are wanted
+  std::int64_t ldo = 0;
+  std::int64_t expert_stride = 0;    // wgrad: elements between experts' dW
+  const float* row_scale = nullptr;  // fwd/dgrad: stored row s is scaled by row_scale[pairs[s]]
+  // fwd/dgrad: partial[s * ldp + slot] = sum over this block's columns of C[s, n] * dot_x[row(s), n] (unscaled C).
+  const void* dot_x = nullptr;
+  std::int64_t ldx = 0;
+  bool dot_gather = false;
+  float* partial = nullptr;
+  int ldp = 0;
+};
+
+struct GemmParams {
+  GemmOperand a, b;
+  GemmEpilogue epi;
+  const int* pairs = nullptr;  // plan.sorted_pairs
+  int top_k = 1;
+  const int* offsets = nullptr;       // [E+1]
+  const int* tile_offsets = nullptr;  // [E+1] fwd/dgrad: M-tiles before each expert
+  const float* k_scale = nullptr;     // wgrad: sorted row s (along k) scaled by k_scale[pairs[s]]
+  int experts = 0;
+  int m = 0;  // wgrad only: rows of dW (fwd/dgrad rows come from offsets)
+  int n = 0;
+  int k = 0;  // fwd/dgrad only (wgrad k comes from offsets)
+};
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Shared pieces
+
+__device__ __forceinline__ std::int64_t row_of(const GemmParams& p, bool gather, int s) {
+  return gather ? p.pairs[s] / p.top_k : s;
+}
+
+struct Tile {
+  int e, m0, m_end, n0, k0, k_end;
+};
+
+// Decodes blockIdx.x; false for a surplus block. fwd/dgrad: x = m_tile * n_tiles + n_tile (n fastest, so blocks
+// running together share A rows); wgrad: x = (e * m_tiles + m_tile) * n_tiles + n_tile.
+template <GemmKind KIND, int BM, int BN>
+__device__ __forceinline__ bool decode_tile(const GemmParams& p, Tile& t) {
+  const int n_tiles = (p.n + BN - 1) / BN;
+  const int id = blockIdx.x;
+  t.n0 = (id % n_tiles) * BN;
+  if constexpr (KIND == GemmKind::wgrad) {
+    const int m_tiles = (p.m + BM - 1) / BM;
+    const int mt = id / n_tiles;
+    t.e = mt / m_tiles;
+    t.m0 = (mt % m_tiles) * BM;
+    t.m_end = p.m;
+    t.k0 = p.offsets[t.e];
+    t.k_end = p.offsets[t.e + 1];
+  } else {
+    const int mt = id / n_tiles;
+    if (mt >= p.tile_offsets[p.experts]) return false;
+    int lo = 0, hi = p.experts;  // the last expert whose first tile is <= mt
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.tile_offsets[mid] <= mt) lo = mid; else hi = mid - 1;
+    }
+    t.e = lo;
+    t.m0 = p.offsets[lo] + (mt - p.tile_offsets[lo]) * BM;
+    t.m_end = p.offsets[lo + 1];
+    t.k0 = 0;
+    t.k_end = p.k;
+  }
+  return true;
+}
+
+template <class T>
+__device__ __forceinline__ void store2(T* dst, float v0, float v1, bool two) {
+  if constexpr (sizeof(T) == 2) {
+    if (two) {  // columns are even and rows a multiple of 8 elements here: 4-byte aligned
+      using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+      T2 v;
+      v.x = from_f32<T>(v0);
+      v.y = from_f32<T>(v1);
+      *reinterpret_cast<T2*>(dst) = v;
+      return;
+    }
+  }
+  dst[0] = from_f32<T>(v0);
+  if (two) dst[1] = from_f32<T>(v1);
+}
+
+// Row-wise part of the fwd/dgrad epilogue for sorted row s.
+template <class T>
+struct EpilogueRow {
+  T* out = nullptr;
+  const T* x = nullptr;
+  float scale = 1.f;
+
+  __device__ __forceinline__ EpilogueRow(const GemmParams& p, int s) {
+    const GemmEpilogue& ep = p.epi;
+    if (ep.out) out = static_cast<T*>(ep.out) + static_cast<std::int64_t>(s) * ep.ldo;
+    if (ep.partial) x = static_cast<const T*>(ep.dot_x) + row_of(p, ep.dot_gather, s) * ep.ldx;
+    if (ep.row_scale) scale = ep.row_scale[p.pairs[s]];
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Tensor-core kernel
+
+namespace tc {
+
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 256;
+constexpr int WM = 64, WN = 32;  // warp tile; warps laid out 2 (m) x 4 (n)
+constexpr int MI = WM / 16, NI = WN / 8;
+constexpr std::size_t kSmemBytes = STAGES * (BM * BK + BN * BK) * 2 + STAGES * BK * sizeof(float);
+
+__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; zero-fills when !pred (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
+  if constexpr (TRANS)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+template <class T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                         std::uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class T>
+__device__ __forceinline__ void scale_pair(std::uint32_t& r, std::uint32_t s) {
+  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  T2 v = __hmul2(*reinterpret_cast<T2*>(&r), *reinterpret_cast<T2*>(&s));
+  r = *reinterpret_cast<std::uint32_t*>(&v);
+}
+
+template <class T>
+__device__ __forceinline__ std::uint32_t pack2(float a, float b) {
+  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  T2 v;
+  v.x = from_f32<T>(a);
+  v.y = from_f32<T>(b);
+  return *reinterpret_cast<std::uint32_t*>(&v);
+}
+
+// Shared-memory tiles hold rows of 64 (k inner) or 128 (m/n inner) elements in 16-byte chunks; chunk c of row r
+// sits at chunk c ^ (r & 7), so the 8 rows an ldmatrix reads (and the rows cp.async writes) hit distinct banks.
+template <int ROW>
+__device__ __forceinline__ int swz(int r, int chunk) {
+  return r * ROW + ((chunk ^ (r & 7)) << 3);
+}
+
+template <class T, GemmKind KIND>
+__global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p) {
+  constexpr bool kWgrad = KIND == GemmKind::wgrad;
+  constexpr bool kBKInner = KIND == GemmKind::fwd;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sa = reinterpret_cast<T*>(smem);
+  T* sb = sa + STAGES * BM * BK;
+  float* sscale = reinterpret_cast<float*>(sb + STAGES * BN * BK);
+
+  Tile tl;
+  if (!decode_tile<KIND, BM, BN>(p, tl)) return;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp >> 2, wn = warp & 3;
+  const T* a_base = static_cast<const T*>(p.a.ptr) + tl.e * p.a.expert_stride;
+  const T* b_base = static_cast<const T*>(p.b.ptr) + tl.e * p.b.expert_stride;
+  const bool scaled = kWgrad && p.k_scale != nullptr;
+
+  // Rows that stay fixed over the k loop (fwd/dgrad A; fwd B): 4 per thread, chunk tid & 7 of rows tid/8 + 32i.
+  const T* a_rows[4] = {};
+  const T* b_rows[4] = {};
+  if constexpr (!kWgrad) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int s = tl.m0 + (tid >> 3) + 32 * i;
+      if (s < tl.m_end) a_rows[i] = a_base + row_of(p, p.a.gather, s) * p.a.ld;
+      if constexpr (kBKInner) {
+        const int n = tl.n0 + (tid >> 3) + 32 * i;
+        if (n < p.n) b_rows[i] = b_base + static_cast<std::int64_t>(n) * p.b.ld;
+      }
+    }
+  }
+
+  auto load_stage = [&](int stage, int kt) {
+    const int k0 = tl.k0 + kt * BK;
+    T* sA = sa + stage * BM * BK;
+    T* sB = sb + stage * BN * BK;
+    if constexpr (!kWgrad) {
+      const int c = tid & 7, kc = k0 + c * 8;
+      const bool k_ok = kc < tl.k_end;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = (tid >> 3) + 32 * i;
+        const bool ok = k_ok && a_rows[i] != nullptr;
+        cp_async16(sA + swz<BK>(r, c), ok ? a_rows[i] + kc : a_base, ok);
+      }
+      if constexpr (kBKInner) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = (tid >> 3) + 32 * i;
+          const bool ok = k_ok && b_rows[i] != nullptr;
+          cp_async16(sB + swz<BK>(r, c), ok ? b_rows[i] + kc : b_base, ok);
+        }
+      } else {  // dgrad: W[e] rows along k, n inner
+        const int c16 = tid & 15, nc = tl.n0 + c16 * 8;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = (tid >> 4) + 16 * i, kr = k0 + r;
+          const bool ok = kr < tl.k_end && nc < p.n;
+          cp_async16(sB + swz<BN>(r, c16), ok ? b_base + static_cast<std::int64_t>(kr) * p.b.ld + nc : b_base, ok);
+        }
+      }
+    } else {  // wgrad: both operands are sorted rows along k
+      const int c16 = tid & 15, mc = tl.m0 + c16 * 8, nc = tl.n0 + c16 * 8;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = (tid >> 4) + 16 * i, s = k0 + r;
+        const bool row_ok = s < tl.k_end;
+        const int pair = row_ok ? p.pairs[s] : 0;
+        const std::int64_t ra = p.a.gather ? pair / p.top_k : s, rb = p.b.gather ? pair / p.top_k : s;
+        const bool oka = row_ok && mc < p.m, okb = row_ok && nc < p.n;
+        cp_async16(sA + swz<BM>(r, c16), oka ? a_base + ra * p.a.ld + mc : a_base, oka);
+        cp_async16(sB + swz<BN>(r, c16), okb ? b_base + rb * p.b.ld + nc : b_base, okb);
+      }
+      if (scaled && tid < BK) {
+        const int s = k0 + tid;
+        sscale[stage * BK + tid] = s < tl.k_end ? p.k_scale[p.pairs[s]] : 0.f;
+      }
+    }
+  };
+
+  float acc[MI][NI][4] = {};
+  const int nk = (tl.k_end - tl.k0 + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) load_stage(s, s);
+    cp_async_commit();
+  }
+
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // stage kt is visible to all; everyone is done with stage kt - 1, which is refilled next
+    if (kt + STAGES - 1 < nk) load_stage((kt + STAGES - 1) % STAGES, kt + STAGES - 1);
+    cp_async_commit();
+
+    const int stage = kt % STAGES;
+    const T* sA = sa + stage * BM * BK;
+    const T* sB = sb + stage * BN * BK;
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+      std::uint32_t af[MI][4], bf[NI][2];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        const int m = wm * WM + mi * 16;
+        if constexpr (!kWgrad) {
+          const int r = m + (lane & 15);
+          ldmatrix_x4<false>(af[mi], sA + swz<BK>(r, kk * 2 + (lane >> 4)));
+        } else {
+          const int r = kk * 16 + (lane & 7) + ((lane >> 4) << 3);
+          ldmatrix_x4<true>(af[mi], sA + swz<BM>(r, (m >> 3) + ((lane >> 3) & 1)));
+        }
+      }
+      if (scaled) {  // per-k weights: registers 0,1 hold k = 2t, 2t+1; registers 2,3 hold k = 2t+8, 2t+9
+        const float* sc = sscale + stage * BK + kk * 16 + (lane & 3) * 2;
+        const std::uint32_t lo = pack2<T>(sc[0], sc[1]), hi = pack2<T>(sc[8], sc[9]);
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          scale_pair<T>(af[mi][0], lo);
+          scale_pair<T>(af[mi][1], lo);
+          scale_pair<T>(af[mi][2], hi);
+          scale_pair<T>(af[mi][3], hi);
+        }
+      }
+#pragma unroll
+      for (int nj = 0; nj < NI / 2; ++nj) {
+        const int n = wn * WN + nj * 16;
+        std::uint32_t r4[4];
+        if constexpr (kBKInner) {
+          const int r = n + (lane & 7) + ((lane >> 4) << 3);
+          ldmatrix_x4<false>(r4, sB + swz<BK>(r, kk * 2 + ((lane >> 3) & 1)));
+        } else {
+          const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+          ldmatrix_x4<true>(r4, sB + swz<BN>(r, (n >> 3) + (lane >> 4)));
+        }
+        bf[2 * nj][0] = r4[0];
+        bf[2 * nj][1] = r4[1];
+        bf[2 * nj + 1][0] = r4[2];
+        bf[2 * nj + 1][1] = r4[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: accumulator (mi, ni, h*2 + j) is row wm*64 + mi*16 + lane/4 + 8h, column wn*32 + ni*8 + 2*(lane%4) + j.
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = tl.m0 + wm * WM + mi * 16 + g + 8 * h;
+      const bool row_ok = row < tl.m_end;
+      if constexpr (kWgrad) {
+        if (!row_ok) continue;
+        T* out = static_cast<T*>(p.epi.out) + tl.e * p.epi.expert_stride + static_cast<std::int64_t>(row) * p.epi.ldo;
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni) {
+          const int col = tl.n0 + wn * WN + ni * 8 + t4 * 2;
+          if (col < p.n) store2(out + col, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], true);
+        }
+      } else {
+        float dot = 0.f;
+        if (row_ok) {
+          const EpilogueRow<T> er(p, row);
+#pragma unroll
+          for (int ni = 0; ni < NI; ++ni) {
+            const int col = tl.n0 + wn * WN + ni * 8 + t4 * 2;
+            if (col >= p.n) continue;
+            const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
+            if (er.x) dot += v0 * to_f32(er.x[col]) + v1 * to_f32(er.x[col + 1]);
+            if (er.out) store2(er.out + col, v0 * er.scale, v1 * er.scale, true);
+          }
+        }
+        if (p.epi.partial) {  // the 4 lanes of a row hold its 32 columns of this warp
+          dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+          dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+          if (row_ok && t4 == 0)
+            p.epi.partial[static_cast<std::int64_t>(row) * p.epi.ldp + (tl.n0 / BN) * (BN / WN) + wn] = dot;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace tc
+
+// ---------------------------------------------------------------------------------------------------------------------
+// SIMT kernel (f32, and 16-bit shapes the tensor-core loads cannot take)
+
+namespace simt {
+
+constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256;
+
+template <class T, GemmKind KIND>
+__global__ void __launch_bounds__(THREADS) grouped_gemm_simt(const GemmParams p) {
+  constexpr bool kWgrad = KIND == GemmKind::wgrad;
+  __shared__ float sA[BK][BM + 4];
+  __shared__ float sB[BK][BN + 4];
+  __shared__ float sdot[BM][BN / 4 + 1];
+
+  Tile tl;
+  if (!decode_tile<KIND, BM, BN>(p, tl)) return;
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const T* a_base = static_cast<const T*>(p.a.ptr) + tl.e * p.a.expert_stride;
+  const T* b_base = static_cast<const T*>(p.b.ptr) + tl.e * p.b.expert_stride;
+
+  float acc[4][4] = {};
+  for (int k0 = tl.k0; k0 < tl.k_end; k0 += BK) {
+#pragma unroll
+    for (int i = 0; i < BM * BK / THREADS; ++i) {
+      const int idx = tid + i * THREADS;
+      float va = 0.f, vb = 0.f;
+      if constexpr (!kWgrad) {
+        const int m = idx / BK, kx = idx % BK, s = tl.m0 + m, k = k0 + kx;
+        if (s < tl.m_end && k < tl.k_end) va = to_f32(a_base[row_of(p, p.a.gather, s) * p.a.ld + k]);
+        sA[kx][m] = va;
+        if constexpr (KIND == GemmKind::fwd) {
+          const int n = tl.n0 + m;  // same index split: n outer, k inner
+          if (n < p.n && k < tl.k_end) vb = to_f32(b_base[static_cast<std::int64_t>(n) * p.b.ld + k]);
+          sB[kx][m] = vb;
+        } else {
+          const int kb = k0 + idx / BN, nb = idx % BN, n = tl.n0 + nb;
+          if (n < p.n && kb < tl.k_end) vb = to_f32(b_base[static_cast<std::int64_t>(kb) * p.b.ld + n]);
+          sB[idx / BN][nb] = vb;
+        }
+      } else {
+        const int kx = idx / BM, mn = idx % BM, s = k0 + kx;
+        if (s < tl.k_end) {
+          const int pair = p.pairs[s];
+          const std::int64_t ra = p.a.gather ? pair / p.top_k : s, rb = p.b.gather ? pair / p.top_k : s;
+          const float scale = p.k_scale ? p.k_scale[pair] : 1.f;
+          if (tl.m0 + mn < p.m) va = to_f32(a_base[ra * p.a.ld + tl.m0 + mn]) * scale;
+          if (tl.n0 + mn < p.n) vb = to_f32(b_base[rb * p.b.ld + tl.n0 + mn]);
+        }
+        sA[kx][mn] = va;
+        sB[kx][mn] = vb;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kx = 0; kx < BK; ++kx) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = sA[kx][ty * 4 + i], b[i] = sB[kx][tx * 4 + i];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int row = tl.m0 + ty * 4 + i;
+    float dot = 0.f;
+    if (row < tl.m_end) {
+      if constexpr (kWgrad) {
+        T* out = static_cast<T*>(p.epi.out) + tl.e * p.epi.expert_stride + static_cast<std::int64_t>(row) * p.epi.ldo;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (tl.n0 + tx * 4 + j < p.n) out[tl.n0 + tx * 4 + j] = from_f32<T>(acc[i][j]);
+      } else {
+        const EpilogueRow<T> er(p, row);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int col = tl.n0 + tx * 4 + j;
+          if (col >= p.n) continue;
+          if (er.x) dot += acc[i][j] * to_f32(er.x[col]);
+          if (er.out) er.out[col] = from_f32<T>(acc[i][j] * er.scale);
+        }
+      }
+    }
+    if (!kWgrad && p.epi.partial) sdot[ty * 4 + i][tx] = dot;
+  }
+  if (!kWgrad && p.epi.partial) {
+    __syncthreads();
+    const int row = tl.m0 + tid;
+    if (tid < BM && row < tl.m_end) {
+      float dot = 0.f;
+      for (int j = 0; j < BN / 4; ++j) dot += sdot[tid][j];
+      p.epi.partial[static_cast<std::int64_t>(row) * p.epi.ldp + tl.n0 / BN] = dot;
+    }
+  }
+}
+
+}  // namespace simt
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Host side
+
+// Column slots of the row-dot partials for n output columns: enough for either kernel.
+inline int dot_partial_slots(std::int64_t n) {
+  return static_cast<int>(ceil_div<std::int64_t>(n, tc::BN) * (tc::BN / tc::WN));
+}
+
+// tile_offsets[e] = sum over e' < e of ceil(count[e'] / bm).
+__global__ void expert_tile_offsets(const int* __restrict__ offsets, int experts, int bm, int* __restrict__ tiles) {
+  const int total = block_exclusive_scan<1024>(
+      experts, [&](int e) { return (offsets[e + 1] - offsets[e] + bm - 1) / bm; },
+      [&](int e, int prefix) { tiles[e] = prefix; });
+  if (threadIdx.x == 0) tiles[experts] = total;
+}
+
+// Runs one grouped GEMM. rows: the plan's M (bounds the fwd/dgrad tile count). p.tile_offsets must point at E+1
+// ints of workspace (fwd/dgrad).
+template <class T, GemmKind KIND>
+void run_grouped_gemm(const GemmParams& p, std::int64_t rows, bool tensor_cores, cudaStream_t stream) {
+  const int bm = tensor_cores ? tc::BM : simt::BM, bn = tensor_cores ? tc::BN : simt::BN;
+  const std::int64_t n_tiles = ceil_div<std::int64_t>(p.n, bn);
+  std::int64_t blocks;
+  if constexpr (KIND == GemmKind::wgrad) {
+    blocks = static_cast<std::int64_t>(p.experts) * ceil_div<std::int64_t>(p.m, bm) * n_tiles;
+  } else {
+    expert_tile_offsets<<<1, 1024, 0, stream>>>(p.offsets, p.experts, bm, const_cast<int*>(p.tile_offsets));
+    MOEFUSE_CUDA_LAUNCH_CHECK();
+    blocks = (ceil_div<std::int64_t>(rows, bm) + p.experts) * n_tiles;
+  }
+  if (blocks == 0) return;
+  if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
+  if constexpr (!std::is_same_v<T, float>) {
+    if (tensor_cores) {
+      auto kernel = tc::grouped_gemm_tc<T, KIND>;
+      set_smem_limit(kernel, tc::kSmemBytes);
+      kernel<<<static_cast<unsigned>(blocks), tc::THREADS, tc::kSmemBytes, stream>>>(p);
+      MOEFUSE_CUDA_LAUNCH_CHECK();
+      return;
+    }
+  }
+  simt::grouped_gemm_simt<T, KIND><<<static_cast<unsigned>(blocks), simt::THREADS, 0, stream>>>(p);
+  MOEFUSE_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace moefuse::cuda
