@@ -1,0 +1,278 @@
+// nanobind module moefuse._C: the C++ API, one function per op, tensors in through DLPack (no torch C++ ABI).
+// Python owns every buffer; this file only converts arguments.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/string.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "moefuse/moefuse.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+using moefuse::TensorView;
+
+namespace {
+
+using Array = nb::ndarray<>;
+using OptArray = std::optional<Array>;
+
+moefuse::DType to_dtype(nb::dlpack::dtype t, const char* name) {
+  using Code = nb::dlpack::dtype_code;
+  const auto code = static_cast<Code>(t.code);
+  if (t.lanes == 1) {
+    if (code == Code::Float && t.bits == 32) return moefuse::DType::f32;
+    if (code == Code::Float && t.bits == 16) return moefuse::DType::f16;
+    if (code == Code::Bfloat && t.bits == 16) return moefuse::DType::bf16;
+    if (code == Code::Int && t.bits == 32) return moefuse::DType::i32;
+    if (code == Code::UInt && t.bits == 8) return moefuse::DType::u8;
+  }
+  throw moefuse::Error(std::string("moefuse: ") + name + " has an unsupported dtype (code " +
+                       std::to_string(t.code) + ", " + std::to_string(t.bits) +
+                       " bits); expected float32, bfloat16, float16, int32 or uint8");
+}
+
+TensorView to_view(const Array& a, const char* name) {
+  TensorView v;
+  if (a.ndim() > static_cast<size_t>(moefuse::kMaxDims))
+    throw moefuse::Error(std::string("moefuse: ") + name + " has " + std::to_string(a.ndim()) +
+                         " dimensions; at most 4 are supported");
+  v.dtype = to_dtype(a.dtype(), name);
+  if (a.device_type() == nb::device::cpu::value)
+    v.device = moefuse::Device::cpu();
+  else if (a.device_type() == nb::device::cuda::value)
+    v.device = moefuse::Device::cuda(a.device_id());
+  else
+    throw moefuse::Error(std::string("moefuse: ") + name + " is on an unsupported device (DLPack type " +
+                         std::to_string(a.device_type()) + "); expected cpu or cuda");
+  v.data = a.data();
+  v.ndim = static_cast<int>(a.ndim());
+  std::int64_t contiguous = 1;
+  for (int d = v.ndim - 1; d >= 0; --d) {
+    v.shape[d] = static_cast<std::int64_t>(a.shape(d));
+    v.stride[d] = a.stride_ptr() ? a.stride(d) : contiguous;  // DLPack allows null strides = row-major
+    contiguous *= v.shape[d];
+  }
+  return v;
+}
+
+TensorView to_view(const OptArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
+
+void* to_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+// A plan crosses as (tokens, top_k, experts, counts, offsets, sorted_pairs, pair_positions, invalid); the arrays
+// are kept alive here for the duration of the call.
+struct PlanArg {
+  Array arrays[5];
+  moefuse::Plan plan;
+};
+
+PlanArg to_plan(const nb::tuple& t) {
+  if (t.size() != 8)
+    throw moefuse::Error("moefuse: a plan is (tokens, top_k, experts, counts, offsets, sorted_pairs, "
+                         "pair_positions, invalid)");
+  PlanArg p;
+  p.plan.tokens = nb::cast<std::int64_t>(t[0]);
+  p.plan.top_k = nb::cast<int>(t[1]);
+  p.plan.experts = nb::cast<int>(t[2]);
+  static const char* names[5] = {"plan.counts", "plan.offsets", "plan.sorted_pairs", "plan.pair_positions",
+                                 "plan.invalid"};
+  TensorView* views[5] = {&p.plan.counts, &p.plan.offsets, &p.plan.sorted_pairs, &p.plan.pair_positions,
+                          &p.plan.invalid};
+  for (int i = 0; i < 5; ++i) {
+    p.arrays[i] = nb::cast<Array>(t[3 + i]);
+    *views[i] = to_view(p.arrays[i], names[i]);
+  }
+  return p;
+}
+
+moefuse::MoeWeights to_weights(const Array& router, const Array& gate_up, const Array& down) {
+  return {to_view(router, "router weight"), to_view(gate_up, "gate_up"), to_view(down, "down")};
+}
+
+moefuse::MoeGrads to_grads(const OptArray& x, const OptArray& router, const OptArray& gate_up, const OptArray& down) {
+  return {to_view(x, "grads.x"), to_view(router, "grads.router"), to_view(gate_up, "grads.gate_up"),
+          to_view(down, "grads.down")};
+}
+
+}  // namespace
+
+NB_MODULE(_C, m) {
+  m.doc() = "moefuse C++ ops (see include/moefuse/ops.h and block.h for their meaning)";
+  nb::exception<moefuse::Error>(m, "MoefuseError", PyExc_ValueError);
+
+  nb::enum_<moefuse::DType>(m, "DType")
+      .value("f32", moefuse::DType::f32)
+      .value("f16", moefuse::DType::f16)
+      .value("bf16", moefuse::DType::bf16)
+      .value("i32", moefuse::DType::i32)
+      .value("u8", moefuse::DType::u8);
+
+  nb::class_<moefuse::MoeConfig>(m, "MoeConfig")
+      .def(
+          "__init__",
+          [](moefuse::MoeConfig* c, std::int64_t hidden, std::int64_t intermediate, int experts, int top_k,
+             bool renormalize) { new (c) moefuse::MoeConfig{hidden, intermediate, experts, top_k, renormalize}; },
+          "hidden"_a, "intermediate"_a, "experts"_a, "top_k"_a, "renormalize"_a)
+      .def_rw("hidden", &moefuse::MoeConfig::hidden)
+      .def_rw("intermediate", &moefuse::MoeConfig::intermediate)
+      .def_rw("experts", &moefuse::MoeConfig::experts)
+      .def_rw("top_k", &moefuse::MoeConfig::top_k)
+      .def_rw("renormalize", &moefuse::MoeConfig::renormalize);
+
+  m.def("has_cuda", &moefuse::has_cuda);
+
+  const auto release = nb::call_guard<nb::gil_scoped_release>();
+
+  // Router.
+  m.def(
+      "router_forward",
+      [](const Array& logits, int top_k, bool renormalize, const Array& ids, const Array& weights,
+         std::uintptr_t stream) {
+        moefuse::router_forward(to_view(logits, "logits"), top_k, renormalize, to_view(ids, "topk_ids"),
+                                to_view(weights, "topk_weights"), to_stream(stream));
+      },
+      "logits"_a, "top_k"_a, "renormalize"_a, "topk_ids"_a, "topk_weights"_a, "stream"_a = 0, release);
+  m.def(
+      "router_backward",
+      [](const Array& logits, const Array& ids, bool renormalize, const Array& grad_weights, const Array& grad_logits,
+         std::uintptr_t stream) {
+        moefuse::router_backward(to_view(logits, "logits"), to_view(ids, "topk_ids"), renormalize,
+                                 to_view(grad_weights, "grad_topk_weights"), to_view(grad_logits, "grad_logits"),
+                                 to_stream(stream));
+      },
+      "logits"_a, "topk_ids"_a, "renormalize"_a, "grad_topk_weights"_a, "grad_logits"_a, "stream"_a = 0, release);
+
+  // Routing plan.
+  m.def(
+      "routing_plan_workspace_bytes",
+      [](const nb::tuple& plan, const Array& ids) {
+        PlanArg p = to_plan(plan);
+        return moefuse::routing_plan_workspace_bytes(p.plan, to_view(ids, "topk_ids"));
+      },
+      "plan"_a, "topk_ids"_a);
+  m.def(
+      "routing_plan",
+      [](const Array& ids, const nb::tuple& plan, const OptArray& workspace, std::uintptr_t stream) {
+        PlanArg p = to_plan(plan);
+        nb::gil_scoped_release nogil;
+        moefuse::routing_plan(to_view(ids, "topk_ids"), p.plan, to_view(workspace, "workspace"), to_stream(stream));
+      },
+      "topk_ids"_a, "plan"_a, "workspace"_a.none(), "stream"_a = 0);
+  m.def(
+      "check_plan",
+      [](const nb::tuple& plan, std::uintptr_t stream) {
+        PlanArg p = to_plan(plan);
+        nb::gil_scoped_release nogil;
+        moefuse::check_plan(p.plan, to_stream(stream));
+      },
+      "plan"_a, "stream"_a = 0);
+
+  // Grouped expert linear.
+  m.def(
+      "moe_linear_workspace_bytes",
+      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine) {
+        PlanArg p = to_plan(plan);
+        return moefuse::moe_linear_workspace_bytes(p.plan, to_view(x, "x"), to_view(weight, "weight"), gather,
+                                                   to_view(combine, "combine_weights"));
+      },
+      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none());
+  m.def(
+      "moe_linear_forward",
+      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
+         const Array& out, const OptArray& workspace, std::uintptr_t stream) {
+        PlanArg p = to_plan(plan);
+        nb::gil_scoped_release nogil;
+        moefuse::moe_linear_forward(p.plan, to_view(x, "x"), to_view(weight, "weight"), gather,
+                                    to_view(combine, "combine_weights"), to_view(out, "out"),
+                                    to_view(workspace, "workspace"), to_stream(stream));
+      },
+      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "out"_a, "workspace"_a.none(),
+      "stream"_a = 0);
+  m.def(
+      "moe_linear_backward_workspace_bytes",
+      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine) {
+        PlanArg p = to_plan(plan);
+        return moefuse::moe_linear_backward_workspace_bytes(p.plan, to_view(x, "x"), to_view(weight, "weight"),
+                                                            gather, to_view(combine, "combine_weights"));
+      },
+      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none());
+  m.def(
+      "moe_linear_backward",
+      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
+         const Array& grad_out, const OptArray& grad_x, const OptArray& grad_weight, const OptArray& grad_combine,
+         const OptArray& workspace, std::uintptr_t stream) {
+        PlanArg p = to_plan(plan);
+        nb::gil_scoped_release nogil;
+        moefuse::moe_linear_backward(p.plan, to_view(x, "x"), to_view(weight, "weight"), gather,
+                                     to_view(combine, "combine_weights"), to_view(grad_out, "grad_out"),
+                                     to_view(grad_x, "grad_x"), to_view(grad_weight, "grad_weight"),
+                                     to_view(grad_combine, "grad_combine_weights"), to_view(workspace, "workspace"),
+                                     to_stream(stream));
+      },
+      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "grad_out"_a, "grad_x"_a.none(),
+      "grad_weight"_a.none(), "grad_combine_weights"_a.none(), "workspace"_a.none(), "stream"_a = 0);
+
+  // SwiGLU.
+  m.def(
+      "swiglu_forward",
+      [](const Array& h, const Array& a, std::uintptr_t stream) {
+        moefuse::swiglu_forward(to_view(h, "h"), to_view(a, "a"), to_stream(stream));
+      },
+      "h"_a, "a"_a, "stream"_a = 0, release);
+  m.def(
+      "swiglu_backward",
+      [](const Array& h, const Array& grad_a, const Array& grad_h, std::uintptr_t stream) {
+        moefuse::swiglu_backward(to_view(h, "h"), to_view(grad_a, "grad_a"), to_view(grad_h, "grad_h"),
+                                 to_stream(stream));
+      },
+      "h"_a, "grad_a"_a, "grad_h"_a, "stream"_a = 0, release);
+
+  // The whole block.
+  m.def("moe_saved_bytes", &moefuse::moe_saved_bytes, "cfg"_a, "tokens"_a, "dtype"_a);
+  m.def(
+      "moe_forward_workspace_bytes",
+      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down) {
+        return moefuse::moe_forward_workspace_bytes(cfg, to_view(x, "x"), to_weights(router, gate_up, down));
+      },
+      "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a);
+  m.def(
+      "moe_backward_workspace_bytes",
+      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down,
+         const OptArray& grad_x, const OptArray& grad_router, const OptArray& grad_gate_up,
+         const OptArray& grad_down) {
+        return moefuse::moe_backward_workspace_bytes(cfg, to_view(x, "x"), to_weights(router, gate_up, down),
+                                                     to_grads(grad_x, grad_router, grad_gate_up, grad_down));
+      },
+      "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "grad_x"_a.none(), "grad_router"_a.none(),
+      "grad_gate_up"_a.none(), "grad_down"_a.none());
+  m.def(
+      "moe_forward",
+      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down,
+         const Array& out, const Array& router_logits, const Array& saved, const OptArray& workspace,
+         std::uintptr_t stream) {
+        moefuse::moe_forward(cfg, to_view(x, "x"), to_weights(router, gate_up, down), to_view(out, "out"),
+                             to_view(router_logits, "router_logits"), to_view(saved, "saved"),
+                             to_view(workspace, "workspace"), to_stream(stream));
+      },
+      "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "out"_a, "router_logits"_a, "saved"_a, "workspace"_a.none(),
+      "stream"_a = 0, release);
+  m.def(
+      "moe_backward",
+      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down,
+         const Array& router_logits, const Array& saved, const Array& grad_out, const OptArray& grad_router_logits,
+         const OptArray& grad_x, const OptArray& grad_router, const OptArray& grad_gate_up, const OptArray& grad_down,
+         const OptArray& workspace, std::uintptr_t stream) {
+        moefuse::moe_backward(cfg, to_view(x, "x"), to_weights(router, gate_up, down),
+                              to_view(router_logits, "router_logits"), to_view(saved, "saved"),
+                              to_view(grad_out, "grad_out"), to_view(grad_router_logits, "grad_router_logits"),
+                              to_grads(grad_x, grad_router, grad_gate_up, grad_down), to_view(workspace, "workspace"),
+                              to_stream(stream));
+      },
+      "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "router_logits"_a, "saved"_a, "grad_out"_a,
+      "grad_router_logits"_a.none(), "grad_x"_a.none(), "grad_router"_a.none(), "grad_gate_up"_a.none(),
+      "grad_down"_a.none(), "workspace"_a.none(), "stream"_a = 0, release);
+}

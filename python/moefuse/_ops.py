@@ -1,0 +1,448 @@
+"""torch.library custom ops over the C++ ops (moefuse._C).
+
+Every op allocates its outputs and workspaces with torch (so the caching allocator owns device memory), has a fake
+(meta) kernel with symbolic shapes (token counts never recompile: plan buffers are sized from T*k and E, never from
+routed counts), and an autograd formula whose backward is itself a custom op (so torch.compile can trace it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+from . import _C
+
+MoefuseError = _C.MoefuseError
+
+_DTYPES = {torch.float32: _C.DType.f32, torch.bfloat16: _C.DType.bf16, torch.float16: _C.DType.f16}
+_ALIGN = 256  # moefuse requires workspaces and the saved block state at 256-byte aligned addresses
+# CUDA cannot raise on negative expert ids without a host sync; MOEFUSE_DEBUG=1 checks every plan (syncs).
+_DEBUG = os.environ.get("MOEFUSE_DEBUG", "") == "1"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Buffers, streams
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _on(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _aligned_empty(nbytes: int, device: torch.device, zero: bool = False) -> torch.Tensor:
+    """A u8 tensor of `nbytes` at a 256-byte aligned address, with storage offset 0 (fakes expect offset 0)."""
+    buf = (torch.zeros if zero else torch.empty)(nbytes + _ALIGN, dtype=torch.uint8, device=device)
+    off = -buf.data_ptr() % _ALIGN
+    if off == 0:
+        return buf[:nbytes]
+    # A DLPack round trip gives a tensor whose storage starts at the aligned address; it keeps `buf` alive.
+    return torch.from_dlpack(buf[off : off + nbytes])
+
+
+def _realigned(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or an aligned copy when a copy elsewhere (e.g. by a compiler) left it unaligned."""
+    return t if t.data_ptr() % _ALIGN == 0 else _aligned_empty(t.numel(), t.device).copy_(t)
+
+
+def _workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
+    return _aligned_empty(nbytes, device) if nbytes else None
+
+
+def _dtype(t: torch.Tensor, name: str):
+    try:
+        return _DTYPES[t.dtype]
+    except KeyError:
+        raise MoefuseError(f"moefuse: {name} must be float32, bfloat16 or float16, got {t.dtype}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The routing plan lives in one flat i32 tensor: [sorted_pairs | pair_positions | offsets | counts | invalid], each
+# segment starting on a 256-byte boundary. Its size depends on T*k and E only.
+
+
+def _pad(n):
+    return (n + 63) // 64 * 64
+
+
+def plan_numel(pairs, experts: int):
+    return 2 * _pad(pairs) + _pad(experts + 1) + _pad(experts) + 1
+
+
+def _plan_arg(plan: torch.Tensor, tokens: int, top_k: int, experts: int) -> tuple:
+    """The plan as the binding takes it: (tokens, top_k, experts, counts, offsets, sorted_pairs, pair_positions,
+    invalid)."""
+    m = tokens * top_k
+    pos = _pad(m)
+    off = 2 * pos
+    cnt = off + _pad(experts + 1)
+    inv = cnt + _pad(experts)
+    if plan.dtype != torch.int32 or plan.dim() != 1 or plan.numel() != inv + 1:
+        raise MoefuseError(
+            f"moefuse: plan must be int32[{inv + 1}] for {tokens} tokens, top_k {top_k} and {experts} experts, "
+            f"got {plan.dtype}{list(plan.shape)}"
+        )
+    return (tokens, top_k, experts, plan[cnt : cnt + experts], plan[off : off + experts + 1], plan[:m],
+            plan[pos : pos + m], plan[inv : inv + 1])  # fmt: skip
+
+
+def _make_plan(topk_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, tuple]:
+    tokens, top_k = topk_ids.shape
+    plan = torch.zeros(plan_numel(tokens * top_k, experts), dtype=torch.int32, device=topk_ids.device)
+    arg = _plan_arg(plan, tokens, top_k, experts)
+    ws = _workspace(_C.routing_plan_workspace_bytes(arg, topk_ids), topk_ids.device)
+    _C.routing_plan(topk_ids, arg, ws, _stream(topk_ids.device))
+    if _DEBUG and topk_ids.is_cuda:
+        _C.check_plan(arg, _stream(topk_ids.device))
+    return plan, arg
+
+
+def _check_ids(topk_ids: torch.Tensor) -> None:
+    if topk_ids.dtype != torch.int32 or topk_ids.dim() != 2:
+        raise MoefuseError(f"moefuse: topk_ids must be int32[T, k], got {topk_ids.dtype}{list(topk_ids.shape)}")
+
+
+def _needs(ctx, *idx):
+    n = ctx.needs_input_grad  # shorter when trailing defaults were left out of the call
+    return [i < len(n) and n[i] for i in idx]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# routing_plan
+
+
+@torch.library.custom_op("moefuse::routing_plan", mutates_args=())
+def routing_plan(topk_ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """The routing plan of int32 `topk_ids [T, k]` over `experts` experts, as one flat int32 tensor."""
+    _check_ids(topk_ids)
+    with _on(topk_ids.device):
+        return _make_plan(topk_ids.contiguous(), experts)[0]
+
+
+@routing_plan.register_fake
+def _(topk_ids, experts):
+    return topk_ids.new_empty(plan_numel(topk_ids.shape[0] * topk_ids.shape[1], experts))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# moe_fused_linear: out[s] = weight[e(s)] . x[src(s)] per sorted row s, optionally gathered from token order and/or
+# combined back into token order (see include/moefuse/ops.h).
+
+
+def _linear_tokens(x, top_k, gather, combine_weights):
+    if combine_weights is not None:
+        return combine_weights.shape[0]
+    return x.shape[0] if gather else x.shape[0] // top_k
+
+
+@torch.library.custom_op("moefuse::moe_fused_linear", mutates_args=())
+def moe_fused_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    plan: torch.Tensor,
+    top_k: int,
+    gather: bool,
+    combine_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    x, weight = x.contiguous(), weight.contiguous()
+    cw = None if combine_weights is None else combine_weights.contiguous()
+    tokens = _linear_tokens(x, top_k, gather, cw)
+    arg = _plan_arg(plan, tokens, top_k, weight.shape[0])
+    out = x.new_empty(tokens if cw is not None else tokens * top_k, weight.shape[1], dtype=weight.dtype)
+    with _on(x.device):
+        ws = _workspace(_C.moe_linear_workspace_bytes(arg, x, weight, gather, cw), x.device)
+        _C.moe_linear_forward(arg, x, weight, gather, cw, out, ws, _stream(x.device))
+    return out
+
+
+@moe_fused_linear.register_fake
+def _(x, weight, plan, top_k, gather, combine_weights=None):
+    tokens = _linear_tokens(x, top_k, gather, combine_weights)
+    rows = tokens if combine_weights is not None else tokens * top_k
+    return x.new_empty(rows, weight.shape[1], dtype=weight.dtype)
+
+
+@torch.library.custom_op("moefuse::moe_fused_linear_backward", mutates_args=())
+def moe_fused_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    plan: torch.Tensor,
+    top_k: int,
+    gather: bool,
+    combine_weights: torch.Tensor | None,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_combine_weights); each one not in `needs` comes back empty."""
+    grad_out, x, weight = grad_out.contiguous(), x.contiguous(), weight.contiguous()
+    cw = None if combine_weights is None else combine_weights.contiguous()
+    tokens = _linear_tokens(x, top_k, gather, cw)
+    arg = _plan_arg(plan, tokens, top_k, weight.shape[0])
+    gx, gw, gc = _linear_grads_like(x, weight, cw, needs)
+    with _on(x.device):
+        ws = _workspace(_C.moe_linear_backward_workspace_bytes(arg, x, weight, gather, cw), x.device)
+        _C.moe_linear_backward(arg, x, weight, gather, cw, grad_out, *(g if n else None for g, n in
+                               zip((gx, gw, gc), needs)), ws, _stream(x.device))  # fmt: skip
+    return gx, gw, gc
+
+
+def _linear_grads_like(x, weight, combine_weights, needs):
+    like = (x, weight, combine_weights if combine_weights is not None else x.new_empty(0, dtype=torch.float32))
+    return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, needs))
+
+
+@moe_fused_linear_backward.register_fake
+def _(grad_out, x, weight, plan, top_k, gather, combine_weights, needs):
+    return _linear_grads_like(x, weight, combine_weights, needs)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, plan, top_k, gather, combine_weights = inputs
+    ctx.save_for_backward(x, weight, plan, combine_weights)
+    ctx.top_k, ctx.gather = top_k, gather
+
+
+def _linear_backward(ctx, grad_out):
+    x, weight, plan, combine_weights = ctx.saved_tensors
+    needs = _needs(ctx, 0, 1, 5)
+    needs[2] = needs[2] and combine_weights is not None
+    grads = torch.ops.moefuse.moe_fused_linear_backward(
+        grad_out, x, weight, plan, ctx.top_k, ctx.gather, combine_weights, needs
+    )
+    gx, gw, gc = (g if n else None for g, n in zip(grads, needs))
+    return gx, gw, None, None, None, gc
+
+
+moe_fused_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# experts: the expert half of the block with routing given (the Transformers experts backend). Returns the output
+# and, for backward, h = gather(x) . gate_up^T [T*k, 2I] in sorted order and the plan.
+
+
+def _experts_fake_outputs(x, topk_weights, gate_up):
+    pairs = topk_weights.shape[0] * topk_weights.shape[1]
+    return (x.new_empty(x.shape[0], gate_up.shape[2]), x.new_empty(pairs, gate_up.shape[1]),
+            x.new_empty(plan_numel(pairs, gate_up.shape[0]), dtype=torch.int32))  # fmt: skip
+
+
+@torch.library.custom_op("moefuse::experts", mutates_args=())
+def experts(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out[t] = sum_j topk_weights[t, j] * down[e] . swiglu(gate_up[e] . x[t]) with e = topk_ids[t, j]."""
+    _check_ids(topk_ids)
+    x, topk_ids, w = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
+    gate_up, down = gate_up.contiguous(), down.contiguous()
+    if topk_weights.dtype != torch.float32 or topk_weights.shape != topk_ids.shape:
+        raise MoefuseError(
+            f"moefuse: topk_weights must be float32 shaped like topk_ids {list(topk_ids.shape)}, got "
+            f"{topk_weights.dtype}{list(topk_weights.shape)}"
+        )
+    out, h, _ = _experts_fake_outputs(x, w, gate_up)
+    a = x.new_empty(h.shape[0], h.shape[1] // 2)
+    dev, stream = x.device, _stream(x.device)
+    with _on(dev):
+        plan, arg = _make_plan(topk_ids, gate_up.shape[0])
+        ws = _workspace(max(_C.moe_linear_workspace_bytes(arg, x, gate_up, True, None),
+                            _C.moe_linear_workspace_bytes(arg, a, down, False, w)), dev)  # fmt: skip
+        _C.moe_linear_forward(arg, x, gate_up, True, None, h, ws, stream)
+        _C.swiglu_forward(h, a, stream)
+        _C.moe_linear_forward(arg, a, down, False, w, out, ws, stream)
+    return out, h, plan
+
+
+@experts.register_fake
+def _(x, topk_ids, topk_weights, gate_up, down):
+    return _experts_fake_outputs(x, topk_weights, gate_up)
+
+
+def _experts_grads_like(x, topk_weights, gate_up, down, needs):
+    return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip((x, topk_weights, gate_up, down), needs))
+
+
+@torch.library.custom_op("moefuse::experts_backward", mutates_args=())
+def experts_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    h: torch.Tensor,
+    plan: torch.Tensor,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_topk_weights, grad_gate_up, grad_down); each one not in `needs` comes back empty."""
+    grad_out, x, w = grad_out.contiguous(), x.contiguous(), topk_weights.contiguous()
+    gate_up, down = gate_up.contiguous(), down.contiguous()
+    gx, gw, ggu, gdown = grads = _experts_grads_like(x, w, gate_up, down, needs)
+    need_x, need_w, need_gu, need_down = needs
+    need_grad_h = need_x or need_gu
+    tokens, top_k = w.shape
+    arg = _plan_arg(plan, tokens, top_k, gate_up.shape[0])
+    a = torch.empty(h.shape[0], h.shape[1] // 2, dtype=h.dtype, device=h.device)
+    grad_a = torch.empty_like(a) if need_grad_h else None
+    dev, stream = x.device, _stream(x.device)
+    with _on(dev):
+        ws = _workspace(max(_C.moe_linear_backward_workspace_bytes(arg, a, down, False, w),
+                            _C.moe_linear_backward_workspace_bytes(arg, x, gate_up, True, None)), dev)  # fmt: skip
+        # a is recomputed from h; the routing-weight gradient comes out of the down projection's backward.
+        _C.swiglu_forward(h, a, stream)
+        _C.moe_linear_backward(arg, a, down, False, w, grad_out, grad_a, gdown if need_down else None,
+                               gw if need_w else None, ws, stream)  # fmt: skip
+        if need_grad_h:
+            grad_h = torch.empty_like(h)
+            _C.swiglu_backward(h, grad_a, grad_h, stream)
+            _C.moe_linear_backward(arg, x, gate_up, True, None, grad_h, gx if need_x else None,
+                                   ggu if need_gu else None, None, ws, stream)  # fmt: skip
+    return grads
+
+
+@experts_backward.register_fake
+def _(grad_out, x, topk_weights, gate_up, down, h, plan, needs):
+    return _experts_grads_like(x, topk_weights, gate_up, down, needs)
+
+
+def _experts_setup(ctx, inputs, output):
+    x, _, topk_weights, gate_up, down = inputs
+    _, h, plan = output
+    ctx.save_for_backward(x, topk_weights, gate_up, down, h, plan)
+    ctx.mark_non_differentiable(h, plan)  # internal state for backward, not results
+    ctx.set_materialize_grads(False)
+
+
+def _experts_backward(ctx, grad_out, _grad_h, _grad_plan):
+    x, topk_weights, gate_up, down, h, plan = ctx.saved_tensors
+    needs = _needs(ctx, 0, 2, 3, 4)
+    if grad_out is None or not any(needs):
+        return None, None, None, None, None
+    grads = torch.ops.moefuse.experts_backward(grad_out, x, topk_weights, gate_up, down, h, plan, needs)
+    gx, gw, ggu, gdown = (g if n else None for g, n in zip(grads, needs))
+    return gx, None, gw, ggu, gdown
+
+
+experts.register_autograd(_experts_backward, setup_context=_experts_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# moe_block: the whole Qwen3-MoE sparse block (router + experts), see include/moefuse/block.h. The third output is the
+# opaque state moe_backward needs (u8).
+
+
+def _config(gate_up: torch.Tensor, top_k: int, renormalize: bool):
+    experts, two_i, hidden = gate_up.shape
+    return _C.MoeConfig(hidden, two_i // 2, experts, top_k, renormalize)
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_affine(hidden: int, intermediate: int, experts: int, top_k: int, renormalize: bool, dtype) -> tuple:
+    """(per_token, fixed) with moe_saved_bytes(T) <= per_token * T + fixed for every T.
+
+    The saved state is a handful of 256-byte aligned pieces, each per-token-linear or constant in size, so two
+    queries give the slope exactly (T = 256 makes every linear piece a multiple of 256) and 16 * 256 bytes cover the
+    rounding of up to 16 pieces. A bound linear in T keeps the fake's size symbolic (no recompiles per T)."""
+    cfg = _C.MoeConfig(hidden, intermediate, experts, top_k, renormalize)
+    q0, q256 = _C.moe_saved_bytes(cfg, 0, dtype), _C.moe_saved_bytes(cfg, 256, dtype)
+    return (q256 - q0) // 256, q0 + 16 * _ALIGN
+
+
+def _saved_bytes(tokens, x, gate_up, top_k, renormalize):
+    e, two_i, hidden = gate_up.shape
+    per_token, fixed = _saved_affine(int(hidden), int(two_i) // 2, int(e), top_k, renormalize, _dtype(x, "x"))
+    return per_token * tokens + fixed
+
+
+@torch.library.custom_op("moefuse::moe_block", mutates_args=())
+def moe_block(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out [T, H], router_logits [T, E], saved u8) for x [T, H]."""
+    x, router_weight, gate_up, down = (t.contiguous() for t in (x, router_weight, gate_up, down))
+    cfg = _config(gate_up, top_k, renormalize)
+    out = torch.empty_like(x)
+    logits = x.new_empty(x.shape[0], router_weight.shape[0])
+    # Zeroed so that its padding is deterministic (opcheck compares outputs bit for bit).
+    saved = _aligned_empty(_saved_bytes(x.shape[0], x, gate_up, top_k, renormalize), x.device, zero=True)
+    with _on(x.device):
+        ws = _workspace(_C.moe_forward_workspace_bytes(cfg, x, router_weight, gate_up, down), x.device)
+        _C.moe_forward(cfg, x, router_weight, gate_up, down, out, logits, saved, ws, _stream(x.device))
+    return out, logits, saved
+
+
+@moe_block.register_fake
+def _(x, router_weight, gate_up, down, top_k, renormalize):
+    saved = x.new_empty(_saved_bytes(x.shape[0], x, gate_up, top_k, renormalize), dtype=torch.uint8)
+    return torch.empty_like(x), x.new_empty(x.shape[0], router_weight.shape[0]), saved
+
+
+def _block_grads_like(x, router_weight, gate_up, down, needs):
+    return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip((x, router_weight, gate_up, down), needs))
+
+
+@torch.library.custom_op("moefuse::moe_block_backward", mutates_args=())
+def moe_block_backward(
+    grad_out: torch.Tensor,
+    grad_router_logits: torch.Tensor | None,
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    router_logits: torch.Tensor,
+    saved: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_router_weight, grad_gate_up, grad_down); each one not in `needs` comes back empty (frozen
+    experts: no expert weight gradient is formed at all)."""
+    x, router_weight, gate_up, down = (t.contiguous() for t in (x, router_weight, gate_up, down))
+    grad_out, router_logits = grad_out.contiguous(), router_logits.contiguous()
+    grl = None if grad_router_logits is None else grad_router_logits.contiguous()
+    cfg = _config(gate_up, top_k, renormalize)
+    grads = _block_grads_like(x, router_weight, gate_up, down, needs)
+    wanted = [g if n else None for g, n in zip(grads, needs)]
+    with _on(x.device):
+        ws = _workspace(_C.moe_backward_workspace_bytes(cfg, x, router_weight, gate_up, down, *wanted), x.device)
+        _C.moe_backward(cfg, x, router_weight, gate_up, down, router_logits, _realigned(saved), grad_out, grl,
+                        *wanted, ws, _stream(x.device))  # fmt: skip
+    return grads
+
+
+@moe_block_backward.register_fake
+def _(grad_out, grad_router_logits, x, router_weight, gate_up, down, router_logits, saved, top_k, renormalize, needs):
+    return _block_grads_like(x, router_weight, gate_up, down, needs)
+
+
+def _block_setup(ctx, inputs, output):
+    x, router_weight, gate_up, down, top_k, renormalize = inputs
+    _, logits, saved = output
+    ctx.save_for_backward(x, router_weight, gate_up, down, logits, saved)
+    ctx.top_k, ctx.renormalize = top_k, renormalize
+    ctx.set_materialize_grads(False)  # an unused router_logits (no aux loss) passes no gradient
+
+
+def _block_backward(ctx, grad_out, grad_logits, _grad_saved):
+    x, router_weight, gate_up, down, logits, saved = ctx.saved_tensors
+    needs = _needs(ctx, 0, 1, 2, 3)
+    if (grad_out is None and grad_logits is None) or not any(needs):
+        return None, None, None, None, None, None
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    grads = torch.ops.moefuse.moe_block_backward(
+        grad_out, grad_logits, x, router_weight, gate_up, down, logits, saved, ctx.top_k, ctx.renormalize, needs
+    )
+    return (*(g if n else None for g, n in zip(grads, needs)), None, None)
+
+
+moe_block.register_autograd(_block_backward, setup_context=_block_setup)

@@ -1,0 +1,55 @@
+"""Transformers v5 experts backend "moefuse".
+
+Importing moefuse registers it in transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS, so that
+`from_pretrained(..., experts_implementation="moefuse")` and `model.set_experts_implementation("moefuse")` select it.
+The router stays Transformers' own (router logits and the auxiliary loss are untouched); only the experts run here.
+Transformers 5.17 validates names against the registered keys, so registration is all it takes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from ._ops import MoefuseError
+
+NAME = "moefuse"
+
+# flag -> value moefuse supports (the Transformers v5 default layout of Qwen3-MoE experts)
+_LAYOUT = {"is_transposed": False, "has_bias": False, "is_concatenated": True, "has_gate": True}
+
+
+def check_layout(experts: torch.nn.Module) -> None:
+    """Raises MoefuseError naming the first layout flag or activation moefuse cannot run."""
+    for flag, supported in _LAYOUT.items():
+        value = getattr(experts, flag, supported)
+        if value != supported:
+            raise MoefuseError(
+                f"moefuse experts backend: {type(experts).__name__}.{flag}={value} is not supported (needs "
+                f"{flag}={supported}: gate_up_proj [E, 2I, H] as [gate | up], down_proj [E, H, I], no bias)"
+            )
+    act = getattr(experts, "act_fn", None)
+    if not (isinstance(act, (SiLUActivation, torch.nn.SiLU)) or act is F.silu):
+        raise MoefuseError(
+            f"moefuse experts backend: {type(experts).__name__}.act_fn={act!r} is not supported (only SiLU: SwiGLU)"
+        )
+
+
+def moefuse_experts_forward(
+    self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """ALL_EXPERTS_FUNCTIONS entry: out[t] = sum_j w[t, j] * expert_{idx[t, j]}(x[t]); ids >= num_experts add
+    nothing."""
+    check_layout(self)
+    w = self.gate_up_proj
+    # Like grouped_mm: compute in the weights' dtype (autocast may hand f32 activations to bf16 experts).
+    x = hidden_states.to(w.dtype)
+    out, _, _ = torch.ops.moefuse.experts(
+        x, top_k_index.to(torch.int32), top_k_weights.to(torch.float32), w, self.down_proj
+    )
+    return out.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(NAME, moefuse_experts_forward)

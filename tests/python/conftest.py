@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+import moefuse  # noqa: F401  (registers the ops and the "moefuse" experts backend)
+
+# Small but not toy-regular: E and k are not powers of two.
+T, H, I, E, K = 13, 32, 24, 6, 3
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def block_tensors(t=T, dtype=torch.float32, requires_grad=False):
+    """x, router_weight, gate_up, down of the sizes above."""
+    ts = (torch.randn(t, H), torch.randn(E, H) * 0.5, torch.randn(E, 2 * I, H) * H**-0.5,
+          torch.randn(E, H, I) * I**-0.5)  # fmt: skip
+    return [x.to(dtype).requires_grad_(requires_grad) for x in ts]
+
+
+def routing(t=T, k=K, e=E):
+    """int32 ids [t, k] (distinct per token) and float32 weights."""
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)]).to(torch.int32)
+    return ids, torch.rand(t, k)
+
+
+def tiny_qwen3_moe_config(**kw):
+    from transformers import Qwen3MoeConfig
+
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=E, num_experts_per_tok=K,
+               norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=64,
+               router_aux_loss_coef=0.01, hidden_act="silu")  # fmt: skip
+    cfg.update(kw)
+    return Qwen3MoeConfig(**cfg)
