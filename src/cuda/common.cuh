@@ -6,7 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
+#include <type_traits>
 
 #include "moefuse/error.h"
 #include "moefuse/tensor.h"
@@ -95,9 +97,43 @@ struct alignas(16) Vec {
   T v[n];
 };
 
-template <class T>
-__device__ __forceinline__ bool aligned16(const T* p) {
-  return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0;
+inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0; }
+
+// VEC consecutive elements as f32: one 16-byte access when VEC > 1.
+template <class T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float (&v)[VEC]) {
+  if constexpr (VEC > 1) {
+    const Vec<T> x = *reinterpret_cast<const Vec<T>*>(p);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = to_f32(x.v[i]);
+  } else {
+    v[0] = to_f32(p[0]);
+  }
 }
+
+template <class T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const float (&v)[VEC]) {
+  if constexpr (VEC > 1) {
+    Vec<T> x;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) x.v[i] = from_f32<T>(v[i]);
+    *reinterpret_cast<Vec<T>*>(p) = x;
+  } else {
+    p[0] = from_f32<T>(v[0]);
+  }
+}
+
+// Calls f(integral_constant<VEC>) with 16-byte vectors when cols and every pointer allow, else with 1.
+template <class T, class F>
+void with_vec(std::int64_t cols, std::initializer_list<const void*> ptrs, F&& f) {
+  constexpr int kVec = Vec<T>::n;
+  bool ok = cols % kVec == 0;
+  for (const void* p : ptrs) ok = ok && aligned16(p);
+  if (ok)
+    f(std::integral_constant<int, kVec>{});
+  else
+    f(std::integral_constant<int, 1>{});
+}
+
 
 }  // namespace moefuse::cuda

@@ -18,6 +18,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/scan.cuh"
+#include "moefuse/ops.h"
 
 namespace moefuse::cuda {
 
@@ -501,9 +502,29 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_simt(const GemmParams p)
 // ---------------------------------------------------------------------------------------------------------------------
 // Host side
 
+// The tensor-core kernel loads 16-byte chunks along the inner dimension of every operand: 16-bit data, both
+// weight dims (out, in) multiples of 8, every pointer 16-byte aligned.
+inline bool tensor_cores_ok(DType dtype, std::int64_t out, std::int64_t in, std::initializer_list<const void*> ptrs) {
+  if (dtype == DType::f32 || out % 8 != 0 || in % 8 != 0) return false;
+  for (const void* p : ptrs)
+    if (p && !aligned16(p)) return false;
+  return true;
+}
+
 // Column slots of the row-dot partials for n output columns: enough for either kernel.
 inline int dot_partial_slots(std::int64_t n) {
   return static_cast<int>(ceil_div<std::int64_t>(n, tc::BN) * (tc::BN / tc::WN));
+}
+
+// Parameters filled from the plan; tiles: E+1 ints of workspace for the fwd/dgrad tile schedule.
+inline GemmParams plan_params(const Plan& plan, const TensorView& tiles) {
+  GemmParams p;
+  p.pairs = plan.sorted_pairs.ptr<int>();
+  p.top_k = plan.top_k;
+  p.offsets = plan.offsets.ptr<int>();
+  p.tile_offsets = tiles.ptr<int>();
+  p.experts = plan.experts;
+  return p;
 }
 
 // tile_offsets[e] = sum over e' < e of ceil(count[e'] / bm).

@@ -4,58 +4,12 @@
 #include "core/workspace.h"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.cuh"
+#include "cuda/rows.cuh"
 
 namespace moefuse::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-// out[t, :] = sum_j w[t, j] * rows[pair_positions[t*k + j], :] over the token's routed pairs (w = 1 when absent).
-// VEC elements per thread; cols % VEC == 0.
-template <class T, int VEC>
-__global__ void gather_sum_rows(const T* __restrict__ rows, const int* __restrict__ pair_positions,
-                                const float* __restrict__ w, const int* __restrict__ offsets, int experts,
-                                std::int64_t tokens, int top_k, std::int64_t cols, T* __restrict__ out) {
-  const std::int64_t per_row = cols / VEC;
-  const std::int64_t idx = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= tokens * per_row) return;
-  const std::int64_t t = idx / per_row, c = (idx % per_row) * VEC;
-  const int routed = offsets[experts];  // sorted rows past this are placeholders
-  float acc[VEC] = {};
-  for (int j = 0; j < top_k; ++j) {
-    const std::int64_t pair = t * top_k + j;
-    const int pos = pair_positions[pair];
-    if (pos >= routed) continue;
-    const float wj = w ? w[pair] : 1.f;
-    const T* src = rows + pos * cols + c;
-    if constexpr (VEC > 1) {
-      const Vec<T> v = *reinterpret_cast<const Vec<T>*>(src);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) acc[i] += wj * to_f32(v.v[i]);
-    } else {
-      acc[0] += wj * to_f32(src[0]);
-    }
-  }
-  T* dst = out + t * cols + c;
-  if constexpr (VEC > 1) {
-    Vec<T> v;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) v.v[i] = from_f32<T>(acc[i]);
-    *reinterpret_cast<Vec<T>*>(dst) = v;
-  } else {
-    dst[0] = from_f32<T>(acc[0]);
-  }
-}
-
-// Zeroes sorted rows [offsets[E], m) (placeholder pairs). The grid is fixed; work scales with the placeholders.
-template <class T>
-__global__ void zero_placeholder_rows(T* __restrict__ out, const int* __restrict__ offsets, int experts,
-                                      std::int64_t m, std::int64_t cols) {
-  const std::int64_t begin = offsets[experts] * cols, end = m * cols;
-  for (std::int64_t i = begin + static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    out[i] = from_f32<T>(0.f);
-}
+constexpr int kThreads = 256;  // reduce_row_dots
 
 // grad_w[pair] = sum of the row-dot partials of its sorted row; zero for placeholders.
 __global__ void reduce_row_dots(const float* __restrict__ partial, int ldp, int slots,
@@ -70,55 +24,8 @@ __global__ void reduce_row_dots(const float* __restrict__ partial, int ldp, int 
   grad_w[pair] = sum;
 }
 
-template <class T>
-void launch_gather_sum(const TensorView& rows, const Plan& plan, const float* w, const TensorView& out,
-                       cudaStream_t s) {
-  const std::int64_t tokens = plan.tokens, cols = out.shape[1];
-  auto launch = [&](auto vec) {
-    constexpr int VEC = decltype(vec)::value;
-    const std::int64_t threads = tokens * (cols / VEC);
-    if (threads == 0) return;
-    gather_sum_rows<T, VEC><<<static_cast<unsigned>(ceil_div<std::int64_t>(threads, kThreads)), kThreads, 0, s>>>(
-        rows.ptr<T>(), plan.pair_positions.ptr<int>(), w, plan.offsets.ptr<int>(), plan.experts, tokens,
-        plan.top_k, cols, out.ptr<T>());
-    MOEFUSE_CUDA_LAUNCH_CHECK();
-  };
-  constexpr int kVec = Vec<T>::n;
-  const bool vec_ok = cols % kVec == 0 && (reinterpret_cast<std::uintptr_t>(rows.data) & 15) == 0 &&
-                      (reinterpret_cast<std::uintptr_t>(out.data) & 15) == 0;
-  if (vec_ok)
-    launch(std::integral_constant<int, kVec>{});
-  else
-    launch(std::integral_constant<int, 1>{});
-}
-
-template <class T>
-void launch_zero_placeholders(const TensorView& out, const Plan& plan, cudaStream_t s) {
-  const std::int64_t m = plan.tokens * plan.top_k, cols = out.shape[1];
-  if (m * cols == 0) return;
-  zero_placeholder_rows<T><<<256, kThreads, 0, s>>>(out.ptr<T>(), plan.offsets.ptr<int>(), plan.experts, m, cols);
-  MOEFUSE_CUDA_LAUNCH_CHECK();
-}
-
-bool aligned(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0; }
-
-// The tensor-core kernel loads 16-byte chunks along the inner dimension of every operand.
-bool use_tensor_cores(const TensorView& x, const TensorView& weight, std::initializer_list<const void*> ptrs) {
-  if (x.dtype == DType::f32) return false;
-  if (weight.shape[1] % 8 != 0 || weight.shape[2] % 8 != 0) return false;
-  for (const void* p : ptrs)
-    if (p && !aligned(p)) return false;
-  return true;
-}
-
-GemmParams plan_params(const Plan& plan, const TensorView& tiles) {
-  GemmParams p;
-  p.pairs = plan.sorted_pairs.ptr<int>();
-  p.top_k = plan.top_k;
-  p.offsets = plan.offsets.ptr<int>();
-  p.tile_offsets = tiles.ptr<int>();
-  p.experts = plan.experts;
-  return p;
+bool use_tensor_cores(const TensorView& weight, std::initializer_list<const void*> ptrs) {
+  return tensor_cores_ok(weight.dtype, weight.shape[1], weight.shape[2], ptrs);
 }
 
 // Workspace layouts: the same function sizes (Carver without base) and lays out.
@@ -167,10 +74,10 @@ void forward_impl(const Plan& plan, const TensorView& x, const TensorView& weigh
   p.k = static_cast<int>(k);
   p.epi.out = rows.data;
   p.epi.ldo = n;
-  run_grouped_gemm<T, GemmKind::fwd>(p, m, use_tensor_cores(x, weight, {x.data, weight.data, rows.data}), s);
+  run_grouped_gemm<T, GemmKind::fwd>(p, m, use_tensor_cores(weight, {x.data, weight.data, rows.data}), s);
 
   if (combine)
-    launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), out, s);
+    launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), 1.f, false, out, s);
   else
     launch_zero_placeholders<T>(out, plan, s);
 }
@@ -185,7 +92,7 @@ void backward_impl(const Plan& plan, const TensorView& x, const TensorView& weig
   const BackwardWorkspace ws = carve_backward(c, plan, weight, gather, combine);
   const std::int64_t m = plan.tokens * plan.top_k, out_f = weight.shape[1], in_f = weight.shape[2];
   const bool tensor_cores =
-      use_tensor_cores(x, weight, {x.data, weight.data, grad_out.data, grad_x.data, grad_weight.data});
+      use_tensor_cores(weight, {x.data, weight.data, grad_out.data, grad_x.data, grad_weight.data});
 
   // dgrad: rows of grad_out . W[e] (grad_out gathered per token when combined), feeding grad_x and grad_cw.
   if (grad_x.defined() || grad_cw.defined()) {
@@ -210,7 +117,7 @@ void backward_impl(const Plan& plan, const TensorView& x, const TensorView& weig
 
     if (grad_x.defined()) {
       if (gather)
-        launch_gather_sum<T>(ws.dx_rows, plan, nullptr, grad_x, s);
+        launch_gather_sum<T>(ws.dx_rows, plan, nullptr, 1.f, false, grad_x, s);
       else
         launch_zero_placeholders<T>(grad_x, plan, s);
     }

@@ -1,6 +1,6 @@
 // Router: one warp per token. Probabilities live in shared memory (E floats per warp); top-k is k rounds of a
-// warp argmax (ties to the lower expert id), so choices come out sorted by descending weight.
-#include <algorithm>
+// warp argmax in the CPU backend's ranking, so choices come out sorted by descending weight.
+#include <climits>
 
 #include "core/backend.h"
 #include "cuda/common.cuh"
@@ -34,12 +34,19 @@ __device__ void softmax_row(const T* __restrict__ row, int experts, float* p) {
   mx = warp_max(mx);
   float sum = 0.f;
   for (int e = lane; e < experts; e += 32) {
-    p[e] = __expf(p[e] - mx);
+    p[e] = expf(p[e] - mx);
     sum += p[e];
   }
   sum = warp_sum(sum);
   for (int e = lane; e < experts; e += 32) p[e] = p[e] / sum;
   __syncwarp();
+}
+
+// Larger probability first, ties to the lower id; NaN ranks above every number (as on the CPU), so a NaN row still
+// picks k distinct in-range ids.
+__device__ __forceinline__ bool ranks_before(float p, int e, float q, int f) {
+  if (isnan(p) || isnan(q)) return isnan(p) && (!isnan(q) || e < f);
+  return p > q || (p == q && e < f);
 }
 
 template <class T>
@@ -53,20 +60,20 @@ __global__ void router_forward_kernel(const T* __restrict__ logits, std::int64_t
   softmax_row(logits + t * experts, experts, p);
   float picked = 0.f;
   for (int j = 0; j < top_k; ++j) {
-    float best = -1.f;
-    int best_id = experts;
+    float best = -INFINITY;
+    int best_id = INT_MAX;
     for (int e = lane; e < experts; e += 32)
-      if (p[e] > best) best = p[e], best_id = e;  // lanes scan ids upwards: ties keep the lower id
+      if (ranks_before(p[e], e, best, best_id)) best = p[e], best_id = e;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const float b = __shfl_xor_sync(0xffffffffu, best, o);
       const int id = __shfl_xor_sync(0xffffffffu, best_id, o);
-      if (b > best || (b == best && id < best_id)) best = b, best_id = id;
+      if (ranks_before(b, id, best, best_id)) best = b, best_id = id;
     }
     if (lane == 0) {
       ids[t * top_k + j] = best_id;
       weights[t * top_k + j] = best;
-      p[best_id] = -2.f;  // taken (probabilities are >= 0)
+      p[best_id] = -INFINITY;  // taken: ranks below every probability and NaN
     }
     picked += best;
     __syncwarp();

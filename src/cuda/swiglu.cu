@@ -10,40 +10,17 @@ constexpr int kThreads = 256;
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
 
 template <class T, int VEC>
-__device__ __forceinline__ void load(const T* p, float (&v)[VEC]) {
-  if constexpr (VEC > 1) {
-    const Vec<T> x = *reinterpret_cast<const Vec<T>*>(p);
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) v[i] = to_f32(x.v[i]);
-  } else {
-    v[0] = to_f32(p[0]);
-  }
-}
-
-template <class T, int VEC>
-__device__ __forceinline__ void store(T* p, const float (&v)[VEC]) {
-  if constexpr (VEC > 1) {
-    Vec<T> x;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) x.v[i] = from_f32<T>(v[i]);
-    *reinterpret_cast<Vec<T>*>(p) = x;
-  } else {
-    p[0] = from_f32<T>(v[0]);
-  }
-}
-
-template <class T, int VEC>
 __global__ void swiglu_forward_kernel(const T* __restrict__ h, std::int64_t rows, std::int64_t inter,
                                       T* __restrict__ a) {
   const std::int64_t idx = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
   if (idx >= rows * inter) return;
   const std::int64_t r = idx / inter, c = idx % inter;
   float g[VEC], u[VEC], out[VEC];
-  load<T, VEC>(h + r * 2 * inter + c, g);
-  load<T, VEC>(h + r * 2 * inter + inter + c, u);
+  load_vec<T, VEC>(h + r * 2 * inter + c, g);
+  load_vec<T, VEC>(h + r * 2 * inter + inter + c, u);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) out[i] = g[i] * sigmoid(g[i]) * u[i];
-  store<T, VEC>(a + idx, out);
+  store_vec<T, VEC>(a + idx, out);
 }
 
 // d g = da * u * sig * (1 + g (1 - sig));  d u = da * silu(g)
@@ -54,29 +31,17 @@ __global__ void swiglu_backward_kernel(const T* __restrict__ h, const T* __restr
   if (idx >= rows * inter) return;
   const std::int64_t r = idx / inter, c = idx % inter;
   float g[VEC], u[VEC], da[VEC], dg[VEC], du[VEC];
-  load<T, VEC>(h + r * 2 * inter + c, g);
-  load<T, VEC>(h + r * 2 * inter + inter + c, u);
-  load<T, VEC>(grad_a + idx, da);
+  load_vec<T, VEC>(h + r * 2 * inter + c, g);
+  load_vec<T, VEC>(h + r * 2 * inter + inter + c, u);
+  load_vec<T, VEC>(grad_a + idx, da);
 #pragma unroll
   for (int i = 0; i < VEC; ++i) {
     const float sig = sigmoid(g[i]);
     dg[i] = da[i] * u[i] * sig * (1.f + g[i] * (1.f - sig));
     du[i] = da[i] * g[i] * sig;
   }
-  store<T, VEC>(grad_h + r * 2 * inter + c, dg);
-  store<T, VEC>(grad_h + r * 2 * inter + inter + c, du);
-}
-
-// Calls launch(integral_constant<VEC>) with the widest vector the row width and pointers allow.
-template <class T, class F>
-void with_vec(std::int64_t inter, std::initializer_list<const void*> ptrs, F&& launch) {
-  constexpr int kVec = Vec<T>::n;
-  bool ok = inter % kVec == 0;
-  for (const void* p : ptrs) ok = ok && (reinterpret_cast<std::uintptr_t>(p) & 15) == 0;
-  if (ok)
-    launch(std::integral_constant<int, kVec>{});
-  else
-    launch(std::integral_constant<int, 1>{});
+  store_vec<T, VEC>(grad_h + r * 2 * inter + c, dg);
+  store_vec<T, VEC>(grad_h + r * 2 * inter + inter + c, du);
 }
 
 unsigned blocks_for(std::int64_t elements, int vec) {

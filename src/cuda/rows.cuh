@@ -1,0 +1,117 @@
+// Row kernels around the grouped GEMMs: per-token gather-sums over a token's routed pairs (deterministic, no
+// atomics), additions over sorted rows, and zeroing of placeholder rows. Sorted rows at or past offsets[E] belong
+// to placeholder pairs.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/common.cuh"
+#include "moefuse/ops.h"
+
+namespace moefuse::cuda {
+
+namespace rows_detail {
+
+constexpr int kRowThreads = 256;
+
+// out[t, :] (+)= scale * sum_j w[t, j] * rows[pair_positions[t*k + j], :] over t's routed pairs (w = 1 when absent).
+template <class T, int VEC>
+__global__ void gather_sum_rows(const T* __restrict__ rows, const int* __restrict__ pair_positions,
+                                const float* __restrict__ w, float scale, bool accumulate,
+                                const int* __restrict__ offsets, int experts, std::int64_t tokens, int top_k,
+                                std::int64_t cols, T* __restrict__ out) {
+  const std::int64_t per_row = cols / VEC;
+  const std::int64_t idx = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= tokens * per_row) return;
+  const std::int64_t t = idx / per_row, c = (idx % per_row) * VEC;
+  const int routed = offsets[experts];
+  float acc[VEC] = {}, v[VEC];
+  for (int j = 0; j < top_k; ++j) {
+    const std::int64_t pair = t * top_k + j;
+    const int pos = pair_positions[pair];
+    if (pos >= routed) continue;
+    const float wj = scale * (w ? w[pair] : 1.f);
+    load_vec<T, VEC>(rows + pos * cols + c, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] += wj * v[i];
+  }
+  T* dst = out + t * cols + c;
+  if (accumulate) {
+    load_vec<T, VEC>(dst, v);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] += v[i];
+  }
+  store_vec<T, VEC>(dst, acc);
+}
+
+// out[s, :] += scale * rows[s, :] for routed sorted rows s. Fixed grid, strided over the routed rows.
+template <class T, int VEC>
+__global__ void add_sorted_rows(const T* __restrict__ rows, float scale, const int* __restrict__ offsets,
+                                int experts, std::int64_t cols, T* __restrict__ out) {
+  const std::int64_t end = offsets[experts] * cols;
+  float a[VEC], b[VEC];
+  for (std::int64_t i = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; i < end;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x * VEC) {
+    load_vec<T, VEC>(rows + i, a);
+    load_vec<T, VEC>(out + i, b);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) b[j] += scale * a[j];
+    store_vec<T, VEC>(out + i, b);
+  }
+}
+
+// Zeroes sorted rows [offsets[E], m). Fixed grid; the work scales with the placeholders.
+template <class T>
+__global__ void zero_placeholder_rows(T* __restrict__ out, const int* __restrict__ offsets, int experts,
+                                      std::int64_t m, std::int64_t cols) {
+  const std::int64_t begin = offsets[experts] * cols, end = m * cols;
+  for (std::int64_t i = begin + static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < end;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    out[i] = from_f32<T>(0.f);
+}
+
+}  // namespace rows_detail
+
+// out [T, cols] (+)= scale * per-token weighted sum of the sorted `rows` [M, cols].
+template <class T>
+void launch_gather_sum(const TensorView& rows, const Plan& plan, const float* w, float scale, bool accumulate,
+                       const TensorView& out, cudaStream_t s) {
+  using namespace rows_detail;
+  const std::int64_t cols = out.shape[1];
+  with_vec<T>(cols, {rows.data, out.data}, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const std::int64_t threads = plan.tokens * (cols / VEC);
+    if (threads == 0) return;
+    gather_sum_rows<T, VEC><<<static_cast<unsigned>(ceil_div<std::int64_t>(threads, kRowThreads)), kRowThreads, 0, s>>>(
+        rows.ptr<T>(), plan.pair_positions.ptr<int>(), w, scale, accumulate, plan.offsets.ptr<int>(), plan.experts,
+        plan.tokens, plan.top_k, cols, out.ptr<T>());
+    MOEFUSE_CUDA_LAUNCH_CHECK();
+  });
+}
+
+// out [M, cols] += scale * rows [M, cols] over the routed sorted rows.
+template <class T>
+void launch_add_sorted(const TensorView& rows, const Plan& plan, float scale, const TensorView& out, cudaStream_t s) {
+  using namespace rows_detail;
+  const std::int64_t cols = out.shape[1];
+  if (plan.tokens * cols == 0) return;
+  with_vec<T>(cols, {rows.data, out.data}, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    add_sorted_rows<T, VEC><<<512, kRowThreads, 0, s>>>(rows.ptr<T>(), scale, plan.offsets.ptr<int>(), plan.experts,
+                                                     cols, out.ptr<T>());
+    MOEFUSE_CUDA_LAUNCH_CHECK();
+  });
+}
+
+// Zeroes the placeholder rows of a sorted [M, cols] output.
+template <class T>
+void launch_zero_placeholders(const TensorView& out, const Plan& plan, cudaStream_t s) {
+  using namespace rows_detail;
+  const std::int64_t m = plan.tokens * plan.top_k, cols = out.shape[1];
+  if (m * cols == 0) return;
+  zero_placeholder_rows<T><<<256, kRowThreads, 0, s>>>(out.ptr<T>(), plan.offsets.ptr<int>(), plan.experts, m, cols);
+  MOEFUSE_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace moefuse::cuda
