@@ -23,12 +23,14 @@ void check_config(const char* op, const MoeConfig& c) {
 }
 
 // Checks x and the weights; returns T.
-std::int64_t check_block(const char* op, const MoeConfig& c, const TensorView& x, const MoeWeights& w) {
+// `data` is false in workspace queries, which read shapes only.
+std::int64_t check_block(const char* op, const MoeConfig& c, const TensorView& x, const MoeWeights& w,
+                         bool data = true) {
   check_config(op, c);
-  expect(op, "x", x, {-1, c.hidden}, kFloatTypes);
-  expect(op, "router weight", w.router, {c.experts, c.hidden}, kFloatTypes);
-  expect(op, "gate_up", w.gate_up, {c.experts, 2 * c.intermediate, c.hidden}, kFloatTypes);
-  expect(op, "down", w.down, {c.experts, c.hidden, c.intermediate}, kFloatTypes);
+  expect(op, "x", x, {-1, c.hidden}, kFloatTypes, data);
+  expect(op, "router weight", w.router, {c.experts, c.hidden}, kFloatTypes, data);
+  expect(op, "gate_up", w.gate_up, {c.experts, 2 * c.intermediate, c.hidden}, kFloatTypes, data);
+  expect(op, "down", w.down, {c.experts, c.hidden, c.intermediate}, kFloatTypes, data);
   expect_same_dtype(op, "router weight", w.router, x.dtype);
   expect_same_dtype(op, "gate_up", w.gate_up, x.dtype);
   expect_same_dtype(op, "down", w.down, x.dtype);
@@ -140,7 +142,7 @@ MoeSaved moe_saved_view(const MoeConfig& cfg, std::int64_t tokens, DType dtype, 
 }
 
 std::size_t moe_forward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w) {
-  const std::int64_t t = check_block("moe_forward_workspace_bytes", cfg, x, w);
+  const std::int64_t t = check_block("moe_forward_workspace_bytes", cfg, x, w, false);
   Carver sizing(x.device);
   const MoeSaved s = layout_saved(cfg, t, x.dtype, sizing);
   Carver cv(x.device);
@@ -149,7 +151,7 @@ std::size_t moe_forward_workspace_bytes(const MoeConfig& cfg, TensorView x, cons
 }
 
 std::size_t moe_backward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w, const MoeGrads&) {
-  const std::int64_t t = check_block("moe_backward_workspace_bytes", cfg, x, w);
+  const std::int64_t t = check_block("moe_backward_workspace_bytes", cfg, x, w, false);
   Carver sizing(x.device);
   const MoeSaved s = layout_saved(cfg, t, x.dtype, sizing);
   Carver cv(x.device);

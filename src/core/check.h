@@ -28,12 +28,13 @@ template <class... Args>
 
 namespace moefuse::detail {
 
-// Checks a required tensor: present, contiguous, `ndim` dims with these sizes (-1 = any), one of `dtypes`.
+// Checks a required tensor: present, contiguous, `ndim` dims with these sizes (-1 = any), one of `dtypes`, and
+// (unless need_data is false, as in workspace queries) a data pointer.
 void expect(const char* op, const char* name, const TensorView& t, std::initializer_list<std::int64_t> shape,
-            std::initializer_list<DType> dtypes);
+            std::initializer_list<DType> dtypes, bool need_data = true);
 // Same checks for an optional tensor when present.
 void expect_optional(const char* op, const char* name, const TensorView& t, std::initializer_list<std::int64_t> shape,
-                     std::initializer_list<DType> dtypes);
+                     std::initializer_list<DType> dtypes, bool need_data = true);
 void expect_same_device(const char* op, const char* name, const TensorView& t, Device device);
 void expect_same_dtype(const char* op, const char* name, const TensorView& t, DType dtype);
 void expect_workspace(const char* op, const TensorView& workspace, std::size_t needed, Device device);

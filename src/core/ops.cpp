@@ -21,18 +21,19 @@ void check_top_k(const char* op, int top_k, std::int64_t experts) {
 }
 
 // Validates the plan's own buffers and returns M = T*k.
-std::int64_t check_plan_views(const char* op, const Plan& p) {
+// `data` is false in workspace queries, which read shapes only.
+std::int64_t check_plan_views(const char* op, const Plan& p, bool data = true) {
   MOEFUSE_CHECK(p.tokens >= 0, op, "plan.tokens must be >= 0, got ", p.tokens);
   MOEFUSE_CHECK(p.experts >= 1, op, "plan.experts must be >= 1, got ", p.experts);
   check_top_k(op, p.top_k, p.experts);
   const std::int64_t m = p.tokens * p.top_k;
   MOEFUSE_CHECK(m <= std::numeric_limits<std::int32_t>::max(), op, "tokens * top_k = ", m,
                 " routed pairs do not fit the i32 indices of a plan");
-  expect(op, "plan.counts", p.counts, {p.experts}, {DType::i32});
-  expect(op, "plan.offsets", p.offsets, {p.experts + 1}, {DType::i32});
-  expect(op, "plan.sorted_pairs", p.sorted_pairs, {m}, {DType::i32});
-  expect(op, "plan.pair_positions", p.pair_positions, {m}, {DType::i32});
-  expect(op, "plan.invalid", p.invalid, {1}, {DType::i32});
+  expect(op, "plan.counts", p.counts, {p.experts}, {DType::i32}, data);
+  expect(op, "plan.offsets", p.offsets, {p.experts + 1}, {DType::i32}, data);
+  expect(op, "plan.sorted_pairs", p.sorted_pairs, {m}, {DType::i32}, data);
+  expect(op, "plan.pair_positions", p.pair_positions, {m}, {DType::i32}, data);
+  expect(op, "plan.invalid", p.invalid, {1}, {DType::i32}, data);
   const Device d = p.counts.device;
   expect_same_device(op, "plan.offsets", p.offsets, d);
   expect_same_device(op, "plan.sorted_pairs", p.sorted_pairs, d);
@@ -43,13 +44,13 @@ std::int64_t check_plan_views(const char* op, const Plan& p) {
 
 // Shared checks of moe_linear_forward/backward; returns the out feature count.
 std::int64_t check_linear(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight, bool gather,
-                          const TensorView& combine_weights) {
-  const std::int64_t m = check_plan_views(op, plan);
-  expect(op, "weight", weight, {plan.experts, -1, -1}, kFloatTypes);
+                          const TensorView& combine_weights, bool data = true) {
+  const std::int64_t m = check_plan_views(op, plan, data);
+  expect(op, "weight", weight, {plan.experts, -1, -1}, kFloatTypes, data);
   const std::int64_t in = weight.shape[2];
-  expect(op, "x", x, {gather ? plan.tokens : m, in}, kFloatTypes);
+  expect(op, "x", x, {gather ? plan.tokens : m, in}, kFloatTypes, data);
   expect_same_dtype(op, "x", x, weight.dtype);
-  expect_optional(op, "combine_weights", combine_weights, {plan.tokens, plan.top_k}, {DType::f32});
+  expect_optional(op, "combine_weights", combine_weights, {plan.tokens, plan.top_k}, {DType::f32}, data);
   const Device d = plan.counts.device;
   expect_same_device(op, "x", x, d);
   expect_same_device(op, "weight", weight, d);
@@ -94,8 +95,8 @@ void router_backward(TensorView logits, TensorView topk_ids, bool renormalize, T
 // ---------------------------------------------------------------------------------------------------------------------
 std::size_t routing_plan_workspace_bytes(const Plan& plan, TensorView topk_ids) {
   const char* op = "routing_plan_workspace_bytes";
-  check_plan_views(op, plan);
-  expect(op, "topk_ids", topk_ids, {plan.tokens, plan.top_k}, {DType::i32});
+  check_plan_views(op, plan, false);
+  expect(op, "topk_ids", topk_ids, {plan.tokens, plan.top_k}, {DType::i32}, false);
   return BACKEND(op, plan.counts.device, routing_plan_workspace_bytes, plan);
 }
 
@@ -121,7 +122,7 @@ void check_plan(const Plan& plan, void* stream) {
 std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
                                        TensorView combine_weights) {
   const char* op = "moe_linear_workspace_bytes";
-  check_linear(op, plan, x, weight, gather, combine_weights);
+  check_linear(op, plan, x, weight, gather, combine_weights, false);
   return BACKEND(op, plan.counts.device, moe_linear_workspace_bytes, plan, x, weight, gather, combine_weights);
 }
 
@@ -141,7 +142,7 @@ void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, bool 
 std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
                                                 TensorView combine_weights) {
   const char* op = "moe_linear_backward_workspace_bytes";
-  check_linear(op, plan, x, weight, gather, combine_weights);
+  check_linear(op, plan, x, weight, gather, combine_weights, false);
   return BACKEND(op, plan.counts.device, moe_linear_backward_workspace_bytes, plan, x, weight, gather,
                  combine_weights);
 }
@@ -177,14 +178,14 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool
 // ---------------------------------------------------------------------------------------------------------------------
 namespace {
 // Checks an adapter against its weight [E, out, in]; returns r.
-std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weight) {
+std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weight, bool data = true) {
   MOEFUSE_CHECK(lora.a.defined() && lora.b.defined(), op, "lora needs both a and b, got a ", describe(lora.a),
                 " and b ", describe(lora.b));
   const std::int64_t e = weight.shape[0], out = weight.shape[1], in = weight.shape[2];
-  expect(op, "lora.a", lora.a, {e, -1, in}, kFloatTypes);
+  expect(op, "lora.a", lora.a, {e, -1, in}, kFloatTypes, data);
   const std::int64_t r = lora.a.shape[1];
   MOEFUSE_CHECK(r >= 1, op, "lora rank must be >= 1, got lora.a ", describe(lora.a));
-  expect(op, "lora.b", lora.b, {e, out, r}, kFloatTypes);
+  expect(op, "lora.b", lora.b, {e, out, r}, kFloatTypes, data);
   expect_same_dtype(op, "lora.a", lora.a, weight.dtype);
   expect_same_dtype(op, "lora.b", lora.b, weight.dtype);
   expect_same_device(op, "lora.a", lora.a, weight.device);
@@ -198,7 +199,7 @@ std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorVie
   const char* op = "moe_linear_workspace_bytes";
   const std::size_t base = moe_linear_workspace_bytes(plan, x, weight, gather, combine_weights);
   if (!lora.defined()) return base;
-  check_lora(op, lora, weight);
+  check_lora(op, lora, weight, false);
   return std::max(base, BACKEND(op, plan.counts.device, moe_lora_workspace_bytes, plan, x, lora, gather,
                                 combine_weights));
 }
@@ -220,7 +221,7 @@ std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, 
   const char* op = "moe_linear_backward_workspace_bytes";
   const std::size_t base = moe_linear_backward_workspace_bytes(plan, x, weight, gather, combine_weights);
   if (!lora.defined()) return base;
-  check_lora(op, lora, weight);
+  check_lora(op, lora, weight, false);
   return std::max(base, BACKEND(op, plan.counts.device, moe_lora_backward_workspace_bytes, plan, x, lora, gather,
                                 combine_weights));
 }

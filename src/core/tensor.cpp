@@ -97,23 +97,26 @@ static std::string shape_str(std::initializer_list<std::int64_t> shape) {
 }
 
 void expect(const char* op, const char* name, const TensorView& t, std::initializer_list<std::int64_t> shape,
-            std::initializer_list<DType> dtypes) {
+            std::initializer_list<DType> dtypes, bool need_data) {
   MOEFUSE_CHECK(t.defined(), op, name, " is required");
   bool dtype_ok = false;
   for (DType d : dtypes) dtype_ok |= d == t.dtype;
   MOEFUSE_CHECK(dtype_ok, op, name, " must be ", dtype_list(dtypes), ", got ", describe(t));
   bool shape_ok = t.ndim == static_cast<int>(shape.size());
   int d = 0;
-  for (std::int64_t s : shape) shape_ok = shape_ok && (s < 0 || t.shape[d++] == s);
+  for (std::int64_t s : shape) {
+    shape_ok = shape_ok && (s < 0 || t.shape[d] == s);
+    ++d;
+  }
   MOEFUSE_CHECK(shape_ok, op, name, " must have shape ", shape_str(shape), ", got ", describe(t));
   for (d = 0; d < t.ndim; ++d) MOEFUSE_CHECK(t.shape[d] >= 0, op, name, " has a negative size: ", describe(t));
   MOEFUSE_CHECK(t.is_contiguous(), op, name, " must be contiguous, got ", describe(t));
-  MOEFUSE_CHECK(t.data != nullptr || t.numel() == 0, op, name, " has no data pointer: ", describe(t));
+  MOEFUSE_CHECK(!need_data || t.data != nullptr || t.numel() == 0, op, name, " has no data pointer: ", describe(t));
 }
 
 void expect_optional(const char* op, const char* name, const TensorView& t, std::initializer_list<std::int64_t> shape,
-                     std::initializer_list<DType> dtypes) {
-  if (t.defined()) expect(op, name, t, shape, dtypes);
+                     std::initializer_list<DType> dtypes, bool need_data) {
+  if (t.defined()) expect(op, name, t, shape, dtypes, need_data);
 }
 
 void expect_same_device(const char* op, const char* name, const TensorView& t, Device device) {
