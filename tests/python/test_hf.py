@@ -1,0 +1,150 @@
+"""The "moefuse" Transformers experts backend against "eager" on a tiny random Qwen3-MoE (f32)."""
+
+import copy
+
+import pytest
+import torch
+
+import moefuse
+from conftest import E, K, tiny_qwen3_moe_config
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def tiny_model(impl="eager"):
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config())
+    with torch.no_grad():  # HF initialises the router to zeros: give it something to route with
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    model.set_experts_implementation(impl)
+    return model
+
+
+def batch(seed=0, b=2, s=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (b, s), generator=g)
+    return dict(input_ids=ids, labels=ids)
+
+
+def forward_backward(model, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch(), output_router_logits=True, **kw)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def ops_run(model):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        model(**batch())
+    return {e.key for e in prof.key_averages()}
+
+
+def test_set_experts_implementation_selects_moefuse():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    assert ALL_EXPERTS_FUNCTIONS["moefuse"] is moefuse.hf.moefuse_experts_forward
+    model = tiny_model("moefuse")
+    assert model.config._experts_implementation == "moefuse"
+    assert "moefuse::experts" in ops_run(model)
+    model.set_experts_implementation("eager")
+    assert "moefuse::experts" not in ops_run(model)
+
+
+def test_logits_loss_aux_loss_and_every_gradient_match_eager():
+    eager = tiny_model("eager")
+    fused = copy.deepcopy(eager)
+    fused.set_experts_implementation("moefuse")
+    out_e, grads_e = forward_backward(eager)
+    out_f, grads_f = forward_backward(fused)
+    torch.testing.assert_close(out_f.logits, out_e.logits, **TOL)
+    torch.testing.assert_close(out_f.loss, out_e.loss, **TOL)
+    assert out_e.aux_loss is not None and out_e.aux_loss > 0
+    torch.testing.assert_close(out_f.aux_loss, out_e.aux_loss, **TOL)
+    for a, b in zip(out_f.router_logits, out_e.router_logits):
+        torch.testing.assert_close(a, b, **TOL)
+    assert grads_f.keys() == grads_e.keys() and len(grads_e) == len(list(eager.parameters()))
+    for name in grads_e:
+        torch.testing.assert_close(grads_f[name], grads_e[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_adamw_steps_track_eager():
+    losses = {}
+    for impl in ("eager", "moefuse"):
+        model = tiny_model(impl)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses[impl] = []
+        for step in range(20):
+            out = model(**batch(), output_router_logits=True)  # one batch: the loss must fall
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[impl].append(out.loss.item())
+    torch.testing.assert_close(torch.tensor(losses["moefuse"]), torch.tensor(losses["eager"]), rtol=1e-4, atol=1e-5)
+    assert losses["eager"][-1] < losses["eager"][0]
+
+
+def test_gradient_checkpointing_recomputes_correctly():
+    plain = tiny_model("moefuse")
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable()
+    plain.train(), ckpt.train()
+    out_p, grads_p = forward_backward(plain)
+    out_c, grads_c = forward_backward(ckpt)
+    torch.testing.assert_close(out_c.loss, out_p.loss)
+    assert grads_c.keys() == grads_p.keys()
+    for name in grads_p:
+        torch.testing.assert_close(grads_c[name], grads_p[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_from_pretrained_with_moefuse(tmp_path):
+    from transformers import Qwen3MoeForCausalLM
+
+    eager = tiny_model("eager")
+    eager.save_pretrained(tmp_path)
+    loaded = Qwen3MoeForCausalLM.from_pretrained(tmp_path, experts_implementation="moefuse")
+    assert loaded.config._experts_implementation == "moefuse"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch()).logits, eager(**batch()).logits, **TOL)
+
+
+def test_placeholder_expert_ids_contribute_nothing():
+    experts = tiny_model("moefuse").model.layers[0].mlp.experts
+    x = torch.randn(5, 64)
+    ids = torch.tensor([[0, 1, 2]] * 5)
+    w = torch.rand(5, K)
+    with torch.no_grad():
+        full = experts(x, ids, w)
+        ids_ph = ids.clone()
+        ids_ph[:, 2] = E  # expert-parallel sentinel
+        partial = experts(x, ids_ph, w)
+        w_two = w.clone()
+        w_two[:, 2] = 0
+        expect = experts(x, ids, w_two)
+    torch.testing.assert_close(partial, expect)
+    assert not torch.allclose(full, partial)
+
+
+@pytest.mark.parametrize("flag,value", [("is_transposed", True), ("has_bias", True), ("is_concatenated", False),
+                                        ("has_gate", False)])  # fmt: skip
+def test_unsupported_layout_flags_raise(flag, value):
+    model = tiny_model("moefuse")
+    setattr(model.model.layers[1].mlp.experts, flag, value)
+    with pytest.raises(moefuse.MoefuseError, match=flag):
+        model(**batch())
+
+
+def test_unsupported_activation_raises():
+    model = tiny_model("moefuse")
+    model.model.layers[0].mlp.experts.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="act_fn"):
+        model(**batch())
+
+
+def test_negative_ids_raise():
+    experts = tiny_model("moefuse").model.layers[0].mlp.experts
+    with pytest.raises(ValueError, match="negative"):
+        experts(torch.randn(2, 64), torch.tensor([[0, -1, 2], [1, 2, 3]]), torch.rand(2, K))
