@@ -1,0 +1,479 @@
+// The CUDA backend against the CPU backend: every op through the public API on copies of the same data, outputs
+// poisoned with NaN first, odd shapes, all float dtypes, forward and backward; the whole block; determinism.
+// Skips when no GPU is present.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+
+#include "common.h"
+
+namespace {
+
+using moefuse::Device;
+using moefuse::DType;
+using moefuse::TensorView;
+using mt::Ints;
+using mt::Tensor;
+using mt::Vec;
+
+#define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call
+
+bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define REQUIRE_GPU() \
+  if (!have_gpu()) GTEST_SKIP() << "no CUDA device"
+
+// GPU results vs the CPU backend: both accumulate in f32; the GPU rounds some intermediates to the storage dtype.
+double gpu_tol(DType d) { return d == DType::bf16 ? 2e-2 : d == DType::f16 ? 5e-3 : 1e-4; }
+
+// A device copy of a host tensor (same dtype and shape).
+class Dev {
+ public:
+  Dev() = default;
+  explicit Dev(const Tensor& host) : host_(host) {
+    bytes_ = static_cast<std::size_t>(host.numel()) * moefuse::dtype_size(host.dtype());
+    void* p = nullptr;
+    if (cudaMalloc(&p, bytes_ ? bytes_ : 1) != cudaSuccess) throw std::runtime_error("cudaMalloc failed");
+    ptr_ = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+    if (bytes_ && cudaMemcpy(p, host.data(), bytes_, cudaMemcpyHostToDevice) != cudaSuccess)
+      throw std::runtime_error("upload failed");
+  }
+  TensorView view() const {
+    TensorView v = host_.view();
+    v.data = ptr_.get();
+    v.device = Device::cuda(0);
+    return v;
+  }
+  Tensor download() const {  // a fresh host tensor, not sharing host_'s buffer
+    TensorView v = host_.view();
+    Tensor t(v.dtype, std::vector<std::int64_t>(v.shape, v.shape + v.ndim));
+    if (bytes_ && cudaMemcpy(t.data(), ptr_.get(), bytes_, cudaMemcpyDeviceToHost) != cudaSuccess)
+      throw std::runtime_error("download failed");
+    return t;
+  }
+  Vec values() const { return download().values(); }
+  Ints ints() const { return download().ints(); }
+  std::vector<char> bytes() const {
+    Tensor t = download();
+    return std::vector<char>(static_cast<char*>(t.data()), static_cast<char*>(t.data()) + bytes_);
+  }
+  void poison() const { cudaMemset(ptr_.get(), 0xFF, bytes_); }
+
+ private:
+  Tensor host_;
+  std::shared_ptr<void> ptr_;
+  std::size_t bytes_ = 0;
+};
+
+// A host tensor and its device twin, both poisoned (outputs) or both holding the same data (inputs).
+struct Both {
+  Tensor cpu;
+  Dev gpu;
+  Both() = default;
+  explicit Both(const Tensor& t) : cpu(t), gpu(t) {}
+  static Both poisoned(DType d, std::vector<std::int64_t> shape) {
+    Tensor t(d, std::move(shape));
+    t.poison();
+    return Both(t);
+  }
+  static Both random(mt::Rng& rng, DType d, std::vector<std::int64_t> shape, double scale = 1.0) {
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    Vec v = rng.normals(static_cast<std::size_t>(n), scale);
+    return Both(mt::make(d, std::move(shape), v));
+  }
+  TensorView c() const { return cpu.view(); }
+  TensorView g() const { return gpu.view(); }
+};
+
+Both workspace(std::size_t cpu_bytes, std::size_t gpu_bytes) {
+  Both b;
+  b.cpu = mt::scratch(cpu_bytes);
+  b.gpu = Dev(mt::scratch(gpu_bytes));
+  return b;
+}
+
+// Plan buffers on both sides, planned from the same ids.
+struct BothPlan {
+  mt::PlanTensors cpu;
+  Dev counts, offsets, sorted, positions, invalid;
+  Both ws;
+  BothPlan(const Ints& ids_v, std::int64_t T, int k, int E) : cpu(T, k, E) {
+    cpu.poison();
+    counts = Dev(cpu.counts);
+    offsets = Dev(cpu.offsets);
+    sorted = Dev(cpu.sorted_pairs);
+    positions = Dev(cpu.pair_positions);
+    invalid = Dev(cpu.invalid);
+    Tensor ids(DType::i32, {T, k});
+    ids.set(ids_v);
+    Dev ids_gpu(ids);
+    ws = workspace(moefuse::routing_plan_workspace_bytes(cpu.plan(), ids.view()),
+                   moefuse::routing_plan_workspace_bytes(gpu(), ids_gpu.view()));
+    moefuse::routing_plan(ids.view(), cpu.plan(), ws.c());
+    moefuse::routing_plan(ids_gpu.view(), gpu(), ws.g());
+  }
+  moefuse::Plan gpu() const {
+    moefuse::Plan p = cpu.plan();
+    p.counts = counts.view();
+    p.offsets = offsets.view();
+    p.sorted_pairs = sorted.view();
+    p.pair_positions = positions.view();
+    p.invalid = invalid.view();
+    return p;
+  }
+};
+
+#define EXPECT_MATCH(both, dtype) EXPECT_CLOSE((both).gpu.values(), (both).cpu.values(), gpu_tol(dtype))
+
+std::string dname(DType d) { return mt::name(d); }
+
+// ---------------------------------------------------------------------------------------------------------------------
+TEST(CudaRouter, MatchesCpu) {
+  REQUIRE_GPU();
+  struct Case { std::int64_t T; int E, k; };
+  for (DType d : mt::kFloatTypes)
+    for (Case c : {Case{0, 3, 1}, Case{1, 3, 2}, Case{7, 60, 8}, Case{1000, 128, 8}, Case{7, 128, 1}, Case{5, 1, 1}})
+      for (bool renorm : {true, false}) {
+        SCOPED_TRACE(dname(d) + " T" + std::to_string(c.T) + " E" + std::to_string(c.E) + " k" +
+                     std::to_string(c.k) + (renorm ? " renorm" : ""));
+        mt::Rng rng(std::to_string(c.T * 1000 + c.E));
+        Vec lv = mt::separated_logits(rng, c.T, c.E);
+        Both logits(mt::make(d, {c.T, c.E}, lv));
+        Both ids = Both::poisoned(DType::i32, {c.T, c.k}), w = Both::poisoned(DType::f32, {c.T, c.k});
+        moefuse::router_forward(logits.c(), c.k, renorm, ids.c(), w.c());
+        moefuse::router_forward(logits.g(), c.k, renorm, ids.g(), w.g());
+        EXPECT_EQ(ids.gpu.ints(), ids.cpu.ints());
+        EXPECT_CLOSE(w.gpu.values(), w.cpu.values(), 1e-5);
+
+        Both gw = Both::random(rng, DType::f32, {c.T, c.k});
+        Both gl = Both::poisoned(d, {c.T, c.E});
+        moefuse::router_backward(logits.c(), ids.c(), renorm, gw.c(), gl.c());
+        moefuse::router_backward(logits.g(), ids.g(), renorm, gw.g(), gl.g());
+        EXPECT_MATCH(gl, d);
+      }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+TEST(CudaPlan, MatchesCpu) {
+  REQUIRE_GPU();
+  struct Case { std::int64_t T; int E, k; };
+  for (Case c : {Case{0, 3, 1}, Case{1, 1, 1}, Case{7, 3, 2}, Case{1000, 60, 8}, Case{1000, 128, 8}, Case{5000, 128, 2},
+                 Case{7, 128, 8}})
+    for (bool placeholders : {false, true}) {
+      SCOPED_TRACE("T" + std::to_string(c.T) + " E" + std::to_string(c.E) + " k" + std::to_string(c.k));
+      mt::Rng rng(std::to_string(c.T * 1000 + c.E));
+      BothPlan p(mt::random_ids(rng, c.T, c.k, c.E, placeholders), c.T, c.k, c.E);
+      EXPECT_EQ(p.counts.ints(), p.cpu.counts.ints());
+      EXPECT_EQ(p.offsets.ints(), p.cpu.offsets.ints());
+      EXPECT_EQ(p.sorted.ints(), p.cpu.sorted_pairs.ints());
+      EXPECT_EQ(p.positions.ints(), p.cpu.pair_positions.ints());
+      EXPECT_EQ(p.invalid.ints(), Ints{0});
+      EXPECT_NO_THROW(moefuse::check_plan(p.gpu()));
+    }
+}
+
+TEST(CudaPlan, NegativeIdsAreCountedAndReported) {
+  REQUIRE_GPU();
+  const std::int64_t T = 50;
+  const int k = 2, E = 8;
+  mt::Rng rng;
+  Ints ids = mt::random_ids(rng, T, k, E, false);
+  ids[3] = -1;
+  ids[40] = -7;
+  mt::PlanTensors host(T, k, E);
+  Dev counts(host.counts), offsets(host.offsets), sorted(host.sorted_pairs), positions(host.pair_positions),
+      invalid(host.invalid);
+  moefuse::Plan p = host.plan();
+  p.counts = counts.view();
+  p.offsets = offsets.view();
+  p.sorted_pairs = sorted.view();
+  p.pair_positions = positions.view();
+  p.invalid = invalid.view();
+  Tensor idt(DType::i32, {T, k});
+  idt.set(ids);
+  Dev idg(idt);
+  Dev ws(mt::scratch(moefuse::routing_plan_workspace_bytes(p, idg.view())));
+  moefuse::routing_plan(idg.view(), p, ws.view());
+  EXPECT_EQ(invalid.ints(), Ints{2});
+  EXPECT_EQ(offsets.ints().back(), T * k - 2);
+  EXPECT_THROW(moefuse::check_plan(p), moefuse::Error);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+struct LinearCase {
+  int E, k;
+  std::int64_t T, in, out;
+};
+
+const LinearCase kLinearCases[] = {
+    {3, 2, 7, 40, 24},       // tensor-core path, every tile partial
+    {60, 8, 100, 136, 200},  // many experts, some empty; n and k not multiples of the tile
+    {128, 8, 300, 256, 264}, // most experts get a handful of rows
+    {1, 1, 7, 13, 7},        // odd dims: SIMT path for every dtype
+    {3, 1, 0, 16, 16},       // no tokens
+    {8, 2, 1000, 72, 1000},  // larger M, N past one tile row
+};
+
+std::string linear_name(const LinearCase& c, DType d, bool gather, bool combine) {
+  return dname(d) + " E" + std::to_string(c.E) + " k" + std::to_string(c.k) + " T" + std::to_string(c.T) + " in" +
+         std::to_string(c.in) + " out" + std::to_string(c.out) + (gather ? " gather" : "") +
+         (combine ? " combine" : "");
+}
+
+TEST(CudaLinear, ForwardBackwardMatchCpu) {
+  REQUIRE_GPU();
+  for (DType d : mt::kFloatTypes)
+    for (const LinearCase& c : kLinearCases)
+      for (bool gather : {false, true})
+        for (bool combine : {false, true}) {
+          SCOPED_TRACE(linear_name(c, d, gather, combine));
+          mt::Rng rng(linear_name(c, d, gather, combine));
+          const std::int64_t M = c.T * c.k;
+          BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
+          Both x = Both::random(rng, d, {gather ? c.T : M, c.in});
+          Both w = Both::random(rng, d, {c.E, c.out, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
+          Both cw;
+          if (combine) {
+            Vec v(static_cast<std::size_t>(M));
+            for (auto& e : v) e = rng.uniform(0.1, 1.0);
+            cw = Both(mt::make(DType::f32, {c.T, c.k}, v));
+          }
+          const std::int64_t rows_out = combine ? c.T : M;
+          Both out = Both::poisoned(d, {rows_out, c.out});
+          Both ws = workspace(
+              moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), gather, cw.c()),
+              moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), gather, combine ? cw.g() : TensorView{}));
+          TensorView cwc = combine ? cw.c() : TensorView{}, cwg = combine ? cw.g() : TensorView{};
+          moefuse::moe_linear_forward(plan.cpu.plan(), x.c(), w.c(), gather, cwc, out.c(), ws.c());
+          moefuse::moe_linear_forward(plan.gpu(), x.g(), w.g(), gather, cwg, out.g(), ws.g());
+          EXPECT_MATCH(out, d);
+
+          Both gout = Both::random(rng, d, {rows_out, c.out});
+          for (bool frozen : {false, true}) {
+            SCOPED_TRACE(frozen ? "frozen" : "all grads");
+            Both gx = Both::poisoned(d, {gather ? c.T : M, c.in});
+            Both gw = Both::poisoned(d, {c.E, c.out, c.in});
+            Both gcw = Both::poisoned(DType::f32, {c.T, c.k});
+            Both bws = workspace(
+                moefuse::moe_linear_backward_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), gather, cwc),
+                moefuse::moe_linear_backward_workspace_bytes(plan.gpu(), x.g(), w.g(), gather, cwg));
+            TensorView gwc = frozen ? TensorView{} : gw.c(), gwg = frozen ? TensorView{} : gw.g();
+            TensorView gcwc = combine ? gcw.c() : TensorView{}, gcwg = combine ? gcw.g() : TensorView{};
+            moefuse::moe_linear_backward(plan.cpu.plan(), x.c(), w.c(), gather, cwc, gout.c(), gx.c(), gwc, gcwc,
+                                         bws.c());
+            moefuse::moe_linear_backward(plan.gpu(), x.g(), w.g(), gather, cwg, gout.g(), gx.g(), gwg, gcwg, bws.g());
+            EXPECT_MATCH(gx, d);
+            if (!frozen) {
+              EXPECT_MATCH(gw, d);
+            }
+            if (combine) {
+              EXPECT_CLOSE(gcw.gpu.values(), gcw.cpu.values(), gpu_tol(d));
+            }
+          }
+        }
+}
+
+TEST(CudaLinear, LoraMatchesCpu) {
+  REQUIRE_GPU();
+  for (DType d : mt::kFloatTypes)
+    for (const LinearCase& c : {kLinearCases[0], kLinearCases[1], kLinearCases[3], kLinearCases[4]})
+      for (int rank : {16, 4})
+        for (bool combine : {false, true}) {
+          const bool gather = !combine;  // the block's two uses
+          SCOPED_TRACE(linear_name(c, d, gather, combine) + " r" + std::to_string(rank));
+          mt::Rng rng(linear_name(c, d, gather, combine) + std::to_string(rank));
+          const std::int64_t M = c.T * c.k, rows_out = combine ? c.T : M;
+          BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
+          Both x = Both::random(rng, d, {gather ? c.T : M, c.in});
+          Both w = Both::random(rng, d, {c.E, c.out, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
+          Both la = Both::random(rng, d, {c.E, rank, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
+          Both lb = Both::random(rng, d, {c.E, c.out, rank}, 0.5);
+          Both cw;
+          if (combine) {
+            Vec v(static_cast<std::size_t>(M));
+            for (auto& e : v) e = rng.uniform(0.1, 1.0);
+            cw = Both(mt::make(DType::f32, {c.T, c.k}, v));
+          }
+          TensorView cwc = combine ? cw.c() : TensorView{}, cwg = combine ? cw.g() : TensorView{};
+          moefuse::Lora lc{la.c(), lb.c(), 2.0f}, lg{la.g(), lb.g(), 2.0f};
+          Both out = Both::poisoned(d, {rows_out, c.out});
+          Both ws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc),
+                              moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), lg, gather, cwg));
+          moefuse::moe_linear_forward(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc, out.c(), ws.c());
+          moefuse::moe_linear_forward(plan.gpu(), x.g(), w.g(), lg, gather, cwg, out.g(), ws.g());
+          EXPECT_MATCH(out, d);
+
+          Both gout = Both::random(rng, d, {rows_out, c.out});
+          Both gx = Both::poisoned(d, {gather ? c.T : M, c.in});
+          Both ga = Both::poisoned(d, {c.E, rank, c.in}), gb = Both::poisoned(d, {c.E, c.out, rank});
+          Both gcw = Both::poisoned(DType::f32, {c.T, c.k});
+          Both bws =
+              workspace(moefuse::moe_linear_backward_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc),
+                        moefuse::moe_linear_backward_workspace_bytes(plan.gpu(), x.g(), w.g(), lg, gather, cwg));
+          moefuse::moe_linear_backward(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc, gout.c(), gx.c(),
+                                       moefuse::LoraGrads{ga.c(), gb.c()}, combine ? gcw.c() : TensorView{}, bws.c());
+          moefuse::moe_linear_backward(plan.gpu(), x.g(), w.g(), lg, gather, cwg, gout.g(), gx.g(),
+                                       moefuse::LoraGrads{ga.g(), gb.g()}, combine ? gcw.g() : TensorView{}, bws.g());
+          EXPECT_MATCH(gx, d);
+          EXPECT_MATCH(ga, d);
+          EXPECT_MATCH(gb, d);
+          if (combine) {
+            EXPECT_CLOSE(gcw.gpu.values(), gcw.cpu.values(), gpu_tol(d));
+          }
+        }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+TEST(CudaSwiglu, MatchesCpu) {
+  REQUIRE_GPU();
+  for (DType d : mt::kFloatTypes)
+    for (std::int64_t R : {0, 1, 7, 1000})
+      for (std::int64_t I : {1, 8, 13, 768}) {
+        SCOPED_TRACE(dname(d) + " R" + std::to_string(R) + " I" + std::to_string(I));
+        mt::Rng rng(dname(d) + std::to_string(R * 10000 + I));
+        Both h = Both::random(rng, d, {R, 2 * I}, 2.0);
+        Both a = Both::poisoned(d, {R, I});
+        moefuse::swiglu_forward(h.c(), a.c());
+        moefuse::swiglu_forward(h.g(), a.g());
+        EXPECT_MATCH(a, d);
+        Both ga = Both::random(rng, d, {R, I});
+        Both gh = Both::poisoned(d, {R, 2 * I});
+        moefuse::swiglu_backward(h.c(), ga.c(), gh.c());
+        moefuse::swiglu_backward(h.g(), ga.g(), gh.g());
+        EXPECT_MATCH(gh, d);
+      }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// The block on both backends. Router choices can differ between backends where two logits round to neighbours
+// (16-bit dtypes); tokens whose choices differ are left out of the output comparison, and weight gradients are
+// compared only when every choice agrees.
+struct Block {
+  moefuse::MoeConfig cfg;
+  std::int64_t T;
+  DType d;
+  Both x, router, gate_up, down, out, logits, saved, fws, gout, gx, grouter, ggu, gdown, bws;
+
+  Block(moefuse::MoeConfig c, std::int64_t tokens, DType dtype, const std::string& seed) : cfg(c), T(tokens), d(dtype) {
+    mt::Rng rng(seed);
+    const std::int64_t H = cfg.hidden, I = cfg.intermediate, E = cfg.experts;
+    x = Both::random(rng, d, {T, H});
+    router = Both::random(rng, d, {E, H}, 1.0 / std::sqrt(static_cast<double>(H)));
+    gate_up = Both::random(rng, d, {E, 2 * I, H}, 0.02);
+    down = Both::random(rng, d, {E, H, I}, 0.02);
+    gout = Both::random(rng, d, {T, H});
+  }
+  moefuse::MoeWeights weights(bool gpu) const {
+    return gpu ? mt::weights_of(router.g(), gate_up.g(), down.g()) : mt::weights_of(router.c(), gate_up.c(), down.c());
+  }
+  // Runs forward and backward on one side (outputs poisoned first).
+  void run(bool gpu, bool frozen) {
+    const std::int64_t H = cfg.hidden, I = cfg.intermediate, E = cfg.experts;
+    out = Both::poisoned(d, {T, H});
+    logits = Both::poisoned(d, {T, E});
+    gx = Both::poisoned(d, {T, H});
+    grouter = Both::poisoned(d, {E, H});
+    ggu = Both::poisoned(d, {E, 2 * I, H});
+    gdown = Both::poisoned(d, {E, H, I});
+    const moefuse::MoeWeights w = weights(gpu);
+    auto v = [&](const Both& b) { return gpu ? b.g() : b.c(); };
+    const std::size_t sb = moefuse::moe_saved_bytes(cfg, T, d);
+    saved = workspace(sb, sb);
+    fws = workspace(moefuse::moe_forward_workspace_bytes(cfg, x.c(), weights(false)),
+                    moefuse::moe_forward_workspace_bytes(cfg, x.g(), weights(true)));
+    moefuse::moe_forward(cfg, v(x), w, v(out), v(logits), v(saved), v(fws));
+    moefuse::MoeGrads g = frozen ? mt::grads_of(v(gx), v(grouter), TensorView{}, TensorView{})
+                                 : mt::grads_of(v(gx), v(grouter), v(ggu), v(gdown));
+    bws = workspace(moefuse::moe_backward_workspace_bytes(cfg, x.c(), weights(false), g),
+                    moefuse::moe_backward_workspace_bytes(cfg, x.g(), weights(true), g));
+    moefuse::moe_backward(cfg, v(x), w, v(logits), v(saved), v(gout), TensorView{}, g, v(bws));
+    if (gpu) {
+      EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    }
+  }
+  Ints ids(bool gpu) const {
+    const TensorView sv = gpu ? saved.g() : saved.c();
+    moefuse::MoeSaved s = moefuse::moe_saved_view(cfg, T, d, sv);
+    if (!gpu) return mt::ints(s.topk_ids);
+    Tensor t(DType::i32, {T, cfg.top_k});
+    cudaMemcpy(t.data(), s.topk_ids.data, t.numel() * 4, cudaMemcpyDeviceToHost);
+    return t.ints();
+  }
+};
+
+void compare_block(Block& b, bool frozen, double tol) {
+  b.run(false, frozen);
+  b.run(true, frozen);
+  const Ints ic = b.ids(false), ig = b.ids(true);
+  const std::int64_t H = b.cfg.hidden, k = b.cfg.top_k;
+  std::vector<bool> same(static_cast<std::size_t>(b.T), true);
+  std::int64_t differ = 0;
+  for (std::int64_t t = 0; t < b.T; ++t) {
+    for (std::int64_t j = 0; j < k; ++j) same[t] = same[t] && ic[t * k + j] == ig[t * k + j];
+    differ += !same[t];
+  }
+  EXPECT_LE(differ, b.T / 50 + 1) << "tokens whose router choices differ between backends";
+  auto rows = [&](const Vec& v) {
+    Vec r;
+    for (std::int64_t t = 0; t < b.T; ++t)
+      if (same[t]) r.insert(r.end(), v.begin() + t * H, v.begin() + (t + 1) * H);
+    return r;
+  };
+  EXPECT_CLOSE(b.logits.gpu.values(), b.logits.cpu.values(), tol);
+  EXPECT_CLOSE(rows(b.out.gpu.values()), rows(b.out.cpu.values()), tol);
+  if (differ == 0) {
+    EXPECT_CLOSE(b.gx.gpu.values(), b.gx.cpu.values(), tol);
+    EXPECT_CLOSE(b.grouter.gpu.values(), b.grouter.cpu.values(), tol);
+    if (!frozen) {
+      EXPECT_CLOSE(b.ggu.gpu.values(), b.ggu.cpu.values(), tol);
+      EXPECT_CLOSE(b.gdown.gpu.values(), b.gdown.cpu.values(), tol);
+    }
+  }
+}
+
+TEST(CudaBlock, SmallShapesMatchCpu) {
+  REQUIRE_GPU();
+  for (DType d : mt::kFloatTypes)
+    for (bool frozen : {false, true}) {
+      SCOPED_TRACE(dname(d) + (frozen ? " frozen" : ""));
+      Block b({96, 40, 8, 2, true}, 100, d, "small" + dname(d));
+      compare_block(b, frozen, gpu_tol(d));
+      Block odd({50, 13, 3, 3, false}, 7, d, "odd" + dname(d));
+      compare_block(odd, frozen, gpu_tol(d));
+    }
+}
+
+const moefuse::MoeConfig kQwen30B{2048, 768, 128, 8, true};
+
+TEST(CudaBlock, Qwen3_30B_A3B_MatchesCpu) {
+  REQUIRE_GPU();
+  Block b(kQwen30B, 256, DType::bf16, "qwen");
+  compare_block(b, false, gpu_tol(DType::bf16));
+}
+
+// Two runs of the full-size bf16 block give the same bits (no atomics in any float sum).
+TEST(CudaBlock, Qwen3_30B_A3B_Deterministic) {
+  REQUIRE_GPU();
+  Block b(kQwen30B, 4096, DType::bf16, "det");
+  b.run(true, false);
+  const auto out = b.out.gpu.bytes(), gx = b.gx.gpu.bytes(), ggu = b.ggu.gpu.bytes(), gdown = b.gdown.gpu.bytes(),
+             grouter = b.grouter.gpu.bytes();
+  b.run(true, false);
+  EXPECT_TRUE(out == b.out.gpu.bytes());
+  EXPECT_TRUE(gx == b.gx.gpu.bytes());
+  EXPECT_TRUE(ggu == b.ggu.gpu.bytes());
+  EXPECT_TRUE(gdown == b.gdown.gpu.bytes());
+  EXPECT_TRUE(grouter == b.grouter.gpu.bytes());
+  // And no NaN anywhere.
+  for (const Vec& v : {b.out.gpu.values(), b.gx.gpu.values(), b.gdown.gpu.values()})
+    for (double e : v) ASSERT_FALSE(std::isnan(e));
+}
+
+}  // namespace
