@@ -74,13 +74,11 @@ def hf_block(shape, impl, dtype, device, state=None):
 
 def make(impl, shape, dtype, device, ref):
     """A callable x -> output tensor, and the modules whose parameters it trains."""
-    if impl.startswith("hf_"):
-        m = hf_block(shape, impl[3:], dtype, device, ref.state_dict())
-        return m, m
-    if impl == "moefuse_experts":  # HF's router + moefuse's experts, through the Transformers experts interface
-        import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
-        m = hf_block(shape, "moefuse", dtype, device, ref.state_dict())
-        return m, m
+    if impl.startswith("hf_") or impl == "moefuse_experts":
+        if impl == "moefuse_experts":  # HF's router + moefuse's experts, through the Transformers experts interface
+            import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
+        m = hf_block(shape, "moefuse" if impl == "moefuse_experts" else impl[3:], dtype, device, ref.state_dict())
+        return (lambda x: m(x[None])[0]), m  # HF's block takes [batch, seq, hidden]
     if impl == "moefuse":  # the whole block in moefuse
         import moefuse
         m = moefuse.MoeBlock.from_hf(ref).to(device)

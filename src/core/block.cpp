@@ -122,7 +122,7 @@ MoeSaved saved_in(const char* op, const MoeConfig& c, std::int64_t tokens, DType
   Carver sizing(saved.device);
   layout_saved(c, tokens, dtype, sizing);
   expect(op, "saved", saved, {-1}, {DType::u8});
-  detail::expect_workspace(op, saved, sizing.bytes(), saved.device);
+  detail::expect_buffer(op, "saved", saved, sizing.bytes(), saved.device);
   Carver cv(saved);
   return layout_saved(c, tokens, dtype, cv);
 }

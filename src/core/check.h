@@ -37,7 +37,11 @@ void expect_optional(const char* op, const char* name, const TensorView& t, std:
                      std::initializer_list<DType> dtypes, bool need_data = true);
 void expect_same_device(const char* op, const char* name, const TensorView& t, Device device);
 void expect_same_dtype(const char* op, const char* name, const TensorView& t, DType dtype);
-void expect_workspace(const char* op, const TensorView& workspace, std::size_t needed, Device device);
+// A caller-provided scratch or state buffer (u8): at least `needed` bytes, contiguous, 256-byte aligned.
+void expect_buffer(const char* op, const char* name, const TensorView& buffer, std::size_t needed, Device device);
+inline void expect_workspace(const char* op, const TensorView& workspace, std::size_t needed, Device device) {
+  expect_buffer(op, "workspace", workspace, needed, device);
+}
 
 constexpr std::initializer_list<DType> kFloatTypes = {DType::f32, DType::bf16, DType::f16};
 

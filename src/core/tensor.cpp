@@ -131,14 +131,13 @@ void expect_same_dtype(const char* op, const char* name, const TensorView& t, DT
                   "), got ", describe(t));
 }
 
-void expect_workspace(const char* op, const TensorView& workspace, std::size_t needed, Device device) {
+void expect_buffer(const char* op, const char* name, const TensorView& buffer, std::size_t needed, Device device) {
   if (needed == 0) return;
-  MOEFUSE_CHECK(workspace.defined() && workspace.nbytes() >= needed, op, "workspace must hold at least ", needed,
-                " bytes, got ", describe(workspace));
-  expect_same_device(op, "workspace", workspace, device);
-  MOEFUSE_CHECK(workspace.is_contiguous(), op, "workspace must be contiguous");
-  MOEFUSE_CHECK(reinterpret_cast<std::uintptr_t>(workspace.data) % 256 == 0, op,
-                "workspace must be 256-byte aligned");
+  MOEFUSE_CHECK(buffer.defined() && buffer.nbytes() >= needed, op, name, " must hold at least ", needed,
+                " bytes, got ", describe(buffer));
+  expect_same_device(op, name, buffer, device);
+  MOEFUSE_CHECK(buffer.is_contiguous(), op, name, " must be contiguous");
+  MOEFUSE_CHECK(reinterpret_cast<std::uintptr_t>(buffer.data) % 256 == 0, op, name, " must be 256-byte aligned");
 }
 
 }  // namespace detail
