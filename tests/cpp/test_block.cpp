@@ -26,7 +26,8 @@ std::vector<BlockCase> block_cases() {
                                                         {13, 96, 48, 128, 1, true, dt},
                                                         {5, 37, 17, 1, 1, true, dt},
                                                         {0, 24, 10, 3, 2, true, dt},
-                                                        {64, 96, 48, 60, 8, false, dt}})
+                                                        {64, 96, 48, 60, 8, false, dt},
+                                                        {1000, 96, 48, 60, 8, true, dt}})
       cases.push_back(c);
   return cases;
 }
@@ -108,6 +109,7 @@ TEST_P(MoeBlock, ForwardMatchesReference) {
   EXPECT_EQ(ints(s.plan.counts), plan.counts);
   EXPECT_EQ(ints(s.plan.offsets), plan.offsets);
   EXPECT_EQ(ints(s.plan.sorted_pairs), plan.sorted_pairs);
+  EXPECT_EQ(ints(s.plan.pair_positions), plan.pair_positions);
   EXPECT_CLOSE(values(s.h), ref::linear_forward(plan, blk.p.x, blk.p.gate_up, 2 * c.I, c.H, true, nullptr),
                tol(c.dtype));
 }
