@@ -103,3 +103,18 @@ def test_compile_fullgraph_dynamic_tokens_no_recompile():
         torch.testing.assert_close(out, ref_out)
         torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
+
+
+def test_hf_block_with_moefuse_experts_compiles_fullgraph():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    block = hf_block()
+    block.experts.config._experts_implementation = "moefuse"
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    for t in (5, 9):
+        x = torch.randn(1, t, H, requires_grad=True)
+        compiled(x).sum().backward()
+        ref_x = x.detach().clone().requires_grad_()
+        block(ref_x).sum().backward()
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

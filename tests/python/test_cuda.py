@@ -1,0 +1,75 @@
+"""The same ops on a GPU (skipped without one): DLPack on CUDA, the current stream, CUDA vs the CPU results."""
+
+import copy
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import moefuse
+from conftest import K, block_tensors, routing
+from test_block import hf_block
+from test_hf import batch, tiny_model
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and moefuse.has_cuda()),
+                                reason="needs a GPU and the CUDA backend")  # fmt: skip
+ops = torch.ops.moefuse
+
+
+def test_opcheck_cuda():
+    args = [t.cuda().detach().requires_grad_() for t in block_tensors()]
+    opcheck(ops.moe_block, (*args, K, True))
+    ids, w = routing()
+    opcheck(ops.experts, (args[0], ids.cuda(), w.cuda().requires_grad_(), args[2], args[3]))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_block_cuda_matches_cpu(dtype, tol):
+    block = hf_block(dtype=dtype)
+    x = torch.randn(4, 33, block.gate.hidden_dim, dtype=dtype)
+    results = []
+    for dev in ("cpu", "cuda"):
+        m = moefuse.MoeBlock.from_hf(copy.deepcopy(block).to(dev))
+        xd = x.to(dev).requires_grad_()
+        out, logits = m(xd)
+        (out.float().square().sum() + logits.float().logsumexp(-1).sum()).backward()
+        results.append([t.float().cpu() for t in (out, logits, xd.grad, *(p.grad for p in m.parameters()))])
+    for a, b in zip(*results):
+        assert (a - b).norm() <= tol * b.norm() + 1e-6
+
+
+def test_side_stream():
+    args = [t.cuda() for t in block_tensors(t=257)]
+    expect = ops.moe_block(*args, K, True)[0]
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = ops.moe_block(*args, K, True)[0]
+    torch.cuda.current_stream().wait_stream(s)
+    torch.testing.assert_close(out, expect)
+
+
+def test_hf_moefuse_vs_eager_cuda():
+    eager = tiny_model("eager").cuda()
+    fused = copy.deepcopy(eager)
+    fused.set_experts_implementation("moefuse")
+    outs = []
+    for model in (eager, fused):
+        out = model(**{k: v.cuda() for k, v in batch().items()}, output_router_logits=True)
+        out.loss.backward()
+        outs.append((out.loss, out.aux_loss, [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)
+    for a, b in zip(outs[1][2], outs[0][2]):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-5)
+
+
+def test_compile_cuda_dynamic():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    m = moefuse.MoeBlock.from_hf(hf_block().cuda())
+    compiled = torch.compile(m, fullgraph=True, dynamic=True)
+    for t in (100, 300):
+        x = torch.randn(t, m.router_weight.shape[1], device="cuda")
+        torch.testing.assert_close(compiled(x)[0], m(x)[0])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
