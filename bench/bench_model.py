@@ -1,0 +1,101 @@
+"""A LoRA fine-tuning step of a Qwen3-30B-A3B-shaped model cut to a few decoder layers, as users run it with
+Transformers + PEFT, for each experts implementation side by side: tokens/s and peak memory.
+
+    python3 bench/bench_model.py [--layers 2] [--batch 4 --seq 4096] [--impls moefuse,grouped_mm,eager]
+                                 [--modes attn,attn_experts]
+
+Modes: attn = LoRA r=16 on q/k/v/o with frozen experts; attn_experts = also LoRA on the experts through PEFT's
+target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
+"""
+import argparse
+import json
+
+import torch
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--impls", default="moefuse,grouped_mm,eager")
+    p.add_argument("--modes", default="attn,attn_experts")
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--json", default=None)
+    return p.parse_args()
+
+
+def model(impl, mode, layers, seq):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    torch.manual_seed(0)
+    c = Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                       num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4,
+                       head_dim=128, num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=seq,
+                       attn_implementation="sdpa")
+    c._experts_implementation = impl
+    with torch.device("cuda"):
+        m = Qwen3MoeForCausalLM(c).to(torch.bfloat16)
+    lora = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    if mode == "attn_experts":
+        lora["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    m = get_peft_model(m, LoraConfig(**lora))
+    if impl == "moefuse" and mode == "attn_experts":
+        import moefuse
+        moefuse.use_moefuse_lora(m)  # expert LoRA through moefuse's stacked path instead of PEFT's merged weights
+    return m.train()
+
+
+def step_fn(m, ids):
+    def step():
+        m(input_ids=ids, labels=ids).loss.backward()
+    return step
+
+
+def main():
+    a = parse()
+    import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {a.layers} layers, {a.batch}x{a.seq} tokens",
+          flush=True)
+    rows = []
+    for mode in a.modes.split(","):
+        for impl in a.impls.split(","):
+            r = dict(impl=impl, mode=mode, layers=a.layers, tokens=a.batch * a.seq)
+            try:
+                m = model(impl, mode, a.layers, a.seq)
+                ids = torch.randint(0, 32000, (a.batch, a.seq), device="cuda")
+                step = step_fn(m, ids)
+                step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                ts = []
+                for _ in range(a.iters):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record(); step(); e.record(); e.synchronize()
+                    ts.append(s.elapsed_time(e))
+                r["step_ms"] = sorted(ts)[len(ts) // 2]
+                r["tokens_per_s"] = r["tokens"] / r["step_ms"] * 1e3
+                r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+                del m, step
+            except Exception as ex:  # one failing impl must not hide the others' numbers
+                r["error"] = f"{type(ex).__name__}: {ex}"[:300]
+            torch.cuda.empty_cache()
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print("\n| LoRA on | experts impl | step ms | tokens/s | vs grouped_mm | peak GiB |\n|---|---|---|---|---|---|")
+    base = {r["mode"]: r for r in rows if r["impl"] == "grouped_mm" and "error" not in r}
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['mode']} | {r['impl']} | error: {r['error'][:100]} |")
+            continue
+        b = base.get(r["mode"])
+        ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else ""
+        print(f"| {r['mode']} | {r['impl']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
+              f"{r['peak_GiB']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

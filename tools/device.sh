@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Everything the GPU machine runs, in one call: tools/device.sh [stage ...] (default: all stages in order).
+# Stages: build ctest sanitize python pytest bench layer model finetune.
+# That machine has no network and no BLAS or GoogleTest: the caller carries .deps/ (Debian's reference BLAS with
+# CBLAS, and GoogleTest's sources; see docs/device.md). Logs and JSON go to build/logs, packed into $OUT/logs.tgz
+# at the end (the device tool returns few files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+OUT=${OUT:-$root/build/out}
+LOG=$root/build/logs
+mkdir -p "$OUT" "$LOG"
+export PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=$root/.deps/blas/lib:${LD_LIBRARY_PATH:-}
+deps=(-DBLA_VENDOR=Generic -DCMAKE_PREFIX_PATH=$root/.deps/blas -DMOEFUSE_CBLAS_INCLUDE=$root/.deps/blas/include
+      -DMOEFUSE_GTEST_SOURCE=$root/.deps/googletest)
+stages=("$@")
+((${#stages[@]})) || stages=(build ctest sanitize python pytest bench layer model finetune)
+
+step() { echo "=== $1 ($(date +%T))"; }
+
+for s in "${stages[@]}"; do
+  case $s in
+    build)
+      step build
+      cmake -S . -B build/dev -G Ninja "${deps[@]}" -DMOEFUSE_CUDA=ON > "$LOG/cmake.log" 2>&1 || tail -30 "$LOG/cmake.log"
+      cmake --build build/dev -j16 > "$LOG/build.log" 2>&1 || grep -E "error|FAILED" "$LOG/build.log" | head -30 ;;
+    ctest)
+      step ctest
+      ctest --test-dir build/dev -j8 --output-on-failure --timeout 300 > "$LOG/ctest.log" 2>&1
+      grep -E "tests passed|FAILED|Failed|Timeout" "$LOG/ctest.log" | head -30 ;;
+    sanitize)
+      step "compute-sanitizer memcheck, racecheck"
+      for tool in memcheck racecheck; do
+        timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 build/dev/tests/cuda/test_cuda \
+          --gtest_filter='CudaRouter.*:CudaPlan.*:CudaSwiglu.*:CudaBlock.SmallShapesMatchCpu' \
+          > "$LOG/sanitize_$tool.log" 2>&1
+        echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$LOG/sanitize_$tool.log" | tail -3 | tr '\n' ' ')"
+      done ;;
+    python)
+      step "pip install (CUDA backend)"
+      python3 -m pip install --no-build-isolation --no-deps -C build-dir=build/py \
+        -C cmake.define.BLA_VENDOR=Generic -C cmake.define.CMAKE_PREFIX_PATH="$root/.deps/blas" \
+        -C cmake.define.MOEFUSE_CBLAS_INCLUDE="$root/.deps/blas/include" . > "$LOG/pip.log" 2>&1
+      echo "pip rc=$?" ;;
+    pytest)
+      step pytest
+      python3 -m pytest -v -p no:cacheprovider tests/python > "$LOG/pytest.log" 2>&1
+      echo "pytest rc=$?"; grep -E "passed|failed|FAILED|Error|Fatal" "$LOG/pytest.log" | tail -15 ;;
+    bench)
+      step "moefuse bench (C++, bf16)"
+      for args in "--preset 30b --tokens 4096" "--preset 30b --tokens 16384" "--preset 235b --tokens 8192"; do
+        build/dev/apps/moefuse bench --device cuda --dtype bf16 --iters 20 $args
+      done 2>&1 | tee "$LOG/bench_cli.txt" ;;
+    layer)
+      step "layer benchmark vs Hugging Face and dense cuBLAS"
+      python3 bench/bench_layer.py --shape 30b --tokens 4096,16384 --json "$LOG/layer_30b.json" > "$LOG/layer_30b.txt" 2>&1
+      python3 bench/bench_layer.py --shape 235b --tokens 8192 --impls dense,moefuse,moefuse_experts,hf_grouped_mm \
+        --json "$LOG/layer_235b.json" > "$LOG/layer_235b.txt" 2>&1
+      grep "^|" "$LOG/layer_30b.txt" "$LOG/layer_235b.txt" ;;
+    model)
+      step "model step benchmark"
+      python3 bench/bench_model.py --json "$LOG/model.json" > "$LOG/model.txt" 2>&1
+      grep "^|" "$LOG/model.txt" || tail -20 "$LOG/model.txt" ;;
+    finetune)
+      step "main job on the GPU"
+      python3 examples/finetune_lora.py --out "$LOG/finetune" > "$LOG/finetune.txt" 2>&1
+      tail -8 "$LOG/finetune.txt" ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+tar czf "$OUT/logs.tgz" -C build logs
