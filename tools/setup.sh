@@ -3,7 +3,7 @@
 # Debian's packages, the Python stack from PyPI (pinned in pyproject.toml). Safe to run again.
 set -euo pipefail
 
-apt_pkgs=(cmake g++ make libopenblas-dev libgtest-dev)
+apt_pkgs=(cmake g++ make libopenblas-openmp-dev libgtest-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
