@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <numeric>
 
 namespace mt {
@@ -82,8 +83,11 @@ Tensor::Tensor(DType dtype, std::vector<std::int64_t> shape, Device device)
     : dtype_(dtype), shape_(std::move(shape)), device_(device) {
   numel_ = 1;
   for (auto s : shape_) numel_ *= s;
-  std::size_t bytes = (static_cast<std::size_t>(numel_) * moefuse::dtype_size(dtype) + 255) / 256 * 256;
-  buf_.reset(static_cast<char*>(std::aligned_alloc(256, std::max<std::size_t>(bytes, 256))), std::free);
+  // Exactly the bytes needed (posix_memalign takes any size), so AddressSanitizer sees any overrun.
+  std::size_t bytes = static_cast<std::size_t>(numel_) * moefuse::dtype_size(dtype);
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, std::max<std::size_t>(bytes, 1)) != 0) throw std::bad_alloc();
+  buf_.reset(static_cast<char*>(p), std::free);
   poison();
 }
 
