@@ -278,7 +278,9 @@ TEST_P(MoeLora, BackwardMatchesReference) {
     EXPECT_CLOSE(g.x.values(), r.x, tol(c.dtype));
     EXPECT_CLOSE(g.a.values(), r.a, tol(c.dtype));
     EXPECT_CLOSE(g.b.values(), r.b, tol(c.dtype));
-    if (c.combine) EXPECT_CLOSE(g.cw.values(), r.combine, tol(c.dtype));
+    if (c.combine) {
+      EXPECT_CLOSE(g.cw.values(), r.combine, tol(c.dtype));
+    }
     expect_zero_for_idle_experts(in, g.a.values(), c.r * c.n_in, "grad_lora.a");
     expect_zero_for_idle_experts(in, g.b.values(), c.n_out * c.r, "grad_lora.b");
   }
@@ -316,7 +318,9 @@ TEST(LoraReference, MatchesFiniteDifferences) {
       EXPECT_CLOSE(r.x, numeric(in.x_v), 1e-9);
       EXPECT_CLOSE(r.a, numeric(in.a_v), 1e-9);
       EXPECT_CLOSE(r.b, numeric(in.b_v), 1e-9);
-      if (combine) EXPECT_CLOSE(r.combine, numeric(in.cw_v), 1e-9);
+      if (combine) {
+        EXPECT_CLOSE(r.combine, numeric(in.cw_v), 1e-9);
+      }
     }
 }
 
@@ -346,7 +350,9 @@ TEST(LoraMerged, MatchesBaseOpOnMergedWeight) {
                                    gw_m.view(), c.combine ? gcw_m.view() : TensorView{}, bws.view());
       Grads g = backward(in, in.w, kAll);
       EXPECT_CLOSE(g.x.values(), gx_m.values(), 1e-5);
-      if (combine) EXPECT_CLOSE(g.cw.values(), gcw_m.values(), 1e-5);
+      if (combine) {
+        EXPECT_CLOSE(g.cw.values(), gcw_m.values(), 1e-5);
+      }
       Vec da, db;
       through_merge(gw_m.values(), in.a_v, in.b_v, c.E, in.d, da, db);
       EXPECT_CLOSE(g.a.values(), da, 1e-5);
@@ -670,7 +676,9 @@ TEST_P(MoeLora, CudaMatchesReference) {
       EXPECT_CLOSE(got[0], r.x, tol(c.dtype));
       EXPECT_CLOSE(got[1], r.a, tol(c.dtype));
       EXPECT_CLOSE(got[2], r.b, tol(c.dtype));
-      if (c.combine) EXPECT_CLOSE(got[3], r.combine, tol(c.dtype));
+      if (c.combine) {
+        EXPECT_CLOSE(got[3], r.combine, tol(c.dtype));
+      }
       expect_zero_for_idle_experts(in, got[1], c.r * c.n_in, "grad_lora.a");
       expect_zero_for_idle_experts(in, got[2], c.n_out * c.r, "grad_lora.b");
       for (int i = 0; i < 4; ++i) first[i] = got[i];
