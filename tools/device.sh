@@ -13,6 +13,8 @@ mkdir -p "$OUT" "$LOG"
 export PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=$root/.deps/blas/lib:${LD_LIBRARY_PATH:-}
 deps=(-DBLA_VENDOR=Generic -DCMAKE_PREFIX_PATH=$root/.deps/blas -DMOEFUSE_CBLAS_INCLUDE=$root/.deps/blas/include
       -DMOEFUSE_GTEST_SOURCE=$root/.deps/googletest)
+# CUTLASS headers for the sm_90a grouped GEMM, where that machine's Python lacks nvidia-cutlass (see docs/device.md).
+[ -n "${MOEFUSE_CUTLASS_INCLUDE:-}" ] && deps+=(-DMOEFUSE_CUTLASS_INCLUDE=$MOEFUSE_CUTLASS_INCLUDE)
 stages=("$@")
 ((${#stages[@]})) || stages=(build ctest sanitize python pytest bench layer model finetune)
 
@@ -40,7 +42,8 @@ for s in "${stages[@]}"; do
       step "pip install (CUDA backend)"
       python3 -m pip install --no-build-isolation --no-deps -C build-dir=build/py \
         -C cmake.define.BLA_VENDOR=Generic -C cmake.define.CMAKE_PREFIX_PATH="$root/.deps/blas" \
-        -C cmake.define.MOEFUSE_CBLAS_INCLUDE="$root/.deps/blas/include" . > "$LOG/pip.log" 2>&1
+        -C cmake.define.MOEFUSE_CBLAS_INCLUDE="$root/.deps/blas/include" \
+        ${MOEFUSE_CUTLASS_INCLUDE:+-C cmake.define.MOEFUSE_CUTLASS_INCLUDE=$MOEFUSE_CUTLASS_INCLUDE} . > "$LOG/pip.log" 2>&1
       echo "pip rc=$?" ;;
     pytest)
       step pytest

@@ -15,4 +15,4 @@ fi
 
 # Build tools for the Python module, then the runtime stack it is tested against.
 python3 -m pip install -q --disable-pip-version-check scikit-build-core nanobind pytest \
-  torch==2.11.0 transformers==5.17.0 "peft>=0.21,<0.22" safetensors tqdm matplotlib
+  torch==2.11.0 transformers==5.17.0 "peft>=0.21,<0.22" safetensors tqdm matplotlib nvidia-cutlass==4.2.0.0

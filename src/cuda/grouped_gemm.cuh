@@ -17,12 +17,11 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/gemm_kind.h"
 #include "cuda/scan.cuh"
 #include "moefuse/ops.h"
 
 namespace moefuse::cuda {
-
-enum class GemmKind { fwd, dgrad, wgrad };
 
 struct GemmOperand {
   const void* ptr = nullptr;

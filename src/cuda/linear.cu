@@ -1,9 +1,15 @@
 // moe_linear forward and backward: grouped GEMMs over the plan's sorted rows plus the deterministic per-token
 // gather-sums (combine in forward, grad_x with gather in backward) and row-dot reductions.
+// On Hopper (bf16, sizes multiples of 8) the GEMMs are CUTLASS's TMA + wgmma kernels (grouped_gemm_sm90.h), which
+// take dense operands: gathered operands are first copied into sorted order in workspace, and the dgrad row
+// scale and row dots run as a row kernel after the GEMM. Elsewhere the portable kernel fuses both.
+#include <algorithm>
+
 #include "core/backend.h"
 #include "core/workspace.h"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.cuh"
+#include "cuda/grouped_gemm_sm90.h"
 #include "cuda/rows.cuh"
 
 namespace moefuse::cuda {
@@ -24,36 +30,101 @@ __global__ void reduce_row_dots(const float* __restrict__ partial, int ldp, int 
   grad_w[pair] = sum;
 }
 
+// After the Hopper dgrad (rows = grad_out . W[e], not yet scaled): grad_cw[pair] = <rows[pos], x[row(pos)]>, zero for
+// placeholders, and rows[pos] *= w[pair] when scale_rows. A warp per pair; cols a multiple of 8.
+template <class T>
+__global__ void dgrad_row_dots(T* __restrict__ rows, std::int64_t cols, const T* __restrict__ x, bool x_by_token,
+                               const int* __restrict__ pair_positions, const int* __restrict__ offsets, int experts,
+                               std::int64_t m, int top_k, const float* __restrict__ w, bool scale_rows,
+                               float* __restrict__ grad_cw) {
+  constexpr int VEC = Vec<T>::n;
+  const std::int64_t pair = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (pair >= m) return;
+  const std::int64_t pos = pair_positions[pair];
+  if (pos >= offsets[experts]) {
+    if (grad_cw && lane == 0) grad_cw[pair] = 0.f;
+    return;
+  }
+  T* row = rows + pos * cols;
+  const T* xr = x + (x_by_token ? pair / top_k : pos) * cols;
+  const float scale = w[pair];
+  float dot = 0.f, v[VEC], xv[VEC];
+  for (std::int64_t c = lane * VEC; c < cols; c += 32 * VEC) {
+    load_vec<T, VEC>(row + c, v);
+    if (grad_cw) {
+      load_vec<T, VEC>(xr + c, xv);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) dot += v[i] * xv[i];
+    }
+    if (scale_rows) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[i] *= scale;
+      store_vec<T, VEC>(row + c, v);
+    }
+  }
+  if (!grad_cw) return;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if (lane == 0) grad_cw[pair] = dot;
+}
+
 bool use_tensor_cores(const TensorView& weight, std::initializer_list<const void*> ptrs) {
   return tensor_cores_ok(weight.dtype, weight.shape[1], weight.shape[2], ptrs);
 }
 
+// The Hopper path by shapes alone (what workspaces are sized for); at run time every pointer must be aligned too.
+bool hopper_shapes(const TensorView& weight) {
+  return sm90_enabled(weight.dtype, weight.device) && weight.shape[1] % 8 == 0 && weight.shape[2] % 8 == 0;
+}
+
+bool use_hopper(const TensorView& weight, std::initializer_list<const void*> ptrs) {
+  return hopper_shapes(weight) && std::all_of(ptrs.begin(), ptrs.end(), [](const void* p) { return !p || aligned16(p); });
+}
+
 // Workspace layouts: the same function sizes (Carver without base) and lays out.
 struct ForwardWorkspace {
-  TensorView tiles;  // [E+1] i32
-  TensorView rows;   // [M, out] with combine: the un-combined rows
+  TensorView tiles;     // [E+1] i32
+  TensorView rows;      // [M, out] with combine: the un-combined rows
+  TensorView gathered;  // [M, in] Hopper with gather: x rows in sorted order
+  TensorView sm90;      // Hopper: the grouped GEMM's arguments
 };
 
-ForwardWorkspace carve_forward(detail::Carver& c, const Plan& plan, const TensorView& weight, bool combine) {
+ForwardWorkspace carve_forward(detail::Carver& c, const Plan& plan, const TensorView& weight, bool gather,
+                               bool combine) {
+  const std::int64_t m = plan.tokens * plan.top_k;
   ForwardWorkspace w;
   w.tiles = c.take(DType::i32, {plan.experts + 1});
-  if (combine) w.rows = c.take(weight.dtype, {plan.tokens * plan.top_k, weight.shape[1]});
+  if (combine) w.rows = c.take(weight.dtype, {m, weight.shape[1]});
+  if (hopper_shapes(weight)) {
+    if (gather) w.gathered = c.take(weight.dtype, {m, weight.shape[2]});
+    w.sm90 = c.take_bytes(sm90_workspace_bytes(GemmKind::fwd, plan.experts, weight.device));
+  }
   return w;
 }
 
 struct BackwardWorkspace {
-  TensorView tiles;    // [E+1] i32
-  TensorView dx_rows;  // [M, in] with gather: grad_x rows before the per-token sum
-  TensorView partial;  // [M, slots] f32 with combine: row-dot partials
+  TensorView tiles;     // [E+1] i32
+  TensorView dx_rows;   // [M, in] with gather: grad_x rows before the per-token sum. Hopper with combine: also the
+                        // dgrad rows when grad_x is absent; with gather, then the gathered x rows of wgrad
+  TensorView partial;   // [M, slots] f32 with combine: row-dot partials
+  TensorView gathered;  // [M, out] Hopper with combine: grad_out rows in sorted order (then scaled, for wgrad)
+  TensorView sm90;      // Hopper: the grouped GEMMs' arguments (dgrad, then wgrad)
 };
 
 BackwardWorkspace carve_backward(detail::Carver& c, const Plan& plan, const TensorView& weight, bool gather,
                                  bool combine) {
-  const std::int64_t m = plan.tokens * plan.top_k, in = weight.shape[2];
+  const std::int64_t m = plan.tokens * plan.top_k, out = weight.shape[1], in = weight.shape[2];
+  const bool hopper = hopper_shapes(weight);
   BackwardWorkspace w;
   w.tiles = c.take(DType::i32, {plan.experts + 1});
-  if (gather) w.dx_rows = c.take(weight.dtype, {m, in});
+  if (gather || (hopper && combine)) w.dx_rows = c.take(weight.dtype, {m, in});
   if (combine) w.partial = c.take(DType::f32, {m, dot_partial_slots(in)});
+  if (hopper) {
+    if (combine) w.gathered = c.take(weight.dtype, {m, out});
+    w.sm90 = c.take_bytes(std::max(sm90_workspace_bytes(GemmKind::dgrad, plan.experts, weight.device),
+                                   sm90_workspace_bytes(GemmKind::wgrad, plan.experts, weight.device)));
+  }
   return w;
 }
 
@@ -63,23 +134,73 @@ void forward_impl(const Plan& plan, const TensorView& x, const TensorView& weigh
                   cudaStream_t s) {
   const bool combine = combine_weights.defined();
   detail::Carver c(workspace);
-  const ForwardWorkspace ws = carve_forward(c, plan, weight, combine);
+  const ForwardWorkspace ws = carve_forward(c, plan, weight, gather, combine);
   const std::int64_t m = plan.tokens * plan.top_k, n = weight.shape[1], k = weight.shape[2];
   const TensorView& rows = combine ? ws.rows : out;
 
-  GemmParams p = plan_params(plan, ws.tiles);
-  p.a = {x.data, k, 0, gather};
-  p.b = {weight.data, k, n * k, false};
-  p.n = static_cast<int>(n);
-  p.k = static_cast<int>(k);
-  p.epi.out = rows.data;
-  p.epi.ldo = n;
-  run_grouped_gemm<T, GemmKind::fwd>(p, m, use_tensor_cores(weight, {x.data, weight.data, rows.data}), s);
+  if (use_hopper(weight, {x.data, weight.data, rows.data, workspace.data})) {
+    if (gather) launch_gather_sorted<T>(x, plan, nullptr, ws.gathered, s);
+    const Sm90Gemm g{GemmKind::fwd, gather ? ws.gathered.data : x.data, weight.data, rows.data,
+                     plan.offsets.ptr<int>(), plan.experts, 0, static_cast<int>(n), static_cast<int>(k)};
+    run_grouped_gemm_sm90(g, weight.device, ws.sm90.data, s);
+  } else {
+    GemmParams p = plan_params(plan, ws.tiles);
+    p.a = {x.data, k, 0, gather};
+    p.b = {weight.data, k, n * k, false};
+    p.n = static_cast<int>(n);
+    p.k = static_cast<int>(k);
+    p.epi.out = rows.data;
+    p.epi.ldo = n;
+    run_grouped_gemm<T, GemmKind::fwd>(p, m, use_tensor_cores(weight, {x.data, weight.data, rows.data}), s);
+  }
 
   if (combine)
     launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), 1.f, false, out, s);
   else
     launch_zero_placeholders<T>(out, plan, s);
+}
+
+// The Hopper backward: the same results as backward_impl's portable path, from dense operands.
+template <class T>
+void backward_hopper(const Plan& plan, const TensorView& x, const TensorView& weight, bool gather,
+                     const TensorView& combine_weights, const TensorView& grad_out, const TensorView& grad_x,
+                     const TensorView& grad_weight, const TensorView& grad_cw, const BackwardWorkspace& ws,
+                     cudaStream_t s) {
+  const bool combine = combine_weights.defined();
+  const std::int64_t m = plan.tokens * plan.top_k, out_f = weight.shape[1], in_f = weight.shape[2];
+  const int* offsets = plan.offsets.ptr<int>();
+
+  // dgrad: rows of grad_out . W[e] (grad_out gathered per token when combined).
+  if (grad_x.defined() || grad_cw.defined()) {
+    if (combine) launch_gather_sorted<T>(grad_out, plan, nullptr, ws.gathered, s);
+    const TensorView& rows = grad_x.defined() && !gather ? grad_x : ws.dx_rows;
+    const Sm90Gemm g{GemmKind::dgrad, combine ? ws.gathered.data : grad_out.data, weight.data, rows.data, offsets,
+                     plan.experts, 0, static_cast<int>(in_f), static_cast<int>(out_f)};
+    run_grouped_gemm_sm90(g, weight.device, ws.sm90.data, s);
+    if (combine && m > 0) {
+      constexpr int kWarpsPerBlock = kThreads / 32;
+      dgrad_row_dots<T><<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kWarpsPerBlock)), kThreads, 0, s>>>(
+          rows.ptr<T>(), in_f, x.ptr<T>(), gather, plan.pair_positions.ptr<int>(), offsets, plan.experts, m,
+          plan.top_k, combine_weights.ptr<float>(), grad_x.defined(),
+          grad_cw.defined() ? grad_cw.ptr<float>() : nullptr);
+      MOEFUSE_CUDA_LAUNCH_CHECK();
+    }
+    if (grad_x.defined()) {
+      if (gather)
+        launch_gather_sum<T>(ws.dx_rows, plan, nullptr, 1.f, false, grad_x, s);
+      else
+        launch_zero_placeholders<T>(grad_x, plan, s);
+    }
+  }
+
+  // wgrad: dW[e] = sum over e's rows of (w * grad_out row)^T . x row; dx_rows is free again for the gathered x.
+  if (grad_weight.defined()) {
+    if (combine) launch_gather_sorted<T>(grad_out, plan, combine_weights.ptr<float>(), ws.gathered, s);
+    if (gather) launch_gather_sorted<T>(x, plan, nullptr, ws.dx_rows, s);
+    const Sm90Gemm g{GemmKind::wgrad, combine ? ws.gathered.data : grad_out.data, gather ? ws.dx_rows.data : x.data,
+                     grad_weight.data, offsets, plan.experts, static_cast<int>(out_f), static_cast<int>(in_f), 0};
+    run_grouped_gemm_sm90(g, weight.device, ws.sm90.data, s);
+  }
 }
 
 template <class T>
@@ -91,6 +212,8 @@ void backward_impl(const Plan& plan, const TensorView& x, const TensorView& weig
   detail::Carver c(workspace);
   const BackwardWorkspace ws = carve_backward(c, plan, weight, gather, combine);
   const std::int64_t m = plan.tokens * plan.top_k, out_f = weight.shape[1], in_f = weight.shape[2];
+  if (use_hopper(weight, {x.data, weight.data, grad_out.data, grad_x.data, grad_weight.data, workspace.data}))
+    return backward_hopper<T>(plan, x, weight, gather, combine_weights, grad_out, grad_x, grad_weight, grad_cw, ws, s);
   const bool tensor_cores =
       use_tensor_cores(weight, {x.data, weight.data, grad_out.data, grad_x.data, grad_weight.data});
 
@@ -147,10 +270,10 @@ void backward_impl(const Plan& plan, const TensorView& x, const TensorView& weig
 
 }  // namespace
 
-std::size_t moe_linear_workspace_bytes(const Plan& plan, const TensorView&, const TensorView& weight, bool,
+std::size_t moe_linear_workspace_bytes(const Plan& plan, const TensorView&, const TensorView& weight, bool gather,
                                        const TensorView& combine_weights) {
   detail::Carver c(plan.counts.device);
-  carve_forward(c, plan, weight, combine_weights.defined());
+  carve_forward(c, plan, weight, gather, combine_weights.defined());
   return c.bytes();
 }
 

@@ -1,6 +1,6 @@
 // Row kernels around the grouped GEMMs: per-token gather-sums over a token's routed pairs (deterministic, no
-// atomics), additions over sorted rows, and zeroing of placeholder rows. Sorted rows at or past offsets[E] belong
-// to placeholder pairs.
+// atomics), gathers into sorted order, additions over sorted rows, and zeroing of placeholder rows. Sorted rows at
+// or past offsets[E] belong to placeholder pairs.
 #pragma once
 
 #include <cstdint>
@@ -61,6 +61,29 @@ __global__ void add_sorted_rows(const T* __restrict__ rows, float scale, const i
   }
 }
 
+// dst[s, :] = w[pairs[s]] * src[pairs[s] / k, :] (w = 1 when absent) for routed sorted rows s: a gathered operand
+// made dense for a kernel whose loads cannot gather (TMA). A block per row, grid over all M rows.
+template <class T, int VEC>
+__global__ void gather_sorted_rows(const T* __restrict__ src, const int* __restrict__ pairs, int top_k,
+                                   const float* __restrict__ w, const int* __restrict__ offsets, int experts,
+                                   std::int64_t cols, T* __restrict__ dst) {
+  const std::int64_t s = blockIdx.x;
+  if (s >= offsets[experts]) return;
+  const int pair = pairs[s];
+  const float scale = w ? w[pair] : 1.f;
+  const T* in = src + static_cast<std::int64_t>(pair / top_k) * cols;
+  T* out = dst + s * cols;
+  float v[VEC];
+  for (std::int64_t c = threadIdx.x * VEC; c < cols; c += static_cast<std::int64_t>(blockDim.x) * VEC) {
+    load_vec<T, VEC>(in + c, v);
+    if (w) {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) v[i] *= scale;
+    }
+    store_vec<T, VEC>(out + c, v);
+  }
+}
+
 // Zeroes sorted rows [offsets[E], m). Fixed grid; the work scales with the placeholders.
 template <class T>
 __global__ void zero_placeholder_rows(T* __restrict__ out, const int* __restrict__ offsets, int experts,
@@ -100,6 +123,22 @@ void launch_add_sorted(const TensorView& rows, const Plan& plan, float scale, co
     constexpr int VEC = decltype(vec)::value;
     add_sorted_rows<T, VEC><<<512, kRowThreads, 0, s>>>(rows.ptr<T>(), scale, plan.offsets.ptr<int>(), plan.experts,
                                                      cols, out.ptr<T>());
+    MOEFUSE_CUDA_LAUNCH_CHECK();
+  });
+}
+
+// dst [M, cols] = the routed rows of src [T, cols] in sorted order, each scaled by its pair's w when given.
+template <class T>
+void launch_gather_sorted(const TensorView& src, const Plan& plan, const float* w, const TensorView& dst,
+                          cudaStream_t s) {
+  using namespace rows_detail;
+  const std::int64_t m = plan.tokens * plan.top_k, cols = dst.shape[1];
+  if (m * cols == 0) return;
+  with_vec<T>(cols, {src.data, dst.data}, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    gather_sorted_rows<T, VEC><<<static_cast<unsigned>(m), kRowThreads, 0, s>>>(
+        src.ptr<T>(), plan.sorted_pairs.ptr<int>(), plan.top_k, w, plan.offsets.ptr<int>(), plan.experts, cols,
+        dst.ptr<T>());
     MOEFUSE_CUDA_LAUNCH_CHECK();
   });
 }

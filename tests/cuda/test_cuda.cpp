@@ -247,10 +247,9 @@ TEST(CudaLinear, ForwardBackwardMatchCpu) {
           }
           const std::int64_t rows_out = combine ? c.T : M;
           Both out = Both::poisoned(d, {rows_out, c.out});
-          Both ws = workspace(
-              moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), gather, cw.c()),
-              moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), gather, combine ? cw.g() : TensorView{}));
           TensorView cwc = combine ? cw.c() : TensorView{}, cwg = combine ? cw.g() : TensorView{};
+          Both ws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), gather, cwc),
+                              moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), gather, cwg));
           moefuse::moe_linear_forward(plan.cpu.plan(), x.c(), w.c(), gather, cwc, out.c(), ws.c());
           moefuse::moe_linear_forward(plan.gpu(), x.g(), w.g(), gather, cwg, out.g(), ws.g());
           EXPECT_MATCH(out, d);

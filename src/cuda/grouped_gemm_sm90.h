@@ -1,0 +1,44 @@
+// Hopper grouped GEMM: CUTLASS 3's ptr-array kernel (TMA loads, wgmma, warp-specialised persistent cooperative
+// schedule, group tile scheduler) over dense per-expert operands, bf16. A small kernel writes each expert's
+// problem shape and pointers from the plan's offsets on the device, so nothing waits for the host (the way
+// torch._grouped_mm works). TMA cannot gather rows, so callers gather into workspace first; scales and row dots
+// stay with the callers too. Built only where CUTLASS was found (MOEFUSE_SM90_GEMM); otherwise never enabled.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "cuda/gemm_kind.h"
+#include "moefuse/tensor.h"
+
+namespace moefuse::cuda {
+
+// Dense operands of one grouped GEMM, rows of expert e being the plan's [offsets[e], offsets[e+1]):
+//   fwd:   D[s, n] = sum_k A[s, k] B[e][n, k]     A [M, k], B [E, n, k], D [M, n]
+//   dgrad: D[s, n] = sum_k A[s, k] B[e][k, n]     A [M, k], B [E, k, n], D [M, n]
+//   wgrad: D[e][m, n] = sum_s A[s, m] B[s, n]     A [M, m], B [M, n],    D [E, m, n]; experts without rows get zeros
+// Rows of experts past offsets[E] (placeholders) are not written. Every size a multiple of 8, pointers 16-byte
+// aligned.
+struct Sm90Gemm {
+  GemmKind kind = GemmKind::fwd;
+  const void* a = nullptr;
+  const void* b = nullptr;
+  void* d = nullptr;
+  const int* offsets = nullptr;
+  int experts = 0;
+  int m = 0, n = 0, k = 0;  // m for wgrad, k for fwd/dgrad
+};
+
+#if MOEFUSE_SM90_GEMM
+// bf16 on a device of compute capability 9.x, unless MOEFUSE_SM90=0 in the environment (for A/B timing).
+bool sm90_enabled(DType dtype, const Device& device);
+std::size_t sm90_workspace_bytes(GemmKind kind, int experts, const Device& device);
+void run_grouped_gemm_sm90(const Sm90Gemm& g, const Device& device, void* workspace, cudaStream_t stream);
+#else
+inline bool sm90_enabled(DType, const Device&) { return false; }
+inline std::size_t sm90_workspace_bytes(GemmKind, int, const Device&) { return 0; }
+inline void run_grouped_gemm_sm90(const Sm90Gemm&, const Device&, void*, cudaStream_t) {}
+#endif
+
+}  // namespace moefuse::cuda
