@@ -79,7 +79,8 @@ bool hopper_shapes(const TensorView& weight) {
 }
 
 bool use_hopper(const TensorView& weight, std::initializer_list<const void*> ptrs) {
-  return hopper_shapes(weight) && std::all_of(ptrs.begin(), ptrs.end(), [](const void* p) { return !p || aligned16(p); });
+  return hopper_shapes(weight) &&
+         std::all_of(ptrs.begin(), ptrs.end(), [](const void* p) { return !p || aligned16(p); });
 }
 
 // Workspace layouts: the same function sizes (Carver without base) and lays out.
