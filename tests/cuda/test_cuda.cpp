@@ -372,26 +372,32 @@ struct Block {
   moefuse::MoeWeights weights(bool gpu) const {
     return gpu ? mt::weights_of(router.g(), gate_up.g(), down.g()) : mt::weights_of(router.c(), gate_up.c(), down.c());
   }
-  // Runs forward and backward on one side (outputs poisoned first).
+  // Runs forward and backward on one side (its outputs poisoned first). Only that side's buffers are replaced, so
+  // the other side's results stay for the comparison.
   void run(bool gpu, bool frozen) {
     const std::int64_t H = cfg.hidden, I = cfg.intermediate, E = cfg.experts;
-    out = Both::poisoned(d, {T, H});
-    logits = Both::poisoned(d, {T, E});
-    gx = Both::poisoned(d, {T, H});
-    grouter = Both::poisoned(d, {E, H});
-    ggu = Both::poisoned(d, {E, 2 * I, H});
-    gdown = Both::poisoned(d, {E, H, I});
+    auto fresh = [&](Both& b, std::vector<std::int64_t> shape) {
+      Tensor t(d, std::move(shape));
+      t.poison();
+      if (gpu) b.gpu = Dev(t); else b.cpu = t;
+    };
+    auto scratch = [&](Both& b, std::size_t bytes) {
+      if (gpu) b.gpu = Dev(mt::scratch(bytes)); else b.cpu = mt::scratch(bytes);
+    };
+    fresh(out, {T, H});
+    fresh(logits, {T, E});
+    fresh(gx, {T, H});
+    fresh(grouter, {E, H});
+    fresh(ggu, {E, 2 * I, H});
+    fresh(gdown, {E, H, I});
     const moefuse::MoeWeights w = weights(gpu);
     auto v = [&](const Both& b) { return gpu ? b.g() : b.c(); };
-    const std::size_t sb = moefuse::moe_saved_bytes(cfg, T, d);
-    saved = workspace(sb, sb);
-    fws = workspace(moefuse::moe_forward_workspace_bytes(cfg, x.c(), weights(false)),
-                    moefuse::moe_forward_workspace_bytes(cfg, x.g(), weights(true)));
+    scratch(saved, moefuse::moe_saved_bytes(cfg, T, d));
+    scratch(fws, moefuse::moe_forward_workspace_bytes(cfg, v(x), w));
     moefuse::moe_forward(cfg, v(x), w, v(out), v(logits), v(saved), v(fws));
     moefuse::MoeGrads g = frozen ? mt::grads_of(v(gx), v(grouter), TensorView{}, TensorView{})
                                  : mt::grads_of(v(gx), v(grouter), v(ggu), v(gdown));
-    bws = workspace(moefuse::moe_backward_workspace_bytes(cfg, x.c(), weights(false), g),
-                    moefuse::moe_backward_workspace_bytes(cfg, x.g(), weights(true), g));
+    scratch(bws, moefuse::moe_backward_workspace_bytes(cfg, v(x), w, g));
     moefuse::moe_backward(cfg, v(x), w, v(logits), v(saved), v(gout), TensorView{}, g, v(bws));
     if (gpu) {
       EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
