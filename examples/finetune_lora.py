@@ -51,11 +51,16 @@ def base_model(impl, device, dtype, seed):
     return m.to(device, dtype)
 
 
-def lora(model, rank):
+def lora(model, impl, a):
+    """LoRA on attention, and on the experts too when moefuse is under test (every run gets the same config);
+    moefuse's run applies the expert adapters through its stacked path (use_moefuse_lora)."""
     from peft import LoraConfig, get_peft_model
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    return get_peft_model(model, cfg)
+    experts = "moefuse" in a.impls.split(",")
+    cfg = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if experts else None)
+    model = get_peft_model(model, cfg)
+    return moefuse.use_moefuse_lora(model) if experts and impl == "moefuse" else model
 
 
 def batches(device, batch, seq, steps, seed):
@@ -67,7 +72,7 @@ def batches(device, batch, seq, steps, seed):
 
 
 def train(impl, a, dtype):
-    model = lora(base_model(impl, a.device, dtype, a.seed), a.rank)
+    model = lora(base_model(impl, a.device, dtype, a.seed), impl, a)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
     losses, tokens, busy = [], 0, 0.0
@@ -92,6 +97,8 @@ def check_reload(model, impl, a, dtype, path):
     from peft import PeftModel
     model.save_pretrained(path)
     fresh = PeftModel.from_pretrained(base_model(impl, a.device, dtype, a.seed), path).eval()
+    if impl == "moefuse":
+        moefuse.use_moefuse_lora(fresh)
     model.eval()
     probe = next(batches(a.device, 2, a.seq, 1, a.seed + 1))
     with torch.no_grad():

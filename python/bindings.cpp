@@ -4,6 +4,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 
 #include <cstdint>
 #include <optional>
@@ -19,6 +20,8 @@ namespace {
 
 using Array = nb::ndarray<>;
 using OptArray = std::optional<Array>;
+// A stacked LoRA adapter crosses as (a, b, scale); a or b left None is reported by the op.
+using OptLora = std::optional<std::tuple<OptArray, OptArray, float>>;
 
 moefuse::DType to_dtype(nb::dlpack::dtype t, const char* name) {
   using Code = nb::dlpack::dtype_code;
@@ -60,6 +63,11 @@ TensorView to_view(const Array& a, const char* name) {
 }
 
 TensorView to_view(const OptArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
+
+moefuse::Lora to_lora(const OptLora& l) {
+  if (!l) return {};
+  return {to_view(std::get<0>(*l), "lora.a"), to_view(std::get<1>(*l), "lora.b"), std::get<2>(*l)};
+}
 
 void* to_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
@@ -171,50 +179,64 @@ NB_MODULE(_C, m) {
       },
       "plan"_a, "stream"_a = 0);
 
-  // Grouped expert linear.
+  // Grouped expert linear; lora = (a, b, scale) selects the LoRA overloads (None: no adapter).
   m.def(
       "moe_linear_workspace_bytes",
-      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine) {
+      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
+         const OptLora& lora) {
         PlanArg p = to_plan(plan);
-        return moefuse::moe_linear_workspace_bytes(p.plan, to_view(x, "x"), to_view(weight, "weight"), gather,
-                                                   to_view(combine, "combine_weights"));
+        return moefuse::moe_linear_workspace_bytes(p.plan, to_view(x, "x"), to_view(weight, "weight"), to_lora(lora),
+                                                   gather, to_view(combine, "combine_weights"));
       },
-      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none());
+      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "lora"_a.none() = nb::none());
   m.def(
       "moe_linear_forward",
       [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
-         const Array& out, const OptArray& workspace, std::uintptr_t stream) {
+         const Array& out, const OptArray& workspace, std::uintptr_t stream, const OptLora& lora) {
         PlanArg p = to_plan(plan);
         nb::gil_scoped_release nogil;
-        moefuse::moe_linear_forward(p.plan, to_view(x, "x"), to_view(weight, "weight"), gather,
+        moefuse::moe_linear_forward(p.plan, to_view(x, "x"), to_view(weight, "weight"), to_lora(lora), gather,
                                     to_view(combine, "combine_weights"), to_view(out, "out"),
                                     to_view(workspace, "workspace"), to_stream(stream));
       },
       "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "out"_a, "workspace"_a.none(),
-      "stream"_a = 0);
+      "stream"_a = 0, "lora"_a.none() = nb::none());
   m.def(
       "moe_linear_backward_workspace_bytes",
-      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine) {
+      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
+         const OptLora& lora) {
         PlanArg p = to_plan(plan);
         return moefuse::moe_linear_backward_workspace_bytes(p.plan, to_view(x, "x"), to_view(weight, "weight"),
-                                                            gather, to_view(combine, "combine_weights"));
+                                                            to_lora(lora), gather, to_view(combine, "combine_weights"));
       },
-      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none());
+      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "lora"_a.none() = nb::none());
   m.def(
       "moe_linear_backward",
       [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
          const Array& grad_out, const OptArray& grad_x, const OptArray& grad_weight, const OptArray& grad_combine,
-         const OptArray& workspace, std::uintptr_t stream) {
+         const OptArray& workspace, std::uintptr_t stream, const OptLora& lora, const OptArray& grad_lora_a,
+         const OptArray& grad_lora_b) {
         PlanArg p = to_plan(plan);
+        const TensorView xv = to_view(x, "x"), wv = to_view(weight, "weight"), cv = to_view(combine, "combine_weights");
+        const TensorView gov = to_view(grad_out, "grad_out"), gxv = to_view(grad_x, "grad_x");
+        const TensorView gcv = to_view(grad_combine, "grad_combine_weights"), wsv = to_view(workspace, "workspace");
+        if (!lora && !grad_lora_a && !grad_lora_b) {
+          nb::gil_scoped_release nogil;
+          moefuse::moe_linear_backward(p.plan, xv, wv, gather, cv, gov, gxv, to_view(grad_weight, "grad_weight"), gcv,
+                                       wsv, to_stream(stream));
+          return;
+        }
+        if (grad_weight)
+          throw moefuse::Error("moefuse: moe_linear_backward: grad_weight given with a lora; LoRA freezes the base "
+                               "weight");
+        const moefuse::LoraGrads grad_lora{to_view(grad_lora_a, "grad_lora_a"), to_view(grad_lora_b, "grad_lora_b")};
         nb::gil_scoped_release nogil;
-        moefuse::moe_linear_backward(p.plan, to_view(x, "x"), to_view(weight, "weight"), gather,
-                                     to_view(combine, "combine_weights"), to_view(grad_out, "grad_out"),
-                                     to_view(grad_x, "grad_x"), to_view(grad_weight, "grad_weight"),
-                                     to_view(grad_combine, "grad_combine_weights"), to_view(workspace, "workspace"),
+        moefuse::moe_linear_backward(p.plan, xv, wv, to_lora(lora), gather, cv, gov, gxv, grad_lora, gcv, wsv,
                                      to_stream(stream));
       },
       "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "grad_out"_a, "grad_x"_a.none(),
-      "grad_weight"_a.none(), "grad_combine_weights"_a.none(), "workspace"_a.none(), "stream"_a = 0);
+      "grad_weight"_a.none(), "grad_combine_weights"_a.none(), "workspace"_a.none(), "stream"_a = 0,
+      "lora"_a.none() = nb::none(), "grad_lora_a"_a.none() = nb::none(), "grad_lora_b"_a.none() = nb::none());
 
   // SwiGLU.
   m.def(

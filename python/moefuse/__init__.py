@@ -1,15 +1,17 @@
 """moefuse: fused Mixture-of-Experts layers for fine-tuning Qwen3-MoE with Transformers v5 and PEFT.
 
-Importing it registers the torch ops (torch.ops.moefuse.*) and the Transformers experts backend "moefuse".
+Importing it registers the torch ops (torch.ops.moefuse.*) and the Transformers experts backend "moefuse";
+use_moefuse_lora(peft_model) runs PEFT's LoRA on the experts (target_parameters) through it as well.
 """
 
 from . import _C
 from ._ops import MoefuseError, experts, moe_block, moe_fused_linear, routing_plan
 from .block import MoeBlock, reference_moe
 from . import hf  # registers experts_implementation="moefuse"
+from .lora import use_moefuse_lora
 
 __version__ = "0.1.0"
 has_cuda = _C.has_cuda
 
 __all__ = ["MoeBlock", "MoefuseError", "experts", "has_cuda", "moe_block", "moe_fused_linear", "reference_moe",
-           "routing_plan"]
+           "routing_plan", "use_moefuse_lora"]

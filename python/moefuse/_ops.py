@@ -224,6 +224,9 @@ moe_fused_linear.register_autograd(_linear_backward, setup_context=_linear_setup
 # ---------------------------------------------------------------------------------------------------------------------
 # experts: the expert half of the block with routing given (the Transformers experts backend). Returns the output
 # and, for backward, h = gather(x) . gate_up^T [T*k, 2I] in sorted order and the plan.
+# Optional stacked LoRA adapters (a [E, r, in], b [E, out, r], scale) on gate_up and/or down freeze that base weight:
+# the adapter rides along the grouped GEMM (W + b.a is never formed), and backward gives grads for x, the routing
+# weights and a, b.
 
 
 def _experts_fake_outputs(x, topk_weights, gate_up):
@@ -232,11 +235,29 @@ def _experts_fake_outputs(x, topk_weights, gate_up):
             x.new_empty(plan_numel(pairs, gate_up.shape[0]), dtype=torch.int32))  # fmt: skip
 
 
+def _lora_arg(a, b, scale):
+    """The binding's (a, b, scale), or None for no adapter (a or b alone is reported by the op)."""
+    if a is None and b is None:
+        return None
+    return (None if a is None else a.contiguous(), None if b is None else b.contiguous(), scale)
+
+
 @torch.library.custom_op("moefuse::experts", mutates_args=())
 def experts(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    gate_up_a: torch.Tensor | None = None,
+    gate_up_b: torch.Tensor | None = None,
+    gate_up_scale: float = 1.0,
+    down_a: torch.Tensor | None = None,
+    down_b: torch.Tensor | None = None,
+    down_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out[t] = sum_j topk_weights[t, j] * down[e] . swiglu(gate_up[e] . x[t]) with e = topk_ids[t, j]."""
+    """out[t] = sum_j topk_weights[t, j] * down[e] . swiglu(gate_up[e] . x[t]) with e = topk_ids[t, j], each weight
+    W plus scale * b[e] . a[e] where its adapter is given."""
     _check_ids(topk_ids)
     x, topk_ids, w = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
@@ -245,26 +266,28 @@ def experts(
             f"moefuse: topk_weights must be float32 shaped like topk_ids {list(topk_ids.shape)}, got "
             f"{topk_weights.dtype}{list(topk_weights.shape)}"
         )
+    gu_lora, dn_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale), _lora_arg(down_a, down_b, down_scale)
     out, h, _ = _experts_fake_outputs(x, w, gate_up)
     a = x.new_empty(h.shape[0], h.shape[1] // 2)
     dev, stream = x.device, _stream(x.device)
     with _on(dev):
         plan, arg = _make_plan(topk_ids, gate_up.shape[0])
-        ws = _workspace(max(_C.moe_linear_workspace_bytes(arg, x, gate_up, True, None),
-                            _C.moe_linear_workspace_bytes(arg, a, down, False, w)), dev)  # fmt: skip
-        _C.moe_linear_forward(arg, x, gate_up, True, None, h, ws, stream)
+        ws = _workspace(max(_C.moe_linear_workspace_bytes(arg, x, gate_up, True, None, gu_lora),
+                            _C.moe_linear_workspace_bytes(arg, a, down, False, w, dn_lora)), dev)  # fmt: skip
+        _C.moe_linear_forward(arg, x, gate_up, True, None, h, ws, stream, gu_lora)
         _C.swiglu_forward(h, a, stream)
-        _C.moe_linear_forward(arg, a, down, False, w, out, ws, stream)
+        _C.moe_linear_forward(arg, a, down, False, w, out, ws, stream, dn_lora)
     return out, h, plan
 
 
 @experts.register_fake
-def _(x, topk_ids, topk_weights, gate_up, down):
+def _(x, topk_ids, topk_weights, gate_up, down, *lora):
     return _experts_fake_outputs(x, topk_weights, gate_up)
 
 
-def _experts_grads_like(x, topk_weights, gate_up, down, needs):
-    return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip((x, topk_weights, gate_up, down), needs))
+def _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
+    like = (x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b)
+    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs))
 
 
 @torch.library.custom_op("moefuse::experts_backward", mutates_args=())
@@ -277,54 +300,71 @@ def experts_backward(
     h: torch.Tensor,
     plan: torch.Tensor,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_topk_weights, grad_gate_up, grad_down); each one not in `needs` comes back empty."""
+    gate_up_a: torch.Tensor | None = None,
+    gate_up_b: torch.Tensor | None = None,
+    gate_up_scale: float = 1.0,
+    down_a: torch.Tensor | None = None,
+    down_b: torch.Tensor | None = None,
+    down_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
+    """(grad_x, grad_topk_weights, grad_gate_up, grad_down, grad_gate_up_a, grad_gate_up_b, grad_down_a,
+    grad_down_b); each one not in `needs` comes back empty. A weight with an adapter is frozen (no gradient)."""
     grad_out, x, w = grad_out.contiguous(), x.contiguous(), topk_weights.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
-    gx, gw, ggu, gdown = grads = _experts_grads_like(x, w, gate_up, down, needs)
-    need_x, need_w, need_gu, need_down = needs
-    need_grad_h = need_x or need_gu
+    gu_lora, dn_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale), _lora_arg(down_a, down_b, down_scale)
+    for name, lora, need in (("gate_up", gu_lora, needs[2]), ("down", dn_lora, needs[3])):
+        if lora is not None and need:
+            raise MoefuseError(f"moefuse: {name} has a LoRA adapter, which freezes it: it cannot get a gradient "
+                               "(set its requires_grad to False)")  # fmt: skip
+    grads = _experts_grads_like(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
+    gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
+    need_grad_h = any(g is not None for g in (gx, ggu, ggu_a, ggu_b))
     tokens, top_k = w.shape
     arg = _plan_arg(plan, tokens, top_k, gate_up.shape[0])
     a = torch.empty(h.shape[0], h.shape[1] // 2, dtype=h.dtype, device=h.device)
     grad_a = torch.empty_like(a) if need_grad_h else None
     dev, stream = x.device, _stream(x.device)
     with _on(dev):
-        ws = _workspace(max(_C.moe_linear_backward_workspace_bytes(arg, a, down, False, w),
-                            _C.moe_linear_backward_workspace_bytes(arg, x, gate_up, True, None)), dev)  # fmt: skip
+        ws = _workspace(max(_C.moe_linear_backward_workspace_bytes(arg, a, down, False, w, dn_lora),
+                            _C.moe_linear_backward_workspace_bytes(arg, x, gate_up, True, None, gu_lora)),
+                        dev)  # fmt: skip
         # a is recomputed from h; the routing-weight gradient comes out of the down projection's backward.
         _C.swiglu_forward(h, a, stream)
-        _C.moe_linear_backward(arg, a, down, False, w, grad_out, grad_a, gdown if need_down else None,
-                               gw if need_w else None, ws, stream)  # fmt: skip
+        _C.moe_linear_backward(arg, a, down, False, w, grad_out, grad_a, gdown, gw, ws, stream, dn_lora, gdn_a, gdn_b)
         if need_grad_h:
             grad_h = torch.empty_like(h)
             _C.swiglu_backward(h, grad_a, grad_h, stream)
-            _C.moe_linear_backward(arg, x, gate_up, True, None, grad_h, gx if need_x else None,
-                                   ggu if need_gu else None, None, ws, stream)  # fmt: skip
+            _C.moe_linear_backward(arg, x, gate_up, True, None, grad_h, gx, ggu, None, ws, stream, gu_lora, ggu_a,
+                                   ggu_b)  # fmt: skip
     return grads
 
 
 @experts_backward.register_fake
-def _(grad_out, x, topk_weights, gate_up, down, h, plan, needs):
-    return _experts_grads_like(x, topk_weights, gate_up, down, needs)
+def _(grad_out, x, topk_weights, gate_up, down, h, plan, needs, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0,
+      down_a=None, down_b=None, down_scale=1.0):  # fmt: skip
+    return _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
 
 
 def _experts_setup(ctx, inputs, output):
-    x, _, topk_weights, gate_up, down = inputs
+    x, _, topk_weights, gate_up, down, gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale = inputs
     _, h, plan = output
-    ctx.save_for_backward(x, topk_weights, gate_up, down, h, plan)
+    ctx.save_for_backward(x, topk_weights, gate_up, down, h, plan, gate_up_a, gate_up_b, down_a, down_b)
+    ctx.scales = gate_up_scale, down_scale
     ctx.mark_non_differentiable(h, plan)  # internal state for backward, not results
     ctx.set_materialize_grads(False)
 
 
 def _experts_backward(ctx, grad_out, _grad_h, _grad_plan):
-    x, topk_weights, gate_up, down, h, plan = ctx.saved_tensors
-    needs = _needs(ctx, 0, 2, 3, 4)
+    x, topk_weights, gate_up, down, h, plan, gate_up_a, gate_up_b, down_a, down_b = ctx.saved_tensors
+    needs = _needs(ctx, 0, 2, 3, 4, 5, 6, 8, 9)
     if grad_out is None or not any(needs):
-        return None, None, None, None, None
-    grads = torch.ops.moefuse.experts_backward(grad_out, x, topk_weights, gate_up, down, h, plan, needs)
-    gx, gw, ggu, gdown = (g if n else None for g, n in zip(grads, needs))
-    return gx, None, gw, ggu, gdown
+        return (None,) * 11
+    gu_scale, dn_scale = ctx.scales
+    grads = torch.ops.moefuse.experts_backward(grad_out, x, topk_weights, gate_up, down, h, plan, needs, gate_up_a,
+                                               gate_up_b, gu_scale, down_a, down_b, dn_scale)  # fmt: skip
+    gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
+    return gx, None, gw, ggu, gdown, ggu_a, ggu_b, None, gdn_a, gdn_b, None
 
 
 experts.register_autograd(_experts_backward, setup_context=_experts_setup)

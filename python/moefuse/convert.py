@@ -231,11 +231,12 @@ def param_wrapper_layout(module: torch.nn.Module) -> str:
 
 
 def stacked_from_param_wrapper(module: torch.nn.Module, adapter_name: str = "default") -> tuple[StackedLora, float]:
-    """(stacked adapter, scale) of one adapter of a live 3-D PEFT ParamWrapper."""
+    """(stacked adapter, scale) of one adapter of a live 3-D PEFT ParamWrapper. The stacked tensors keep autograd
+    to lora_A.weight / lora_B.weight (moefuse.lora trains through them); detach them for a plain conversion."""
     param = module.get_param()
     if param.dim() != 3:
         raise ValueError(f"expected a ParamWrapper on a 3-D expert parameter, got {tuple(param.shape)}")
-    lora = peft_to_stacked(module.lora_A[adapter_name].weight.detach(), module.lora_B[adapter_name].weight.detach(),
+    lora = peft_to_stacked(module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight,
                            tuple(param.shape), param_wrapper_layout(module))  # fmt: skip
     return lora, float(module.scaling[adapter_name])
 

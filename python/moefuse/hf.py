@@ -16,6 +16,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from ._ops import MoefuseError
 
 NAME = "moefuse"
+# experts-module attribute: {"gate_up_proj" | "down_proj": (a, b, scale)}, the stacked adapters of this forward
+LORA_ATTR = "_moefuse_lora"
 
 # flag -> value moefuse supports (the Transformers v5 default layout of Qwen3-MoE experts)
 _LAYOUT = {"is_transposed": False, "has_bias": False, "is_concatenated": True, "has_gate": True}
@@ -46,8 +48,11 @@ def moefuse_experts_forward(
     w = self.gate_up_proj
     # Like grouped_mm: compute in the weights' dtype (autocast may hand f32 activations to bf16 experts).
     x = hidden_states.to(w.dtype)
+    # Stacked PEFT adapters, handed over for this forward by moefuse.lora (use_moefuse_lora).
+    adapters = getattr(self, LORA_ATTR, {})
+    lora = [t for name in ("gate_up_proj", "down_proj") for t in adapters.get(name, (None, None, 1.0))]
     out, _, _ = torch.ops.moefuse.experts(
-        x, top_k_index.to(torch.int32), top_k_weights.to(torch.float32), w, self.down_proj
+        x, top_k_index.to(torch.int32), top_k_weights.to(torch.float32), w, self.down_proj, *lora
     )
     return out.to(hidden_states.dtype)
 

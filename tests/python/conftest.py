@@ -34,3 +34,21 @@ def tiny_qwen3_moe_config(**kw):
                router_aux_loss_coef=0.01, hidden_act="silu")  # fmt: skip
     cfg.update(kw)
     return Qwen3MoeConfig(**cfg)
+
+
+def tiny_model(impl="eager"):
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config())
+    with torch.no_grad():  # HF initialises the router to zeros: give it something to route with
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(0, 0.5)
+    model.set_experts_implementation(impl)
+    return model
+
+
+def batch(seed=0, b=2, s=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 128, (b, s), generator=g)
+    return dict(input_ids=ids, labels=ids)

@@ -7,9 +7,9 @@ import torch
 from torch.library import opcheck
 
 import moefuse
-from conftest import K, block_tensors, routing
+from conftest import K, batch, block_tensors, routing, tiny_model
 from test_block import hf_block
-from test_hf import batch, tiny_model
+from test_lora import moefuse_and_peft
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and moefuse.has_cuda()),
                                 reason="needs a GPU and the CUDA backend")  # fmt: skip
@@ -62,6 +62,17 @@ def test_hf_moefuse_vs_eager_cuda():
     torch.testing.assert_close(outs[1][1], outs[0][1], rtol=1e-4, atol=1e-5)
     for a, b in zip(outs[1][2], outs[0][2]):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-5)
+
+
+def test_peft_expert_lora_cuda_matches_peft():
+    outs = []
+    for model in (m.cuda() for m in moefuse_and_peft()):
+        out = model(**{k: v.cuda() for k, v in batch().items()})
+        out.loss.backward()
+        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-3, atol=1e-4)
+    for name, grad in outs[1][1].items():
+        torch.testing.assert_close(outs[0][1][name], grad, rtol=2e-3, atol=1e-5, msg=name)
 
 
 def test_compile_cuda_dynamic():

@@ -52,8 +52,8 @@ def test_experts_opcheck():
     opcheck(ops.experts, (x, ids, w, gate_up, down))
     out, h, plan = ops.experts(x.detach(), ids, w.detach(), gate_up.detach(), down.detach())
     args = (torch.randn_like(out), x.detach(), w.detach(), gate_up.detach(), down.detach(), h, plan)
-    opcheck(ops.experts_backward, (*args, [True, True, True, True]))
-    opcheck(ops.experts_backward, (*args, [True, False, False, False]))
+    opcheck(ops.experts_backward, (*args, [True] * 4 + [False] * 4))
+    opcheck(ops.experts_backward, (*args, [True] + [False] * 7))
 
 
 @pytest.mark.parametrize("renormalize", [True, False])

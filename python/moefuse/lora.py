@@ -1,0 +1,103 @@
+"""Expert LoRA from PEFT through moefuse's stacked path.
+
+PEFT adapts the fused expert weights of a Transformers v5 MoE with ``LoraConfig(target_parameters=
+["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])``: one ``ParamWrapper`` per parameter (nested when both are
+targeted) that, every forward, parametrises the parameter as W + scale * B.A, a full-size copy of the expert stack.
+``use_moefuse_lora(model)`` makes those wrappers hand their adapter to the "moefuse" experts function instead, as the
+stacked (A [E, r, in], B [E, out, r], scale) that rides along the grouped GEMM, so W + B.A is never formed.
+
+The adapters stay PEFT's own parameters: the stacked tensors are converted from lora_A.weight / lora_B.weight every
+forward (moefuse.convert, with autograd), so optimizers, save_pretrained, PeftModel.from_pretrained and
+merge_and_unload work as before. The wrappers stay ParamWrappers (a subclass that only replaces how the adapter is
+applied); after PeftModel.from_pretrained, call use_moefuse_lora again.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from peft.tuners.lora import layer as peft_layer
+
+from ._ops import MoefuseError
+from .convert import stacked_from_param_wrapper
+from .hf import LORA_ATTR, NAME, check_layout
+
+_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def _implementation(experts: torch.nn.Module):
+    return getattr(getattr(experts, "config", None), "_experts_implementation", None)
+
+
+def _adapter(wrapper: peft_layer.ParamWrapper, active_adapters) -> str | None:
+    """The one active adapter of `wrapper` (None when none is), or MoefuseError for what moefuse cannot run."""
+    adapters = [a for a in active_adapters if a in wrapper.lora_A]
+    where = f"LoRA on experts.{wrapper.parameter_name}"
+    if len(adapters) > 1:
+        raise MoefuseError(f"moefuse: {where}: {len(adapters)} active adapters {adapters}; moefuse runs one at a time "
+                           "(set_adapter to one, or merge the others)")  # fmt: skip
+    if not adapters:
+        return None
+    name = adapters[0]
+    if wrapper.use_dora.get(name, False):
+        raise MoefuseError(f"moefuse: {where}: DoRA (use_dora=True) is not supported")
+    if not isinstance(wrapper.lora_dropout[name], torch.nn.Identity):
+        raise MoefuseError(f"moefuse: {where}: lora_dropout must be 0 (PEFT cannot apply it to parameters either)")
+    if wrapper.lora_B[name].bias is not None:
+        raise MoefuseError(f"moefuse: {where}: lora_bias=True is not supported")
+    return name
+
+
+# Named like PEFT's: PEFT tells nested wrappers apart by class name (e.g. when add_adapter wraps again).
+class ParamWrapper(peft_layer.ParamWrapper):
+    """A PEFT ParamWrapper on a fused expert parameter whose adapter the "moefuse" experts function applies."""
+
+    @contextmanager
+    def _activate_lora(self, active_adapters):
+        experts = self.get_base_layer()
+        if _implementation(experts) != NAME:  # the implementation was switched since: PEFT's own path stays right
+            with super()._activate_lora(active_adapters):
+                yield
+            return
+        name = _adapter(self, active_adapters)
+        if name is None:
+            yield
+            return
+        (a, b), scale = stacked_from_param_wrapper(self, name)
+        dtype = self.get_param().dtype  # PEFT may keep adapters in f32 over bf16 weights; it casts the same way
+        handed = experts.__dict__.setdefault(LORA_ATTR, {})
+        handed[self.parameter_name] = (a.to(dtype), b.to(dtype), scale)
+        try:
+            yield
+        finally:
+            del handed[self.parameter_name]
+
+
+def use_moefuse_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Runs the expert LoRA of a PEFT model through moefuse's stacked path (see the module docstring); returns
+    `model`, changed in place.
+
+    The model's experts must use experts_implementation="moefuse", and its adapters on mlp.experts.gate_up_proj /
+    down_proj (either or both) must be plain LoRA (no DoRA, no dropout, no bias; rsLoRA is fine) with at most one
+    active adapter. Other LoRA modules (attention, ...) are left to PEFT. Raises MoefuseError otherwise.
+    Without it, PEFT's own path still gives the same result with moefuse experts, but forms W + B.A every forward.
+    """
+    wrappers = [m for m in model.modules() if isinstance(m, peft_layer.ParamWrapper) and m.parameter_name in _PARAMS
+                and all(hasattr(m.get_base_layer(), p) for p in _PARAMS)]  # fmt: skip
+    if not wrappers:
+        raise MoefuseError("moefuse.use_moefuse_lora: the model has no PEFT LoRA on expert parameters; create it "
+                           "with LoraConfig(target_parameters=[\"mlp.experts.gate_up_proj\", "
+                           "\"mlp.experts.down_proj\"])")  # fmt: skip
+    for w in wrappers:
+        experts = w.get_base_layer()
+        impl = _implementation(experts)
+        if impl != NAME:
+            raise MoefuseError(f"moefuse.use_moefuse_lora: the experts use experts_implementation={impl!r}; load the "
+                               f'model with experts_implementation="{NAME}" (or call '
+                               f'model.set_experts_implementation("{NAME}")) first')  # fmt: skip
+        check_layout(experts)
+        _adapter(w, w.active_adapters)
+    for w in wrappers:
+        w.__class__ = ParamWrapper
+    return model

@@ -1,0 +1,254 @@
+"""Expert LoRA from PEFT (target_parameters) through moefuse's stacked path (use_moefuse_lora), against PEFT's own
+merged-weight path with the "eager" experts, on a tiny random Qwen3-MoE (f32)."""
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import moefuse
+from conftest import E, H, I, K, batch, block_tensors, routing, tiny_model
+from moefuse.convert import (POSITIONAL, SWAPPED, StackedLora, param_wrapper_layout, stacked_from_param_wrapper,
+                             stacked_to_peft)  # fmt: skip
+
+R = 3
+BOTH = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+TOL = dict(rtol=1e-4, atol=1e-5)
+ops = torch.ops.moefuse
+
+
+def peft_model(targets=BOTH, impl="moefuse", **kw):
+    """Tiny Qwen3-MoE with LoRA on attention and on the expert parameters `targets`, every lora_B non-zero."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=R, lora_alpha=5, target_modules=["q_proj", "v_proj", "o_proj"], target_parameters=targets,
+                        **kw)  # fmt: skip
+    model = get_peft_model(tiny_model(impl), config)
+    with torch.no_grad():  # PEFT zero-initialises lora_B
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model
+
+
+def expert_wrappers(model):
+    from peft.tuners.lora.layer import ParamWrapper
+
+    return [m for m in model.modules() if isinstance(m, ParamWrapper)]
+
+
+def to_positional(model):
+    """Simulates PEFT <= 0.18, which read a parameter [E, d1, d2] as [E, in=d1, out=d2] (no swap): the same deltas in
+    that layout. PEFT 0.21 still computes such wrappers (get_delta_factors without the swap)."""
+    for w in expert_wrappers(model):
+        lora, _ = stacked_from_param_wrapper(w)
+        for module, value in zip((w.lora_A, w.lora_B), stacked_to_peft(StackedLora(*(t.detach() for t in lora)),
+                                                                       POSITIONAL)):  # fmt: skip
+            module["default"] = torch.nn.Linear(value.shape[1], value.shape[0], bias=False)
+            module["default"].weight.data.copy_(value)
+        w.in_features, w.out_features = w.out_features, w.in_features
+        w._did_swap_in_out_features = False
+        assert param_wrapper_layout(w) == POSITIONAL
+
+
+def moefuse_and_peft(targets=BOTH, layout=SWAPPED, **kw):
+    """(model through use_moefuse_lora, the same model through PEFT's own path with eager experts)."""
+    ref = peft_model(targets, "eager", **kw)
+    if layout == POSITIONAL:
+        to_positional(ref)
+    fused = copy.deepcopy(ref)
+    fused.base_model.model.set_experts_implementation("moefuse")
+    return moefuse.use_moefuse_lora(fused), ref
+
+
+def forward_backward(model):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch(), output_router_logits=True)
+    out.loss.backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def merged_weights_forbidden():
+    """Fails if PEFT forms W + B.A (its parametrisation gets it from these two)."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    def formed(*args, **kwargs):
+        raise AssertionError("PEFT formed W + B.A")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ParamWrapper, "get_delta_weight", formed)
+        m.setattr(ParamWrapper, "get_delta_factors", formed)
+        yield
+
+
+@pytest.mark.parametrize("targets,layout,kw", [(BOTH, SWAPPED, {}), (BOTH, POSITIONAL, {}),
+                                               (BOTH[:1], SWAPPED, {"use_rslora": True}),
+                                               (BOTH[1:], POSITIONAL, {})])  # fmt: skip
+def test_logits_loss_and_every_lora_gradient_match_peft(targets, layout, kw):
+    fused, ref = moefuse_and_peft(targets, layout, **kw)
+    out_r, grads_r = forward_backward(ref)
+    with merged_weights_forbidden():
+        out_f, grads_f = forward_backward(fused)
+    torch.testing.assert_close(out_f.logits, out_r.logits, **TOL)
+    torch.testing.assert_close(out_f.loss, out_r.loss, **TOL)
+    lora = [n for n in grads_r if "lora_" in n]
+    assert len(lora) == len(grads_r) == 2 * 3 * (3 + len(targets))  # A and B; 3 layers; q, v, o + experts
+    assert any("experts" in n for n in lora) and any("q_proj" in n for n in lora)
+    for name in grads_r:
+        assert grads_f[name] is not None and grads_r[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_adamw_steps_track_peft():
+    losses = {}
+    for name, model in zip(("moefuse", "peft"), moefuse_and_peft()):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[name] = []
+        for _ in range(5):
+            out = model(**batch())
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses[name].append(out.loss.item())
+    torch.testing.assert_close(torch.tensor(losses["moefuse"]), torch.tensor(losses["peft"]), rtol=1e-4, atol=1e-5)
+    assert losses["peft"][-1] < losses["peft"][0]
+
+
+@torch.no_grad()
+def test_save_reload_and_merge_and_unload(tmp_path):
+    from peft import PeftModel
+
+    fused, _ = moefuse_and_peft()
+    want = fused(**batch()).logits
+    fused.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_model("moefuse"), tmp_path)
+    torch.testing.assert_close(reloaded(**batch()).logits, want, **TOL)  # PEFT's own path
+    torch.testing.assert_close(moefuse.use_moefuse_lora(reloaded)(**batch()).logits, want, **TOL)
+    merged = copy.deepcopy(fused).merge_and_unload()
+    assert not expert_wrappers(merged)
+    torch.testing.assert_close(merged(**batch()).logits, want, **TOL)
+
+
+def test_gradient_checkpointing_recomputes_with_the_adapters():
+    fused, _ = moefuse_and_peft()
+    ckpt = copy.deepcopy(fused)
+    ckpt.gradient_checkpointing_enable()
+    fused.train(), ckpt.train()
+    out_f, grads_f = forward_backward(fused)
+    out_c, grads_c = forward_backward(ckpt)
+    torch.testing.assert_close(out_c.loss, out_f.loss)
+    for name in grads_f:
+        torch.testing.assert_close(grads_c[name], grads_f[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@torch.no_grad()
+def test_switching_the_implementation_back_falls_back_to_peft():
+    fused, ref = moefuse_and_peft()
+    fused.base_model.model.set_experts_implementation("eager")
+    torch.testing.assert_close(fused(**batch()).logits, ref(**batch()).logits, **TOL)
+
+
+# ---- the op ----------------------------------------------------------------------------------------------------------
+
+
+def lora_args(requires_grad=False):
+    """gate_up and down adapters: (a, b, scale) each."""
+    ts = (torch.randn(E, R, H), torch.randn(E, 2 * I, R) * 0.3, torch.randn(E, R, I), torch.randn(E, H, R) * 0.3)
+    gu_a, gu_b, dn_a, dn_b = (t.requires_grad_(requires_grad) for t in ts)
+    return gu_a, gu_b, 0.7, dn_a, dn_b, 1.3
+
+
+def test_experts_with_lora_opcheck():
+    x, _, gate_up, down = block_tensors()
+    ids, w = routing()
+    ids[1, 2] = E  # placeholder: contributes nothing
+    x.requires_grad_(), w.requires_grad_()
+    lora = lora_args(requires_grad=True)
+    opcheck(ops.experts, (x, ids, w, gate_up, down, *lora))
+    opcheck(ops.experts, (x, ids, w, gate_up, down, *lora[:3]))  # gate_up only
+    det = [t.detach() if isinstance(t, torch.Tensor) else t for t in lora]
+    out, h, plan = ops.experts(x.detach(), ids, w.detach(), gate_up, down, *det)
+    args = (torch.randn_like(out), x.detach(), w.detach(), gate_up, down, h, plan)
+    opcheck(ops.experts_backward, (*args, [True, True, False, False] + [True] * 4, *det))
+    opcheck(ops.experts_backward, (*args, [False] * 5 + [True] + [False] * 2, *det))
+
+
+def test_experts_with_lora_match_merged_weights():
+    """The adapters give what W + scale * b.a would, and their gradients are those through the merged weights."""
+    x, _, gate_up, down = block_tensors(requires_grad=True)
+    ids, w = routing()
+    ids[0, 1] = E + 2  # placeholder
+    w.requires_grad_()
+    gu_a, gu_b, gu_s, dn_a, dn_b, dn_s = lora = lora_args(requires_grad=True)
+    gate_up.requires_grad_(False), down.requires_grad_(False)
+    out = ops.experts(x, ids, w, gate_up, down, *lora)[0]
+    grad = torch.randn_like(out)
+    leaves = (x, w, gu_a, gu_b, dn_a, dn_b)
+    got = torch.autograd.grad(out, leaves, grad)
+    merged = ops.experts(x, ids, w, gate_up + gu_s * gu_b @ gu_a, down + dn_s * dn_b @ dn_a)[0]
+    want = torch.autograd.grad(merged, leaves, grad)
+    torch.testing.assert_close(out, merged, **TOL)
+    for name, g, e in zip(("x", "w", "gu_a", "gu_b", "dn_a", "dn_b"), got, want):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4, msg=name)
+
+
+# ---- bad inputs: clear errors ----------------------------------------------------------------------------------------
+
+
+def test_use_moefuse_lora_errors():
+    with pytest.raises(moefuse.MoefuseError, match='experts_implementation="moefuse"'):
+        moefuse.use_moefuse_lora(peft_model(impl="eager"))
+    with pytest.raises(moefuse.MoefuseError, match="no PEFT LoRA on expert parameters"):
+        moefuse.use_moefuse_lora(peft_model(targets=[]))
+    for attr, value, match in (("use_dora", True, "DoRA"), ("lora_dropout", torch.nn.Dropout(0.1), "lora_dropout")):
+        model = peft_model()
+        getattr(expert_wrappers(model)[0], attr)["default"] = value
+        with pytest.raises(moefuse.MoefuseError, match=match):
+            moefuse.use_moefuse_lora(model)
+
+
+def test_multiple_active_adapters_raise():
+    from peft import LoraConfig
+
+    model = moefuse.use_moefuse_lora(peft_model())
+    model.add_adapter("other", LoraConfig(r=2, target_modules=[], target_parameters=BOTH))
+    model.base_model.set_adapter(["default", "other"])
+    with pytest.raises(moefuse.MoefuseError, match="2 active adapters"):
+        model(**batch())
+
+
+def test_base_weight_with_an_adapter_is_frozen():
+    x, _, gate_up, down = block_tensors()
+    ids, w = routing()
+    gate_up.requires_grad_()
+    out = ops.experts(x, ids, w, gate_up, down, *lora_args(requires_grad=True))[0]
+    with pytest.raises(ValueError, match="gate_up has a LoRA adapter, which freezes it"):
+        out.sum().backward()
+
+
+def test_bad_adapters_raise():
+    x, _, gate_up, down = block_tensors()
+    ids, w = routing()
+    gu_a, gu_b, s, dn_a, dn_b, _ = lora_args()
+    with pytest.raises(ValueError, match="lora needs both a and b"):
+        ops.experts(x, ids, w, gate_up, down, gu_a)
+    with pytest.raises(ValueError, match="lora.b"):
+        ops.experts(x, ids, w, gate_up, down, gu_a, gu_b[:, :, :-1].contiguous(), s)
+    with pytest.raises(ValueError, match="lora.a"):
+        ops.experts(x, ids, w, gate_up, down, None, None, 1.0, dn_a.double(), dn_b.double())
+
+
+def test_binding_refuses_a_base_weight_gradient_with_an_adapter():
+    from moefuse import _C, _ops
+
+    x, _, gate_up, _ = block_tensors()
+    ids, _ = routing()
+    plan, arg = _ops._make_plan(ids, E)  # plan owns the views in arg
+    gu_a, gu_b, scale, *_ = lora_args()
+    grad_h = torch.randn(ids.numel(), 2 * I)
+    with pytest.raises(ValueError, match="LoRA freezes the base weight"):
+        _C.moe_linear_backward(arg, x, gate_up, True, None, grad_h, None, torch.empty_like(gate_up), None, None,
+                               lora=(gu_a, gu_b, scale))  # fmt: skip
