@@ -15,7 +15,8 @@ import torch
 
 IMPLS = ("dense", "moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager")
 SHAPES = {"30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
-          "235b": dict(hidden_size=4096, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8)}
+          "235b": dict(hidden_size=4096, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8),
+          "cpu": dict(hidden_size=1024, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4)}
 
 
 def parse():
