@@ -36,10 +36,10 @@ def parse():
 
 def tiny_config():
     from transformers import Qwen3MoeConfig
-    # E and k deliberately not powers of two; every layer is sparse.
-    return Qwen3MoeConfig(vocab_size=BYTE_VOCAB, hidden_size=128, intermediate_size=256, moe_intermediate_size=96,
+    # Many small experts, as in real MoE models (HF eager loops over them); E and k not powers of two.
+    return Qwen3MoeConfig(vocab_size=BYTE_VOCAB, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                          num_experts=12, num_experts_per_tok=3, norm_topk_prob=True, max_position_embeddings=512,
+                          num_experts=30, num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=512,
                           output_router_logits=True, router_aux_loss_coef=0.01, tie_word_embeddings=False)
 
 
