@@ -105,6 +105,14 @@ moefuse::MoeGrads to_grads(const OptArray& x, const OptArray& router, const OptA
   return {to_view(x, "grads.x"), to_view(router, "grads.router"), to_view(gate_up, "grads.gate_up"),
           to_view(down, "grads.down")};
 }
+// The experts' weights (no router) with their optional adapters.
+moefuse::MoeWeights to_expert_weights(const Array& gate_up, const Array& down, const OptLora& gate_up_lora,
+                                      const OptLora& down_lora) {
+  moefuse::MoeWeights w{TensorView{}, to_view(gate_up, "gate_up"), to_view(down, "down")};
+  w.gate_up_lora = to_lora(gate_up_lora);
+  w.down_lora = to_lora(down_lora);
+  return w;
+}
 
 }  // namespace
 
@@ -252,6 +260,60 @@ NB_MODULE(_C, m) {
                                  to_stream(stream));
       },
       "h"_a, "grad_a"_a, "grad_h"_a, "stream"_a = 0, release);
+
+  // The experts alone (routing given from outside), each projection with an optional stacked LoRA (a, b, scale).
+  m.def("moe_experts_saved_bytes", &moefuse::moe_experts_saved_bytes, "cfg"_a, "tokens"_a, "dtype"_a);
+  m.def(
+      "moe_experts_forward_workspace_bytes",
+      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& gate_up, const Array& down,
+         const OptLora& gate_up_lora, const OptLora& down_lora) {
+        return moefuse::moe_experts_forward_workspace_bytes(cfg, to_view(x, "x"),
+                                                            to_expert_weights(gate_up, down, gate_up_lora, down_lora));
+      },
+      "cfg"_a, "x"_a, "gate_up"_a, "down"_a, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none());
+  m.def(
+      "moe_experts_backward_workspace_bytes",
+      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& gate_up, const Array& down,
+         const OptLora& gate_up_lora, const OptLora& down_lora) {
+        return moefuse::moe_experts_backward_workspace_bytes(
+            cfg, to_view(x, "x"), to_expert_weights(gate_up, down, gate_up_lora, down_lora));
+      },
+      "cfg"_a, "x"_a, "gate_up"_a, "down"_a, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none());
+  m.def(
+      "moe_experts_forward",
+      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& topk_ids, const Array& topk_weights,
+         const Array& gate_up, const Array& down, const Array& out, const Array& saved, const OptArray& workspace,
+         std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora) {
+        moefuse::moe_experts_forward(cfg, to_view(x, "x"), to_view(topk_ids, "topk_ids"),
+                                     to_view(topk_weights, "topk_weights"),
+                                     to_expert_weights(gate_up, down, gate_up_lora, down_lora), to_view(out, "out"),
+                                     to_view(saved, "saved"), to_view(workspace, "workspace"), to_stream(stream));
+      },
+      "cfg"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "gate_up"_a, "down"_a, "out"_a, "saved"_a, "workspace"_a.none(),
+      "stream"_a = 0, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none(), release);
+  m.def(
+      "moe_experts_backward",
+      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& topk_weights, const Array& gate_up,
+         const Array& down, const Array& saved, const Array& grad_out, const OptArray& grad_x,
+         const OptArray& grad_gate_up, const OptArray& grad_down, const OptArray& grad_topk_weights,
+         const OptArray& workspace, std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora,
+         const OptArray& grad_gate_up_a, const OptArray& grad_gate_up_b, const OptArray& grad_down_a,
+         const OptArray& grad_down_b) {
+        moefuse::MoeGrads grads = to_grads(grad_x, std::nullopt, grad_gate_up, grad_down);
+        grads.gate_up_lora = {to_view(grad_gate_up_a, "grads.gate_up_lora.a"),
+                              to_view(grad_gate_up_b, "grads.gate_up_lora.b")};
+        grads.down_lora = {to_view(grad_down_a, "grads.down_lora.a"), to_view(grad_down_b, "grads.down_lora.b")};
+        moefuse::moe_experts_backward(cfg, to_view(x, "x"), to_view(topk_weights, "topk_weights"),
+                                      to_expert_weights(gate_up, down, gate_up_lora, down_lora),
+                                      to_view(saved, "saved"), to_view(grad_out, "grad_out"), grads,
+                                      to_view(grad_topk_weights, "grad_topk_weights"),
+                                      to_view(workspace, "workspace"), to_stream(stream));
+      },
+      "cfg"_a, "x"_a, "topk_weights"_a, "gate_up"_a, "down"_a, "saved"_a, "grad_out"_a, "grad_x"_a.none(),
+      "grad_gate_up"_a.none(), "grad_down"_a.none(), "grad_topk_weights"_a.none(), "workspace"_a.none(),
+      "stream"_a = 0, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none(),
+      "grad_gate_up_a"_a.none() = nb::none(), "grad_gate_up_b"_a.none() = nb::none(),
+      "grad_down_a"_a.none() = nb::none(), "grad_down_b"_a.none() = nb::none(), release);
 
   // The whole block.
   m.def("moe_saved_bytes", &moefuse::moe_saved_bytes, "cfg"_a, "tokens"_a, "dtype"_a);

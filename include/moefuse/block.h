@@ -67,4 +67,20 @@ void moe_backward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, Tenso
                   TensorView grad_out, TensorView grad_router_logits, const MoeGrads& grads, TensorView workspace,
                   void* stream = nullptr);
 
+// ---------------------------------------------------------------------------------------------------------------------
+// The experts alone, with the routing decided elsewhere (Transformers' experts interface keeps its own router):
+// out[t] = sum_j topk_weights[t, j] * down[e] . swiglu(gate_up[e] . x[t]), e = topk_ids[t, j]; ids >= E add nothing.
+// w.router is not used. `saved` (u8, moe_experts_saved_bytes long) keeps the plan and h for backward.
+//   topk_ids [T, k] i32;  topk_weights [T, k] f32;  out [T, H]
+std::size_t moe_experts_saved_bytes(const MoeConfig& cfg, std::int64_t tokens, DType dtype);
+std::size_t moe_experts_forward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w);
+std::size_t moe_experts_backward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w);
+void moe_experts_forward(const MoeConfig& cfg, TensorView x, TensorView topk_ids, TensorView topk_weights,
+                         const MoeWeights& w, TensorView out, TensorView saved, TensorView workspace,
+                         void* stream = nullptr);
+// grads.router must be absent; grad_topk_weights [T, k] f32 is optional (absent: not computed).
+void moe_experts_backward(const MoeConfig& cfg, TensorView x, TensorView topk_weights, const MoeWeights& w,
+                          TensorView saved, TensorView grad_out, const MoeGrads& grads, TensorView grad_topk_weights,
+                          TensorView workspace, void* stream = nullptr);
+
 }  // namespace moefuse

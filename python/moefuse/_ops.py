@@ -222,17 +222,11 @@ moe_fused_linear.register_autograd(_linear_backward, setup_context=_linear_setup
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# experts: the expert half of the block with routing given (the Transformers experts backend). Returns the output
-# and, for backward, h = gather(x) . gate_up^T [T*k, 2I] in sorted order and the plan.
+# experts: the expert half of the block with routing given (the Transformers experts backend), see
+# moe_experts_forward in include/moefuse/block.h. Returns the output and the opaque state backward needs (u8).
 # Optional stacked LoRA adapters (a [E, r, in], b [E, out, r], scale) on gate_up and/or down freeze that base weight:
 # the adapter rides along the grouped GEMM (W + b.a is never formed), and backward gives grads for x, the routing
 # weights and a, b.
-
-
-def _experts_fake_outputs(x, topk_weights, gate_up):
-    pairs = topk_weights.shape[0] * topk_weights.shape[1]
-    return (x.new_empty(x.shape[0], gate_up.shape[2]), x.new_empty(pairs, gate_up.shape[1]),
-            x.new_empty(plan_numel(pairs, gate_up.shape[0]), dtype=torch.int32))  # fmt: skip
 
 
 def _lora_arg(a, b, scale):
@@ -240,6 +234,11 @@ def _lora_arg(a, b, scale):
     if a is None and b is None:
         return None
     return (None if a is None else a.contiguous(), None if b is None else b.contiguous(), scale)
+
+
+def _experts_saved_bytes(x, topk_weights, gate_up):
+    # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
+    return _saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, int(topk_weights.shape[1]), False)
 
 
 @torch.library.custom_op("moefuse::experts", mutates_args=())
@@ -255,34 +254,28 @@ def experts(
     down_a: torch.Tensor | None = None,
     down_b: torch.Tensor | None = None,
     down_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """out[t] = sum_j topk_weights[t, j] * down[e] . swiglu(gate_up[e] . x[t]) with e = topk_ids[t, j], each weight
-    W plus scale * b[e] . a[e] where its adapter is given."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, saved): out[t] = sum_j topk_weights[t, j] * down[e] . swiglu(gate_up[e] . x[t]) with e = topk_ids[t, j],
+    each weight W plus scale * b[e] . a[e] where its adapter is given."""
     _check_ids(topk_ids)
-    x, topk_ids, w = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
+    x, ids, w = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
-    if topk_weights.dtype != torch.float32 or topk_weights.shape != topk_ids.shape:
-        raise MoefuseError(
-            f"moefuse: topk_weights must be float32 shaped like topk_ids {list(topk_ids.shape)}, got "
-            f"{topk_weights.dtype}{list(topk_weights.shape)}"
-        )
+    if _DEBUG and ids.is_cuda and bool((ids < 0).any()):  # CUDA cannot raise on them without this sync
+        raise MoefuseError("moefuse: topk_ids has negative expert ids")
     gu_lora, dn_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale), _lora_arg(down_a, down_b, down_scale)
-    out, h, _ = _experts_fake_outputs(x, w, gate_up)
-    a = x.new_empty(h.shape[0], h.shape[1] // 2)
-    dev, stream = x.device, _stream(x.device)
-    with _on(dev):
-        plan, arg = _make_plan(topk_ids, gate_up.shape[0])
-        ws = _workspace(max(_C.moe_linear_workspace_bytes(arg, x, gate_up, True, None, gu_lora),
-                            _C.moe_linear_workspace_bytes(arg, a, down, False, w, dn_lora)), dev)  # fmt: skip
-        _C.moe_linear_forward(arg, x, gate_up, True, None, h, ws, stream, gu_lora)
-        _C.swiglu_forward(h, a, stream)
-        _C.moe_linear_forward(arg, a, down, False, w, out, ws, stream, dn_lora)
-    return out, h, plan
+    cfg = _config(gate_up, ids.shape[1], False)
+    out = torch.empty_like(x)
+    # Zeroed so that its padding is deterministic (opcheck compares outputs bit for bit).
+    saved = _aligned_empty(_experts_saved_bytes(x, w, gate_up), x.device, zero=True)
+    with _on(x.device):
+        ws = _workspace(_C.moe_experts_forward_workspace_bytes(cfg, x, gate_up, down, gu_lora, dn_lora), x.device)
+        _C.moe_experts_forward(cfg, x, ids, w, gate_up, down, out, saved, ws, _stream(x.device), gu_lora, dn_lora)
+    return out, saved
 
 
 @experts.register_fake
 def _(x, topk_ids, topk_weights, gate_up, down, *lora):
-    return _experts_fake_outputs(x, topk_weights, gate_up)
+    return torch.empty_like(x), x.new_empty(_experts_saved_bytes(x, topk_weights, gate_up), dtype=torch.uint8)
 
 
 def _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
@@ -297,8 +290,7 @@ def experts_backward(
     topk_weights: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
-    h: torch.Tensor,
-    plan: torch.Tensor,
+    saved: torch.Tensor,
     needs: list[bool],
     gate_up_a: torch.Tensor | None = None,
     gate_up_b: torch.Tensor | None = None,
@@ -313,55 +305,38 @@ def experts_backward(
     grad_out, x, w = grad_out.contiguous(), x.contiguous(), topk_weights.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     gu_lora, dn_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale), _lora_arg(down_a, down_b, down_scale)
-    for name, lora, need in (("gate_up", gu_lora, needs[2]), ("down", dn_lora, needs[3])):
-        if lora is not None and need:
-            raise MoefuseError(f"moefuse: {name} has a LoRA adapter, which freezes it: it cannot get a gradient "
-                               "(set its requires_grad to False)")  # fmt: skip
     grads = _experts_grads_like(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
-    need_grad_h = any(g is not None for g in (gx, ggu, ggu_a, ggu_b))
-    tokens, top_k = w.shape
-    arg = _plan_arg(plan, tokens, top_k, gate_up.shape[0])
-    a = torch.empty(h.shape[0], h.shape[1] // 2, dtype=h.dtype, device=h.device)
-    grad_a = torch.empty_like(a) if need_grad_h else None
-    dev, stream = x.device, _stream(x.device)
-    with _on(dev):
-        ws = _workspace(max(_C.moe_linear_backward_workspace_bytes(arg, a, down, False, w, dn_lora),
-                            _C.moe_linear_backward_workspace_bytes(arg, x, gate_up, True, None, gu_lora)),
-                        dev)  # fmt: skip
-        # a is recomputed from h; the routing-weight gradient comes out of the down projection's backward.
-        _C.swiglu_forward(h, a, stream)
-        _C.moe_linear_backward(arg, a, down, False, w, grad_out, grad_a, gdown, gw, ws, stream, dn_lora, gdn_a, gdn_b)
-        if need_grad_h:
-            grad_h = torch.empty_like(h)
-            _C.swiglu_backward(h, grad_a, grad_h, stream)
-            _C.moe_linear_backward(arg, x, gate_up, True, None, grad_h, gx, ggu, None, ws, stream, gu_lora, ggu_a,
-                                   ggu_b)  # fmt: skip
+    cfg = _config(gate_up, w.shape[1], False)
+    with _on(x.device):
+        ws = _workspace(_C.moe_experts_backward_workspace_bytes(cfg, x, gate_up, down, gu_lora, dn_lora), x.device)
+        _C.moe_experts_backward(cfg, x, w, gate_up, down, _realigned(saved), grad_out, gx, ggu, gdown, gw, ws,
+                                _stream(x.device), gu_lora, dn_lora, ggu_a, ggu_b, gdn_a, gdn_b)  # fmt: skip
     return grads
 
 
 @experts_backward.register_fake
-def _(grad_out, x, topk_weights, gate_up, down, h, plan, needs, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0,
+def _(grad_out, x, topk_weights, gate_up, down, saved, needs, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0,
       down_a=None, down_b=None, down_scale=1.0):  # fmt: skip
     return _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
 
 
 def _experts_setup(ctx, inputs, output):
     x, _, topk_weights, gate_up, down, gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale = inputs
-    _, h, plan = output
-    ctx.save_for_backward(x, topk_weights, gate_up, down, h, plan, gate_up_a, gate_up_b, down_a, down_b)
+    _, saved = output
+    ctx.save_for_backward(x, topk_weights, gate_up, down, saved, gate_up_a, gate_up_b, down_a, down_b)
     ctx.scales = gate_up_scale, down_scale
-    ctx.mark_non_differentiable(h, plan)  # internal state for backward, not results
+    ctx.mark_non_differentiable(saved)  # internal state for backward, not a result
     ctx.set_materialize_grads(False)
 
 
-def _experts_backward(ctx, grad_out, _grad_h, _grad_plan):
-    x, topk_weights, gate_up, down, h, plan, gate_up_a, gate_up_b, down_a, down_b = ctx.saved_tensors
+def _experts_backward(ctx, grad_out, _grad_saved):
+    x, topk_weights, gate_up, down, saved, gate_up_a, gate_up_b, down_a, down_b = ctx.saved_tensors
     needs = _needs(ctx, 0, 2, 3, 4, 5, 6, 8, 9)
     if grad_out is None or not any(needs):
         return (None,) * 11
     gu_scale, dn_scale = ctx.scales
-    grads = torch.ops.moefuse.experts_backward(grad_out, x, topk_weights, gate_up, down, h, plan, needs, gate_up_a,
+    grads = torch.ops.moefuse.experts_backward(grad_out, x, topk_weights, gate_up, down, saved, needs, gate_up_a,
                                                gate_up_b, gu_scale, down_a, down_b, dn_scale)  # fmt: skip
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
     return gx, None, gw, ggu, gdown, ggu_a, ggu_b, None, gdn_a, gdn_b, None
@@ -381,20 +356,22 @@ def _config(gate_up: torch.Tensor, top_k: int, renormalize: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _saved_affine(hidden: int, intermediate: int, experts: int, top_k: int, renormalize: bool, dtype) -> tuple:
-    """(per_token, fixed) with moe_saved_bytes(T) <= per_token * T + fixed for every T.
+def _saved_affine(query, hidden: int, intermediate: int, experts: int, top_k: int, renormalize: bool, dtype) -> tuple:
+    """(per_token, fixed) with query(cfg, T, dtype) <= per_token * T + fixed for every T; `query` is
+    moe_saved_bytes or moe_experts_saved_bytes.
 
     The saved state is a handful of 256-byte aligned pieces, each per-token-linear or constant in size, so two
     queries give the slope exactly (T = 256 makes every linear piece a multiple of 256) and 16 * 256 bytes cover the
     rounding of up to 16 pieces. A bound linear in T keeps the fake's size symbolic (no recompiles per T)."""
     cfg = _C.MoeConfig(hidden, intermediate, experts, top_k, renormalize)
-    q0, q256 = _C.moe_saved_bytes(cfg, 0, dtype), _C.moe_saved_bytes(cfg, 256, dtype)
+    q0, q256 = query(cfg, 0, dtype), query(cfg, 256, dtype)
     return (q256 - q0) // 256, q0 + 16 * _ALIGN
 
 
-def _saved_bytes(tokens, x, gate_up, top_k, renormalize):
+def _saved_bytes(query, tokens, x, gate_up, top_k, renormalize):
     e, two_i, hidden = gate_up.shape
-    per_token, fixed = _saved_affine(int(hidden), int(two_i) // 2, int(e), top_k, renormalize, _dtype(x, "x"))
+    per_token, fixed = _saved_affine(query, int(hidden), int(two_i) // 2, int(e), top_k, renormalize,
+                                     _dtype(x, "x"))  # fmt: skip
     return per_token * tokens + fixed
 
 
@@ -413,7 +390,7 @@ def moe_block(
     out = torch.empty_like(x)
     logits = x.new_empty(x.shape[0], router_weight.shape[0])
     # Zeroed so that its padding is deterministic (opcheck compares outputs bit for bit).
-    saved = _aligned_empty(_saved_bytes(x.shape[0], x, gate_up, top_k, renormalize), x.device, zero=True)
+    saved = _aligned_empty(_saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize), x.device, zero=True)
     with _on(x.device):
         ws = _workspace(_C.moe_forward_workspace_bytes(cfg, x, router_weight, gate_up, down), x.device)
         _C.moe_forward(cfg, x, router_weight, gate_up, down, out, logits, saved, ws, _stream(x.device))
@@ -422,7 +399,7 @@ def moe_block(
 
 @moe_block.register_fake
 def _(x, router_weight, gate_up, down, top_k, renormalize):
-    saved = x.new_empty(_saved_bytes(x.shape[0], x, gate_up, top_k, renormalize), dtype=torch.uint8)
+    saved = x.new_empty(_saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize), dtype=torch.uint8)
     return torch.empty_like(x), x.new_empty(x.shape[0], router_weight.shape[0]), saved
 
 

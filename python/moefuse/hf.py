@@ -51,7 +51,7 @@ def moefuse_experts_forward(
     # Stacked PEFT adapters, handed over for this forward by moefuse.lora (use_moefuse_lora).
     adapters = getattr(self, LORA_ATTR, {})
     lora = [t for name in ("gate_up_proj", "down_proj") for t in adapters.get(name, (None, None, 1.0))]
-    out, _, _ = torch.ops.moefuse.experts(
+    out, _ = torch.ops.moefuse.experts(
         x, top_k_index.to(torch.int32), top_k_weights.to(torch.float32), w, self.down_proj, *lora
     )
     return out.to(hidden_states.dtype)

@@ -1,4 +1,5 @@
-// The MoE block, composed from the ops (see include/moefuse/block.h for the data flow).
+// The MoE block and its experts part, composed from the ops (see include/moefuse/block.h for the data flow).
+// The block is router + experts: both public entries run the same experts code below.
 #include <algorithm>
 
 #include "core/dispatch.h"
@@ -22,19 +23,21 @@ void check_config(const char* op, const MoeConfig& c) {
   MOEFUSE_CHECK(c.top_k >= 1 && c.top_k <= c.experts, op, "top_k must be in [1, ", c.experts, "], got ", c.top_k);
 }
 
-// Checks x and the weights; returns T.
+// Checks x and the expert weights (and the router weight when `router`); returns T.
 // `data` is false in workspace queries, which read shapes only.
-std::int64_t check_block(const char* op, const MoeConfig& c, const TensorView& x, const MoeWeights& w,
-                         bool data = true) {
+std::int64_t check_weights(const char* op, const MoeConfig& c, const TensorView& x, const MoeWeights& w, bool router,
+                           bool data = true) {
   check_config(op, c);
   expect(op, "x", x, {-1, c.hidden}, kFloatTypes, data);
-  expect(op, "router weight", w.router, {c.experts, c.hidden}, kFloatTypes, data);
+  if (router) {
+    expect(op, "router weight", w.router, {c.experts, c.hidden}, kFloatTypes, data);
+    expect_same_dtype(op, "router weight", w.router, x.dtype);
+    expect_same_device(op, "router weight", w.router, x.device);
+  }
   expect(op, "gate_up", w.gate_up, {c.experts, 2 * c.intermediate, c.hidden}, kFloatTypes, data);
   expect(op, "down", w.down, {c.experts, c.hidden, c.intermediate}, kFloatTypes, data);
-  expect_same_dtype(op, "router weight", w.router, x.dtype);
   expect_same_dtype(op, "gate_up", w.gate_up, x.dtype);
   expect_same_dtype(op, "down", w.down, x.dtype);
-  expect_same_device(op, "router weight", w.router, x.device);
   expect_same_device(op, "gate_up", w.gate_up, x.device);
   expect_same_device(op, "down", w.down, x.device);
   return x.shape[0];
@@ -48,11 +51,27 @@ void expect_like_x(const char* op, const char* name, const TensorView& t, std::i
   expect_same_device(op, name, t, x.device);
 }
 
-MoeSaved layout_saved(const MoeConfig& c, std::int64_t tokens, DType dtype, Carver& cv) {
+void check_grads(const char* op, const MoeConfig& c, const TensorView& x, const MoeWeights& w, const MoeGrads& g) {
+  const std::int64_t t = x.shape[0];
+  expect_like_x(op, "grads.x", g.x, {t, c.hidden}, x);
+  expect_like_x(op, "grads.router", g.router, {c.experts, c.hidden}, x);
+  expect_like_x(op, "grads.gate_up", g.gate_up, {c.experts, 2 * c.intermediate, c.hidden}, x);
+  expect_like_x(op, "grads.down", g.down, {c.experts, c.hidden, c.intermediate}, x);
+  MOEFUSE_CHECK(!(g.gate_up.defined() && w.gate_up_lora.defined()), op,
+                "grads.gate_up given, but gate_up has a LoRA adapter, which freezes it: ask for grads.gate_up_lora");
+  MOEFUSE_CHECK(!(g.down.defined() && w.down_lora.defined()), op,
+                "grads.down given, but down has a LoRA adapter, which freezes it: ask for grads.down_lora");
+}
+
+// The experts' state for backward: the plan and h = gather(x) . gate_up^T.
+struct ExpertsSaved {
+  Plan plan;
+  TensorView h;
+};
+
+ExpertsSaved layout_experts_saved(const MoeConfig& c, std::int64_t tokens, DType dtype, Carver& cv) {
   const std::int64_t m = tokens * c.top_k;
-  MoeSaved s;
-  s.topk_ids = cv.take(DType::i32, {tokens, c.top_k});
-  s.topk_weights = cv.take(DType::f32, {tokens, c.top_k});
+  ExpertsSaved s;
   s.plan.tokens = tokens;
   s.plan.top_k = c.top_k;
   s.plan.experts = c.experts;
@@ -65,42 +84,81 @@ MoeSaved layout_saved(const MoeConfig& c, std::int64_t tokens, DType dtype, Carv
   return s;
 }
 
-// Scratch of the forward: a = swiglu(h), then one region the ops take turns using.
+MoeSaved layout_saved(const MoeConfig& c, std::int64_t tokens, DType dtype, Carver& cv) {
+  MoeSaved s;
+  s.topk_ids = cv.take(DType::i32, {tokens, c.top_k});
+  s.topk_weights = cv.take(DType::f32, {tokens, c.top_k});
+  const ExpertsSaved e = layout_experts_saved(c, tokens, dtype, cv);
+  s.plan = e.plan;
+  s.h = e.h;
+  return s;
+}
+
+// A caller's state buffer laid out by `layout` for `tokens` tokens, after checking it is large enough.
+template <class Layout>
+auto saved_in(const char* op, const MoeConfig& c, std::int64_t tokens, DType dtype, const TensorView& saved,
+              Layout layout) {
+  Carver sizing(saved.device);
+  layout(c, tokens, dtype, sizing);
+  expect(op, "saved", saved, {-1}, {DType::u8});
+  detail::expect_buffer(op, "saved", saved, sizing.bytes(), saved.device);
+  Carver cv(saved);
+  return layout(c, tokens, dtype, cv);
+}
+
+// Forward scratch: a = swiglu(h), then one region the ops take turns using.
 struct ForwardWork {
   TensorView a, scratch;
 };
 
-ForwardWork layout_forward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const MoeSaved& s,
-                           Carver& cv) {
-  const Device d = x.device;
+ForwardWork layout_forward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const ExpertsSaved& s,
+                           const TensorView& topk_weights, Carver& cv) {
   ForwardWork f;
   f.a = cv.take(x.dtype, {s.h.shape[0], c.intermediate});
-  const std::size_t scratch =
-      std::max({BACKEND("moe_forward", d, routing_plan_workspace_bytes, s.plan),
+  f.scratch = cv.take_bytes(
+      std::max({BACKEND("moe_forward", x.device, routing_plan_workspace_bytes, s.plan),
                 moe_linear_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}),
-                moe_linear_workspace_bytes(s.plan, f.a, w.down, w.down_lora, false, s.topk_weights)});
-  f.scratch = cv.take_bytes(scratch);
+                moe_linear_workspace_bytes(s.plan, f.a, w.down, w.down_lora, false, topk_weights)}));
   return f;
 }
 
+// Backward scratch of the experts (the block adds the router's below them).
 struct BackwardWork {
-  TensorView a, grad_a, grad_h, grad_weights, grad_logits, scratch;
+  TensorView a, grad_a, grad_h, scratch;
 };
 
-BackwardWork layout_backward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const MoeSaved& s,
-                             Carver& cv) {
-  const std::int64_t m = s.h.shape[0], t = x.shape[0];
+BackwardWork layout_backward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const ExpertsSaved& s,
+                             const TensorView& topk_weights, Carver& cv) {
+  const std::int64_t m = s.h.shape[0];
   BackwardWork b;
   b.a = cv.take(x.dtype, {m, c.intermediate});
   b.grad_a = cv.take(x.dtype, {m, c.intermediate});
   b.grad_h = cv.take(x.dtype, {m, 2 * c.intermediate});
-  b.grad_weights = cv.take(DType::f32, {t, c.top_k});
-  b.grad_logits = cv.take(x.dtype, {t, c.experts});
-  const std::size_t scratch =
-      std::max(moe_linear_backward_workspace_bytes(s.plan, b.a, w.down, w.down_lora, false, s.topk_weights),
-               moe_linear_backward_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}));
-  b.scratch = cv.take_bytes(scratch);
+  b.scratch = cv.take_bytes(
+      std::max(moe_linear_backward_workspace_bytes(s.plan, b.a, w.down, w.down_lora, false, topk_weights),
+               moe_linear_backward_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{})));
   return b;
+}
+
+// Shape-only views of what the layouts need, for the workspace queries.
+struct Sizing {
+  ExpertsSaved saved;
+  TensorView topk_weights;
+};
+Sizing sizing(const MoeConfig& c, const TensorView& x) {
+  Carver cv(x.device);
+  const MoeSaved s = layout_saved(c, x.shape[0], x.dtype, cv);
+  return {{s.plan, s.h}, s.topk_weights};
+}
+
+void experts_forward(const TensorView& x, const MoeWeights& w, const TensorView& topk_ids,
+                     const TensorView& topk_weights, const ExpertsSaved& s, const ForwardWork& f,
+                     const TensorView& out, void* stream) {
+  const char* op = "moe_forward";
+  BACKEND(op, x.device, routing_plan, topk_ids, s.plan, f.scratch, stream);
+  moe_linear_forward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, s.h, f.scratch, stream);
+  BACKEND(op, x.device, swiglu_forward, s.h, f.a, stream);
+  moe_linear_forward(s.plan, f.a, w.down, w.down_lora, false, topk_weights, out, f.scratch, stream);
 }
 
 // One expert projection's backward: the base weight's gradient, or the adapter's when there is one (LoRA freezes
@@ -117,18 +175,37 @@ void projection_backward(const Plan& plan, const TensorView& x, const TensorView
                         grad_combine_weights, workspace, stream);
 }
 
-// The saved state of `tokens` tokens laid out in `saved` (or only sized, when saved has no data).
-MoeSaved saved_in(const char* op, const MoeConfig& c, std::int64_t tokens, DType dtype, const TensorView& saved) {
-  Carver sizing(saved.device);
-  layout_saved(c, tokens, dtype, sizing);
-  expect(op, "saved", saved, {-1}, {DType::u8});
-  detail::expect_buffer(op, "saved", saved, sizing.bytes(), saved.device);
-  Carver cv(saved);
-  return layout_saved(c, tokens, dtype, cv);
+bool any(const LoraGrads& g) { return g.a.defined() || g.b.defined(); }
+
+// Writes grads.x (the experts' part), the expert weight or adapter gradients and grad_topk_weights, each if present.
+void experts_backward(const TensorView& x, const MoeWeights& w, const TensorView& topk_weights,
+                      const ExpertsSaved& s, const TensorView& grad_out, const MoeGrads& grads,
+                      const TensorView& grad_topk_weights, const BackwardWork& b, void* stream) {
+  const bool need_grad_h = grads.x.defined() || grads.gate_up.defined() || any(grads.gate_up_lora);
+  if (!need_grad_h && !grads.down.defined() && !any(grads.down_lora) && !grad_topk_weights.defined()) return;
+  // Down projection: a is recomputed from h; the routing-weight gradient comes out of the same pass.
+  BACKEND("moe_backward", x.device, swiglu_forward, s.h, b.a, stream);
+  projection_backward(s.plan, b.a, w.down, w.down_lora, false, topk_weights, grad_out,
+                      need_grad_h ? b.grad_a : TensorView{}, grads.down, grads.down_lora, grad_topk_weights,
+                      b.scratch, stream);
+  if (!need_grad_h) return;
+  // Up projection (gathered x).
+  BACKEND("moe_backward", x.device, swiglu_backward, s.h, b.grad_a, b.grad_h, stream);
+  projection_backward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
+                      grads.gate_up_lora, TensorView{}, b.scratch, stream);
+}
+
+// The block's backward adds the router's scratch after the experts'.
+struct RouterWork {
+  TensorView grad_weights, grad_logits;
+};
+RouterWork layout_router_backward(const MoeConfig& c, const TensorView& x, Carver& cv) {
+  return {cv.take(DType::f32, {x.shape[0], c.top_k}), cv.take(x.dtype, {x.shape[0], c.experts})};
 }
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------------------------------
 std::size_t moe_saved_bytes(const MoeConfig& cfg, std::int64_t tokens, DType dtype) {
   check_config("moe_saved_bytes", cfg);
   Carver cv(Device::cpu());
@@ -138,91 +215,133 @@ std::size_t moe_saved_bytes(const MoeConfig& cfg, std::int64_t tokens, DType dty
 
 MoeSaved moe_saved_view(const MoeConfig& cfg, std::int64_t tokens, DType dtype, TensorView saved) {
   check_config("moe_saved_view", cfg);
-  return saved_in("moe_saved_view", cfg, tokens, dtype, saved);
+  return saved_in("moe_saved_view", cfg, tokens, dtype, saved, layout_saved);
 }
 
 std::size_t moe_forward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w) {
-  const std::int64_t t = check_block("moe_forward_workspace_bytes", cfg, x, w, false);
-  Carver sizing(x.device);
-  const MoeSaved s = layout_saved(cfg, t, x.dtype, sizing);
+  check_weights("moe_forward_workspace_bytes", cfg, x, w, true, false);
+  const Sizing z = sizing(cfg, x);
   Carver cv(x.device);
-  layout_forward(cfg, x, w, s, cv);
+  layout_forward(cfg, x, w, z.saved, z.topk_weights, cv);
   return cv.bytes();
 }
 
 std::size_t moe_backward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w, const MoeGrads&) {
-  const std::int64_t t = check_block("moe_backward_workspace_bytes", cfg, x, w, false);
-  Carver sizing(x.device);
-  const MoeSaved s = layout_saved(cfg, t, x.dtype, sizing);
+  check_weights("moe_backward_workspace_bytes", cfg, x, w, true, false);
+  const Sizing z = sizing(cfg, x);
   Carver cv(x.device);
-  layout_backward(cfg, x, w, s, cv);
+  layout_backward(cfg, x, w, z.saved, z.topk_weights, cv);
+  layout_router_backward(cfg, x, cv);
   return cv.bytes();
 }
 
 void moe_forward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, TensorView out, TensorView router_logits,
                  TensorView saved, TensorView workspace, void* stream) {
   const char* op = "moe_forward";
-  const std::int64_t t = check_block(op, cfg, x, w);
+  const std::int64_t t = check_weights(op, cfg, x, w, true);
   expect_like_x(op, "out", out, {t, cfg.hidden}, x, true);
   expect_like_x(op, "router_logits", router_logits, {t, cfg.experts}, x, true);
   expect_same_device(op, "saved", saved, x.device);
-  const MoeSaved s = saved_in(op, cfg, t, x.dtype, saved);
+  const MoeSaved s = saved_in(op, cfg, t, x.dtype, saved, layout_saved);
   detail::expect_workspace(op, workspace, moe_forward_workspace_bytes(cfg, x, w), x.device);
   Carver cv(workspace);
-  const ForwardWork f = layout_forward(cfg, x, w, s, cv);
-  const Device d = x.device;
+  const ExpertsSaved es{s.plan, s.h};
+  const ForwardWork f = layout_forward(cfg, x, w, es, s.topk_weights, cv);
 
-  BACKEND(op, d, dense_linear_forward, x, w.router, router_logits, stream);
-  BACKEND(op, d, router_forward, router_logits, cfg.top_k, cfg.renormalize, s.topk_ids, s.topk_weights, stream);
-  BACKEND(op, d, routing_plan, s.topk_ids, s.plan, f.scratch, stream);
-  moe_linear_forward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, s.h, f.scratch, stream);
-  BACKEND(op, d, swiglu_forward, s.h, f.a, stream);
-  moe_linear_forward(s.plan, f.a, w.down, w.down_lora, false, s.topk_weights, out, f.scratch, stream);
+  BACKEND(op, x.device, dense_linear_forward, x, w.router, router_logits, stream);
+  BACKEND(op, x.device, router_forward, router_logits, cfg.top_k, cfg.renormalize, s.topk_ids, s.topk_weights,
+          stream);
+  experts_forward(x, w, s.topk_ids, s.topk_weights, es, f, out, stream);
 }
 
 void moe_backward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, TensorView router_logits, TensorView saved,
                   TensorView grad_out, TensorView grad_router_logits, const MoeGrads& grads, TensorView workspace,
                   void* stream) {
   const char* op = "moe_backward";
-  const std::int64_t t = check_block(op, cfg, x, w);
+  const std::int64_t t = check_weights(op, cfg, x, w, true);
   expect_like_x(op, "router_logits", router_logits, {t, cfg.experts}, x, true);
   expect_like_x(op, "grad_out", grad_out, {t, cfg.hidden}, x, true);
   expect_like_x(op, "grad_router_logits", grad_router_logits, {t, cfg.experts}, x);
-  expect_like_x(op, "grads.x", grads.x, {t, cfg.hidden}, x);
-  expect_like_x(op, "grads.router", grads.router, {cfg.experts, cfg.hidden}, x);
-  expect_like_x(op, "grads.gate_up", grads.gate_up, {cfg.experts, 2 * cfg.intermediate, cfg.hidden}, x);
-  expect_like_x(op, "grads.down", grads.down, {cfg.experts, cfg.hidden, cfg.intermediate}, x);
-  MOEFUSE_CHECK(!(grads.gate_up.defined() && w.gate_up_lora.defined()) &&
-                    !(grads.down.defined() && w.down_lora.defined()),
-                op, "an expert weight with a LoRA adapter is frozen: ask for the adapter's gradient, not the weight's");
+  check_grads(op, cfg, x, w, grads);
   expect_same_device(op, "saved", saved, x.device);
-  const MoeSaved s = saved_in(op, cfg, t, x.dtype, saved);
+  const MoeSaved s = saved_in(op, cfg, t, x.dtype, saved, layout_saved);
   detail::expect_workspace(op, workspace, moe_backward_workspace_bytes(cfg, x, w, grads), x.device);
   Carver cv(workspace);
-  const BackwardWork b = layout_backward(cfg, x, w, s, cv);
-  const Device d = x.device;
+  const ExpertsSaved es{s.plan, s.h};
+  const BackwardWork b = layout_backward(cfg, x, w, es, s.topk_weights, cv);
+  const RouterWork r = layout_router_backward(cfg, x, cv);
 
-  auto any = [](const LoraGrads& g) { return g.a.defined() || g.b.defined(); };
   const bool need_route = grads.x.defined() || grads.router.defined();  // gradient through the routing weights
-  const bool need_grad_h = grads.x.defined() || grads.gate_up.defined() || any(grads.gate_up_lora);
-  if (!need_route && !need_grad_h && !grads.down.defined() && !any(grads.down_lora)) return;
+  // grads.x gets the experts' part here and the router's part below.
+  experts_backward(x, w, s.topk_weights, es, grad_out, grads, need_route ? r.grad_weights : TensorView{}, b,
+                   stream);
+  if (!need_route) return;
+  BACKEND(op, x.device, router_backward, router_logits, s.topk_ids, cfg.renormalize, r.grad_weights,
+          grad_router_logits, r.grad_logits, stream);
+  BACKEND(op, x.device, dense_linear_backward, x, w.router, r.grad_logits, grads.x, true, grads.router, stream);
+}
 
-  // Down projection: a is recomputed from h; the routing-weight gradient comes out of the same pass.
-  BACKEND(op, d, swiglu_forward, s.h, b.a, stream);
-  projection_backward(s.plan, b.a, w.down, w.down_lora, false, s.topk_weights, grad_out,
-                      need_grad_h ? b.grad_a : TensorView{}, grads.down, grads.down_lora,
-                      need_route ? b.grad_weights : TensorView{}, b.scratch, stream);
-  // Up projection (gathered x): grads.x gets the experts' part here, the router's part below.
-  if (need_grad_h) {
-    BACKEND(op, d, swiglu_backward, s.h, b.grad_a, b.grad_h, stream);
-    projection_backward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
-                        grads.gate_up_lora, TensorView{}, b.scratch, stream);
+// ---------------------------------------------------------------------------------------------------------------------
+std::size_t moe_experts_saved_bytes(const MoeConfig& cfg, std::int64_t tokens, DType dtype) {
+  check_config("moe_experts_saved_bytes", cfg);
+  Carver cv(Device::cpu());
+  layout_experts_saved(cfg, tokens, dtype, cv);
+  return cv.bytes();
+}
+
+std::size_t moe_experts_forward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w) {
+  check_weights("moe_experts_forward_workspace_bytes", cfg, x, w, false, false);
+  const Sizing z = sizing(cfg, x);
+  Carver cv(x.device);
+  layout_forward(cfg, x, w, z.saved, z.topk_weights, cv);
+  return cv.bytes();
+}
+
+std::size_t moe_experts_backward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w) {
+  check_weights("moe_experts_backward_workspace_bytes", cfg, x, w, false, false);
+  const Sizing z = sizing(cfg, x);
+  Carver cv(x.device);
+  layout_backward(cfg, x, w, z.saved, z.topk_weights, cv);
+  return cv.bytes();
+}
+
+void moe_experts_forward(const MoeConfig& cfg, TensorView x, TensorView topk_ids, TensorView topk_weights,
+                         const MoeWeights& w, TensorView out, TensorView saved, TensorView workspace, void* stream) {
+  const char* op = "moe_experts_forward";
+  const std::int64_t t = check_weights(op, cfg, x, w, false);
+  expect(op, "topk_ids", topk_ids, {t, cfg.top_k}, {DType::i32});
+  expect(op, "topk_weights", topk_weights, {t, cfg.top_k}, {DType::f32});
+  expect_same_device(op, "topk_ids", topk_ids, x.device);
+  expect_same_device(op, "topk_weights", topk_weights, x.device);
+  expect_like_x(op, "out", out, {t, cfg.hidden}, x, true);
+  expect_same_device(op, "saved", saved, x.device);
+  const ExpertsSaved s = saved_in(op, cfg, t, x.dtype, saved, layout_experts_saved);
+  detail::expect_workspace(op, workspace, moe_experts_forward_workspace_bytes(cfg, x, w), x.device);
+  Carver cv(workspace);
+  const ForwardWork f = layout_forward(cfg, x, w, s, topk_weights, cv);
+  experts_forward(x, w, topk_ids, topk_weights, s, f, out, stream);
+}
+
+void moe_experts_backward(const MoeConfig& cfg, TensorView x, TensorView topk_weights, const MoeWeights& w,
+                          TensorView saved, TensorView grad_out, const MoeGrads& grads, TensorView grad_topk_weights,
+                          TensorView workspace, void* stream) {
+  const char* op = "moe_experts_backward";
+  const std::int64_t t = check_weights(op, cfg, x, w, false);
+  expect(op, "topk_weights", topk_weights, {t, cfg.top_k}, {DType::f32});
+  expect_same_device(op, "topk_weights", topk_weights, x.device);
+  expect_like_x(op, "grad_out", grad_out, {t, cfg.hidden}, x, true);
+  MOEFUSE_CHECK(!grads.router.defined(), op, "grads.router must be absent: the experts have no router");
+  check_grads(op, cfg, x, w, grads);
+  if (grad_topk_weights.defined()) {
+    expect(op, "grad_topk_weights", grad_topk_weights, {t, cfg.top_k}, {DType::f32});
+    expect_same_device(op, "grad_topk_weights", grad_topk_weights, x.device);
   }
-  if (need_route) {
-    BACKEND(op, d, router_backward, router_logits, s.topk_ids, cfg.renormalize, b.grad_weights, grad_router_logits,
-            b.grad_logits, stream);
-    BACKEND(op, d, dense_linear_backward, x, w.router, b.grad_logits, grads.x, true, grads.router, stream);
-  }
+  expect_same_device(op, "saved", saved, x.device);
+  const ExpertsSaved s = saved_in(op, cfg, t, x.dtype, saved, layout_experts_saved);
+  detail::expect_workspace(op, workspace, moe_experts_backward_workspace_bytes(cfg, x, w), x.device);
+  Carver cv(workspace);
+  const BackwardWork b = layout_backward(cfg, x, w, s, topk_weights, cv);
+  experts_backward(x, w, topk_weights, s, grad_out, grads, grad_topk_weights, b, stream);
 }
 
 }  // namespace moefuse

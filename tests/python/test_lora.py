@@ -170,8 +170,8 @@ def test_experts_with_lora_opcheck():
     opcheck(ops.experts, (x, ids, w, gate_up, down, *lora))
     opcheck(ops.experts, (x, ids, w, gate_up, down, *lora[:3]))  # gate_up only
     det = [t.detach() if isinstance(t, torch.Tensor) else t for t in lora]
-    out, h, plan = ops.experts(x.detach(), ids, w.detach(), gate_up, down, *det)
-    args = (torch.randn_like(out), x.detach(), w.detach(), gate_up, down, h, plan)
+    out, saved = ops.experts(x.detach(), ids, w.detach(), gate_up, down, *det)
+    args = (torch.randn_like(out), x.detach(), w.detach(), gate_up, down, saved)
     opcheck(ops.experts_backward, (*args, [True, True, False, False] + [True] * 4, *det))
     opcheck(ops.experts_backward, (*args, [False] * 5 + [True] + [False] * 2, *det))
 

@@ -50,8 +50,8 @@ def test_experts_opcheck():
     ids[1, 2] = E  # placeholder: contributes nothing
     w.requires_grad_()
     opcheck(ops.experts, (x, ids, w, gate_up, down))
-    out, h, plan = ops.experts(x.detach(), ids, w.detach(), gate_up.detach(), down.detach())
-    args = (torch.randn_like(out), x.detach(), w.detach(), gate_up.detach(), down.detach(), h, plan)
+    out, saved = ops.experts(x.detach(), ids, w.detach(), gate_up.detach(), down.detach())
+    args = (torch.randn_like(out), x.detach(), w.detach(), gate_up.detach(), down.detach(), saved)
     opcheck(ops.experts_backward, (*args, [True] * 4 + [False] * 4))
     opcheck(ops.experts_backward, (*args, [True] + [False] * 7))
 
@@ -79,7 +79,7 @@ def test_experts_matches_reference_float64_math():
     x, _, gu, dn = block_tensors()
     ids, w = routing()
     ids[0, 1] = E + 3  # placeholder
-    out, _, _ = ops.experts(x, ids, w, gu, dn)
+    out, _ = ops.experts(x, ids, w, gu, dn)
     xd, gud, dnd = x.double(), gu.double(), dn.double()
     expect = torch.zeros_like(xd)
     for t in range(T):
