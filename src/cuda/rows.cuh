@@ -45,22 +45,6 @@ __global__ void gather_sum_rows(const T* __restrict__ rows, const int* __restric
   store_vec<T, VEC>(dst, acc);
 }
 
-// out[s, :] += scale * rows[s, :] for routed sorted rows s. Fixed grid, strided over the routed rows.
-template <class T, int VEC>
-__global__ void add_sorted_rows(const T* __restrict__ rows, float scale, const int* __restrict__ offsets,
-                                int experts, std::int64_t cols, T* __restrict__ out) {
-  const std::int64_t end = offsets[experts] * cols;
-  float a[VEC], b[VEC];
-  for (std::int64_t i = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC; i < end;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x * VEC) {
-    load_vec<T, VEC>(rows + i, a);
-    load_vec<T, VEC>(out + i, b);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) b[j] += scale * a[j];
-    store_vec<T, VEC>(out + i, b);
-  }
-}
-
 // dst[s, :] = w[pairs[s]] * src[pairs[s] / k, :] (w = 1 when absent) for routed sorted rows s: a gathered operand
 // made dense for a kernel whose loads cannot gather (TMA). A block per row, grid over all M rows.
 template <class T, int VEC>
@@ -109,20 +93,6 @@ void launch_gather_sum(const TensorView& rows, const Plan& plan, const float* w,
     gather_sum_rows<T, VEC><<<static_cast<unsigned>(ceil_div<std::int64_t>(threads, kRowThreads)), kRowThreads, 0, s>>>(
         rows.ptr<T>(), plan.pair_positions.ptr<int>(), w, scale, accumulate, plan.offsets.ptr<int>(), plan.experts,
         plan.tokens, plan.top_k, cols, out.ptr<T>());
-    MOEFUSE_CUDA_LAUNCH_CHECK();
-  });
-}
-
-// out [M, cols] += scale * rows [M, cols] over the routed sorted rows.
-template <class T>
-void launch_add_sorted(const TensorView& rows, const Plan& plan, float scale, const TensorView& out, cudaStream_t s) {
-  using namespace rows_detail;
-  const std::int64_t cols = out.shape[1];
-  if (plan.tokens * cols == 0) return;
-  with_vec<T>(cols, {rows.data, out.data}, [&](auto vec) {
-    constexpr int VEC = decltype(vec)::value;
-    add_sorted_rows<T, VEC><<<512, kRowThreads, 0, s>>>(rows.ptr<T>(), scale, plan.offsets.ptr<int>(), plan.experts,
-                                                     cols, out.ptr<T>());
     MOEFUSE_CUDA_LAUNCH_CHECK();
   });
 }
