@@ -9,6 +9,7 @@ target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
 """
 import argparse
 import json
+import time
 
 import torch
 
@@ -22,20 +23,25 @@ def parse():
     p.add_argument("--modes", default="attn,attn_experts")
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--json", default=None)
+    p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script, times nothing real")
     return p.parse_args()
 
 
-def model(impl, mode, layers, seq):
+SHAPE = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+             num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=32000)
+SMOKE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=3,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
+
+
+def model(impl, mode, layers, seq, shape, device):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     torch.manual_seed(0)
-    c = Qwen3MoeConfig(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-                       num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32, num_key_value_heads=4,
-                       head_dim=128, num_hidden_layers=layers, vocab_size=32000, max_position_embeddings=seq,
+    c = Qwen3MoeConfig(**shape, norm_topk_prob=True, num_hidden_layers=layers, max_position_embeddings=seq,
                        attn_implementation="sdpa")
     c._experts_implementation = impl
-    with torch.device("cuda"):
-        m = Qwen3MoeForCausalLM(c).to(torch.bfloat16)
+    with torch.device(device):
+        m = Qwen3MoeForCausalLM(c).to(torch.bfloat16 if device == "cuda" else torch.float32)
     lora = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     if mode == "attn_experts":
         lora["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -52,34 +58,51 @@ def step_fn(m, ids):
     return step
 
 
+class Timer:
+    """Milliseconds of one call: CUDA events on a GPU, a host clock on the CPU."""
+
+    def __init__(self, device):
+        self.cuda = device == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record(); fn(); e.record(); e.synchronize()
+            return s.elapsed_time(e)
+        t0 = time.perf_counter(); fn()
+        return (time.perf_counter() - t0) * 1e3
+
+
 def main():
     a = parse()
     import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {a.layers} layers, {a.batch}x{a.seq} tokens",
-          flush=True)
+    device, shape = ("cpu", SMOKE) if a.smoke else ("cuda", SHAPE)
+    if a.smoke:
+        a.batch, a.seq, a.iters = 2, 32, 2
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
+    print(f"# {name}, torch {torch.__version__}, {a.layers} layers, {a.batch}x{a.seq} tokens", flush=True)
+    timer = Timer(device)
     rows = []
     for mode in a.modes.split(","):
         for impl in a.impls.split(","):
-            r = dict(impl=impl, mode=mode, layers=a.layers, tokens=a.batch * a.seq)
+            r = dict(impl=impl, mode=mode, layers=a.layers)
             try:
-                m = model(impl, mode, a.layers, a.seq)
-                ids = torch.randint(0, 32000, (a.batch, a.seq), device="cuda")
+                m = model(impl, mode, a.layers, a.seq, shape, device)
+                ids = torch.randint(0, shape["vocab_size"], (a.batch, a.seq), device=device)
                 step = step_fn(m, ids)
                 step()
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                ts = []
-                for _ in range(a.iters):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record(); step(); e.record(); e.synchronize()
-                    ts.append(s.elapsed_time(e))
-                r["step_ms"] = sorted(ts)[len(ts) // 2]
-                r["tokens_per_s"] = r["tokens"] / r["step_ms"] * 1e3
-                r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                ts = sorted(timer(step) for _ in range(a.iters))
+                r["step_ms"] = ts[len(ts) // 2]
+                r["tokens_per_s"] = a.batch * a.seq / r["step_ms"] * 1e3
+                r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
                 del m, step
             except Exception as ex:  # one failing impl must not hide the others' numbers
                 r["error"] = f"{type(ex).__name__}: {ex}"[:300]
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
             print(json.dumps(r), flush=True)
             rows.append(r)
     if a.json:
