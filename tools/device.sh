@@ -13,7 +13,13 @@ mkdir -p "$OUT" "$LOG"
 export PYTHONUNBUFFERED=1 LD_LIBRARY_PATH=$root/.deps/blas/lib:${LD_LIBRARY_PATH:-}
 deps=(-DBLA_VENDOR=Generic -DCMAKE_PREFIX_PATH=$root/.deps/blas -DMOEFUSE_CBLAS_INCLUDE=$root/.deps/blas/include
       -DMOEFUSE_GTEST_SOURCE=$root/.deps/googletest)
-# CUTLASS headers for the sm_90a grouped GEMM, where that machine's Python lacks nvidia-cutlass (see docs/device.md).
+# CUTLASS headers for the sm_90a grouped GEMM: that machine's Python lacks nvidia-cutlass, so unpack the carried
+# wheel (.whl/, see docs/device.md) unless a directory is given.
+if [ -z "${MOEFUSE_CUTLASS_INCLUDE:-}" ] && ! python3 -c "import cutlass_library" 2>/dev/null &&
+   ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/cutlass .whl/nvidia_cutlass-*.whl &&
+    export MOEFUSE_CUTLASS_INCLUDE=/tmp/cutlass/cutlass_library/source/include
+fi
 [ -n "${MOEFUSE_CUTLASS_INCLUDE:-}" ] && deps+=(-DMOEFUSE_CUTLASS_INCLUDE=$MOEFUSE_CUTLASS_INCLUDE)
 stages=("$@")
 ((${#stages[@]})) || stages=(build ctest sanitize python pytest bench layer model finetune)
