@@ -203,6 +203,24 @@ RouterWork layout_router_backward(const MoeConfig& c, const TensorView& x, Carve
   return {cv.take(DType::f32, {x.shape[0], c.top_k}), cv.take(x.dtype, {x.shape[0], c.experts})};
 }
 
+// Workspace sizes of the block (`block`: with the router) or of the experts alone; queries read shapes only.
+std::size_t forward_bytes(const char* op, const MoeConfig& c, const TensorView& x, const MoeWeights& w, bool block) {
+  check_weights(op, c, x, w, block, false);
+  const Sizing z = sizing(c, x);
+  Carver cv(x.device);
+  layout_forward(c, x, w, z.saved, z.topk_weights, cv);
+  return cv.bytes();
+}
+
+std::size_t backward_bytes(const char* op, const MoeConfig& c, const TensorView& x, const MoeWeights& w, bool block) {
+  check_weights(op, c, x, w, block, false);
+  const Sizing z = sizing(c, x);
+  Carver cv(x.device);
+  layout_backward(c, x, w, z.saved, z.topk_weights, cv);
+  if (block) layout_router_backward(c, x, cv);
+  return cv.bytes();
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -219,20 +237,11 @@ MoeSaved moe_saved_view(const MoeConfig& cfg, std::int64_t tokens, DType dtype, 
 }
 
 std::size_t moe_forward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w) {
-  check_weights("moe_forward_workspace_bytes", cfg, x, w, true, false);
-  const Sizing z = sizing(cfg, x);
-  Carver cv(x.device);
-  layout_forward(cfg, x, w, z.saved, z.topk_weights, cv);
-  return cv.bytes();
+  return forward_bytes("moe_forward_workspace_bytes", cfg, x, w, true);
 }
 
 std::size_t moe_backward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w, const MoeGrads&) {
-  check_weights("moe_backward_workspace_bytes", cfg, x, w, true, false);
-  const Sizing z = sizing(cfg, x);
-  Carver cv(x.device);
-  layout_backward(cfg, x, w, z.saved, z.topk_weights, cv);
-  layout_router_backward(cfg, x, cv);
-  return cv.bytes();
+  return backward_bytes("moe_backward_workspace_bytes", cfg, x, w, true);
 }
 
 void moe_forward(const MoeConfig& cfg, TensorView x, const MoeWeights& w, TensorView out, TensorView router_logits,
@@ -290,19 +299,11 @@ std::size_t moe_experts_saved_bytes(const MoeConfig& cfg, std::int64_t tokens, D
 }
 
 std::size_t moe_experts_forward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w) {
-  check_weights("moe_experts_forward_workspace_bytes", cfg, x, w, false, false);
-  const Sizing z = sizing(cfg, x);
-  Carver cv(x.device);
-  layout_forward(cfg, x, w, z.saved, z.topk_weights, cv);
-  return cv.bytes();
+  return forward_bytes("moe_experts_forward_workspace_bytes", cfg, x, w, false);
 }
 
 std::size_t moe_experts_backward_workspace_bytes(const MoeConfig& cfg, TensorView x, const MoeWeights& w) {
-  check_weights("moe_experts_backward_workspace_bytes", cfg, x, w, false, false);
-  const Sizing z = sizing(cfg, x);
-  Carver cv(x.device);
-  layout_backward(cfg, x, w, z.saved, z.topk_weights, cv);
-  return cv.bytes();
+  return backward_bytes("moe_experts_backward_workspace_bytes", cfg, x, w, false);
 }
 
 void moe_experts_forward(const MoeConfig& cfg, TensorView x, TensorView topk_ids, TensorView topk_weights,
