@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 
 import torch
 
@@ -50,8 +51,21 @@ def _realigned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % _ALIGN == 0 else _aligned_empty(t.numel(), t.device).copy_(t)
 
 
+_cpu_scratch = threading.local()
+
+
 def _workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
-    return _aligned_empty(nbytes, device) if nbytes else None
+    """Scratch for one C++ call. On CUDA the caching allocator recycles memory; on the CPU torch does not, and fresh
+    pages cost about 15% of a block's forward, so each thread keeps one grow-only buffer (CPU ops run synchronously,
+    and every op uses its workspace only inside one call)."""
+    if not nbytes:
+        return None
+    if device.type != "cpu":
+        return _aligned_empty(nbytes, device)
+    buf = getattr(_cpu_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        buf = _cpu_scratch.buf = _aligned_empty(nbytes, device)
+    return buf[:nbytes]
 
 
 def _dtype(t: torch.Tensor, name: str):
