@@ -1,11 +1,16 @@
 """One Qwen3-MoE layer, side by side in one run: moefuse, Hugging Face's Qwen3MoeSparseMoeBlock (grouped_mm, eager)
 and a dense cuBLAS GEMM pair doing the same FLOPs (the ceiling a grouped kernel aims at).
 
-FLOPs: 6*T*k*H*I forward; x3 for forward+backward with every gradient; x2 with frozen experts (dX only, the LoRA
-fine-tuning case). "extra GiB" is the peak memory of a forward+backward beyond what was allocated before it
-(inputs, weights, gradients of the previous step).
+Modes: trained (every weight gets a gradient), frozen (experts and router frozen: dX only), lora (experts frozen,
+PEFT LoRA r=16 on both expert projections through target_parameters; moefuse_experts runs it through
+moefuse.use_moefuse_lora, hf_grouped_mm through PEFT's own merged-weight path; other impls skip this mode).
 
-    python3 bench/bench_layer.py [--shape 30b|235b] [--tokens 4096,16384] [--impls ...] [--dtype bf16]
+FLOPs: 6*T*k*H*I forward; x3 for forward+backward with every gradient; x2 with frozen experts or LoRA (the LoRA
+FLOPs are not counted). "extra GiB" is the peak memory of a forward+backward beyond what was allocated before it
+(inputs, weights, gradients of the previous step). "vs frozen" is a LoRA row's forward+backward time over the same
+impl's frozen forward+backward (forward+dX) time.
+
+    python3 bench/bench_layer.py [--shape 30b|235b] [--tokens 4096,16384] [--impls ...] [--modes trained,frozen,lora]
 """
 import argparse
 import json
@@ -14,6 +19,8 @@ import sys
 import torch
 
 IMPLS = ("dense", "moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager")
+LORA_IMPLS = ("moefuse_experts", "hf_grouped_mm")
+LORA_RANK = 16
 SHAPES = {"30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
           "235b": dict(hidden_size=4096, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8),
           "cpu": dict(hidden_size=1024, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4)}
@@ -73,12 +80,26 @@ def hf_block(shape, impl, dtype, device, state=None):
     return m
 
 
-def make(impl, shape, dtype, device, ref):
+def add_lora(m, impl):
+    """PEFT LoRA on both expert projections of an HF block, as users add it; only the adapters train."""
+    from peft import LoraConfig, inject_adapter_in_model
+    cfg = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK,
+                     target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    m = inject_adapter_in_model(cfg, m)
+    if impl == "moefuse_experts":
+        import moefuse
+        moefuse.use_moefuse_lora(m)
+    return m
+
+
+def make(impl, shape, dtype, device, ref, lora=False):
     """A callable x -> output tensor, and the modules whose parameters it trains."""
     if impl.startswith("hf_") or impl == "moefuse_experts":
         if impl == "moefuse_experts":  # HF's router + moefuse's experts, through the Transformers experts interface
             import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
         m = hf_block(shape, "moefuse" if impl == "moefuse_experts" else impl[3:], dtype, device, ref.state_dict())
+        if lora:
+            m = add_lora(m, impl)
         return (lambda x: m(x[None])[0]), m  # HF's block takes [batch, seq, hidden]
     if impl == "moefuse":  # the whole block in moefuse
         import moefuse
@@ -97,10 +118,10 @@ def run_dense(T, shape, dtype, device, frozen, timer):
     return dict(fwd_ms=fwd, fwdbwd_ms=fwd + timer(bwd))
 
 
-def run_impl(impl, T, shape, dtype, device, frozen, timer, ref, x0, y_ref):
-    fn, module = make(impl, shape, dtype, device, ref)
-    for p in module.parameters():
-        p.requires_grad_(not frozen)
+def run_impl(impl, T, shape, dtype, device, mode, timer, ref, x0, y_ref):
+    fn, module = make(impl, shape, dtype, device, ref, lora=mode == "lora")
+    for name, p in module.named_parameters():
+        p.requires_grad_(mode == "trained" or (mode == "lora" and "lora_" in name))
     r = {}
     with torch.no_grad():
         y = fn(x0).float()
@@ -138,15 +159,17 @@ def main():
         with torch.no_grad():
             y_ref = ref(x0[None]).reshape(T, H).float()  # HF eager: the reference every impl is compared with
         for mode in a.modes.split(","):
-            frozen = mode == "frozen"
+            frozen = mode != "trained"
             flops = 6.0 * T * k * H * I
             for impl in a.impls.split(","):
+                if mode == "lora" and impl not in LORA_IMPLS:
+                    continue
                 row = dict(shape=a.shape, T=T, mode=mode, impl=impl)
                 try:
                     if impl == "dense":
                         row.update(run_dense(T, shape, dtype, dev, frozen, timer))
                     else:
-                        row.update(run_impl(impl, T, shape, dtype, dev, frozen, timer, ref, x0, y_ref))
+                        row.update(run_impl(impl, T, shape, dtype, dev, mode, timer, ref, x0, y_ref))
                     row["fwd_TFLOPs"] = flops / row["fwd_ms"] * 1e-9
                     row["fwdbwd_TFLOPs"] = (2 if frozen else 3) * flops / row["fwdbwd_ms"] * 1e-9
                 except Exception as e:  # one failing impl must not hide the others' numbers
@@ -162,18 +185,21 @@ def main():
 
 
 def print_table(rows):
-    dense = {(r["T"], r["mode"]): r for r in rows if r["impl"] == "dense" and "error" not in r}
-    print("\n| shape | T | weights | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | vs dense | extra GiB | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    ok = {(r["T"], r["mode"], r["impl"]): r for r in rows if "error" not in r}
+    print("\n| shape | T | weights | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | vs dense | vs frozen "
+          "| extra GiB | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['shape']} | {r['T']} | {r['mode']} | {r['impl']} | error: {r['error'][:80]} |")
             continue
-        d = dense.get((r["T"], r["mode"]))
+        d = ok.get((r["T"], "frozen" if r["mode"] == "lora" else r["mode"], "dense"))
         vs = f"{d['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}" if d else ""
+        f = ok.get((r["T"], "frozen", r["impl"])) if r["mode"] == "lora" else None
+        vs_frozen = f"{r['fwdbwd_ms'] / f['fwdbwd_ms']:.2f}" if f else ""
         print(f"| {r['shape']} | {r['T']} | {r['mode']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_TFLOPs']:.0f} | "
-              f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_TFLOPs']:.0f} | {vs} | {r.get('extra_GiB', float('nan')):.2f} | "
-              f"{r.get('rel_err', float('nan')):.1e} |")
+              f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_TFLOPs']:.0f} | {vs} | {vs_frozen} | "
+              f"{r.get('extra_GiB', float('nan')):.2f} | {r.get('rel_err', float('nan')):.1e} |")
 
 
 if __name__ == "__main__":

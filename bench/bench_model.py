@@ -23,6 +23,7 @@ def parse():
     p.add_argument("--modes", default="attn,attn_experts")
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--json", default=None)
+    p.add_argument("--profile", action="store_true", help="print the step's top kernels (torch.profiler) per run")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script, times nothing real")
     return p.parse_args()
 
@@ -56,6 +57,18 @@ def step_fn(m, ids):
     def step():
         m(input_ids=ids, labels=ids).loss.backward()
     return step
+
+
+def profile(step, device):
+    """One step under torch.profiler: where the time goes, kernel by kernel."""
+    from torch.profiler import ProfilerActivity
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=90), flush=True)
 
 
 class Timer:
@@ -98,6 +111,9 @@ def main():
                 r["step_ms"] = ts[len(ts) // 2]
                 r["tokens_per_s"] = a.batch * a.seq / r["step_ms"] * 1e3
                 r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+                if a.profile:
+                    print(f"## profile: {impl}, LoRA on {mode}", flush=True)
+                    profile(step, device)
                 del m, step
             except Exception as ex:  # one failing impl must not hide the others' numbers
                 r["error"] = f"{type(ex).__name__}: {ex}"[:300]
