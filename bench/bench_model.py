@@ -2,8 +2,10 @@
 Transformers + PEFT, for each experts implementation side by side: tokens/s and peak memory.
 
     python3 bench/bench_model.py [--layers 2] [--batch 4 --seq 4096] [--impls moefuse,grouped_mm,eager]
-                                 [--modes attn,attn_experts]
+                                 [--modes attn,attn_experts] [--compile] [--profile]
 
+--compile runs each model through torch.compile (the first step compiles; timings start after it), as a user who
+compiles would; the table marks those rows.
 Modes: attn = LoRA r=16 on q/k/v/o with frozen experts; attn_experts = also LoRA on the experts through PEFT's
 target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
 """
@@ -23,6 +25,7 @@ def parse():
     p.add_argument("--modes", default="attn,attn_experts")
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--json", default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile every model before timing")
     p.add_argument("--profile", action="store_true", help="print the step's top kernels (torch.profiler) per run")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script, times nothing real")
     return p.parse_args()
@@ -53,9 +56,11 @@ def model(impl, mode, layers, seq, shape, device):
     return m.train()
 
 
-def step_fn(m, ids):
+def step_fn(m, ids, compiled=False):
+    fwd = torch.compile(m) if compiled else m
+
     def step():
-        m(input_ids=ids, labels=ids).loss.backward()
+        fwd(input_ids=ids, labels=ids).loss.backward()
     return step
 
 
@@ -98,11 +103,11 @@ def main():
     rows = []
     for mode in a.modes.split(","):
         for impl in a.impls.split(","):
-            r = dict(impl=impl, mode=mode, layers=a.layers)
+            r = dict(impl=impl, mode=mode, layers=a.layers, compiled=a.compile)
             try:
                 m = model(impl, mode, a.layers, a.seq, shape, device)
                 ids = torch.randint(0, shape["vocab_size"], (a.batch, a.seq), device=device)
-                step = step_fn(m, ids)
+                step = step_fn(m, ids, a.compile)
                 step()
                 if device == "cuda":
                     torch.cuda.synchronize()
@@ -124,16 +129,21 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print("\n| LoRA on | experts impl | step ms | tokens/s | vs grouped_mm | peak GiB |\n|---|---|---|---|---|---|")
+    print("\n| LoRA on | experts impl | torch.compile | step ms | tokens/s | vs grouped_mm | peak GiB |\n"
+          "|---|---|---|---|---|---|---|")
     base = {r["mode"]: r for r in rows if r["impl"] == "grouped_mm" and "error" not in r}
     for r in rows:
         if "error" in r:
-            print(f"| {r['mode']} | {r['impl']} | error: {r['error'][:100]} |")
+            print(f"| {r['mode']} | {r['impl']} | {compiled(r)} | error: {r['error'][:100]} |")
             continue
         b = base.get(r["mode"])
         ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else ""
-        print(f"| {r['mode']} | {r['impl']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
+        print(f"| {r['mode']} | {r['impl']} | {compiled(r)} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
               f"{r['peak_GiB']:.1f} |")
+
+
+def compiled(r):
+    return "yes" if r["compiled"] else "no"
 
 
 if __name__ == "__main__":

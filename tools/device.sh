@@ -76,7 +76,10 @@ for s in "${stages[@]}"; do
     model)
       step "model step benchmark"
       python3 bench/bench_model.py --profile --json "$LOG/model.json" > "$LOG/model.txt" 2>&1
-      grep "^|" "$LOG/model.txt" || tail -20 "$LOG/model.txt" ;;
+      grep "^|" "$LOG/model.txt" || tail -20 "$LOG/model.txt"
+      python3 bench/bench_model.py --compile --impls moefuse,grouped_mm --json "$LOG/model_compiled.json" \
+        > "$LOG/model_compiled.txt" 2>&1
+      grep "^|" "$LOG/model_compiled.txt" || tail -20 "$LOG/model_compiled.txt" ;;
     finetune)
       step "main job on the GPU"
       python3 examples/finetune_lora.py --out "$LOG/finetune" > "$LOG/finetune.txt" 2>&1
