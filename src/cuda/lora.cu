@@ -1,10 +1,13 @@
-// Stacked LoRA on the CUDA backend: simple, deterministic kernels (the rank is small, 8-64), all sized by upper bounds
-// on the host and reading per-expert sizes on the device:
-//   project      low[s, :] = row(s) . F[e]^T         one block per sorted row, a warp per rank column
-//   add_lowrank  dst row += sum over its pairs of w * low[pos] . F[e]     one block per output row, pairs in j order
+// Stacked LoRA on the CUDA backend: deterministic kernels (no float atomics, every sum in a fixed order), sized by
+// host-side upper bounds and reading per-expert sizes on the device. The rank is small (8-64): kernels keep a chunk
+// of kRankChunk rank columns in registers and loop over chunks beyond it.
+//   project      low[s, :] = row(s) . F[e]^T        a warp per kRowsPerWarp sorted rows; rows of one expert share
+//                                                    every factor load
+//   add_lowrank  dst row += sum over its pairs of w * low[pos] . F[e]     a thread per column over a chunk of
+//                rows; the chunk's weighted low rows in shared memory, the expert's factor column in registers
 //   lora_rows    (backward) grad_cw += scale * <g.B, u>; u and g.B scaled by scale * combine weight
-//   grad_factor  G[e](j, c) = sum over e's rows s of row(s)[c] * low[s, j]     one block per (expert, column tile,
-//                rank chunk), rows in sorted order
+//   grad_factor  G[e](j, c) = sum over e's rows s of row(s)[c] * low[s, j]     a block per (column tile, rank
+//                chunk, expert); four row groups accumulate in registers and are summed in a fixed order
 // F is A [E, r, in] or B [E, out, r], both read as [r, n] through strides. u and g.B stay in f32.
 #include <algorithm>
 
@@ -17,8 +20,15 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRankChunk = 16;    // rank columns accumulated per thread in grad_factor
-constexpr int kMaxGridZ = 65535;  // experts beyond this loop inside the block
+constexpr int kRankChunk = 16;    // rank columns a thread keeps in registers
+constexpr int kRowsPerWarp = 2;   // project: sorted rows per warp
+constexpr int kAddRows = 32;      // add_lowrank: output rows per block (fewer when the staged rows do not fit)
+constexpr int kAddSmem = 48 * 1024;
+constexpr int kAddUnroll = 8;     // add_lowrank: output rows whose loads a thread issues together
+constexpr int kFactorCols = 64;   // grad_factor: columns per block, kThreads / kFactorCols row groups
+constexpr int kRowGroups = kThreads / kFactorCols;
+constexpr int kStageRows = 32;    // grad_factor: rows staged per step
+constexpr int kMaxGrid = 65535;   // grid y / z limit: experts beyond it loop inside the block
 
 // One expert's adapter factor read as [r, n]: element (j, c) of expert e at e * expert_stride + j * sj + c * sc.
 template <class T>
@@ -73,57 +83,140 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <class T>
+
+// VEC: columns per lane and load (16-byte loads of the rows when their width and alignment allow).
+template <class T, int VEC>
 __global__ void project(Rows<T> in, Factor<T> f, int rank, const int* __restrict__ offsets, int experts,
                         const int* __restrict__ sorted_pairs, int top_k, float* __restrict__ low) {
-  const int s = blockIdx.x;
-  if (s >= offsets[experts]) return;
-  const int e = expert_of(offsets, experts, s);
-  const T* x = in.row(sorted_pairs, top_k, s);
   const int lane = threadIdx.x & 31;
-  for (int j = threadIdx.x >> 5; j < rank; j += kWarps) {
-    float acc = 0.f;
-    for (std::int64_t c = lane; c < in.n; c += 32) acc += to_f32(x[c]) * f.at(e, j, c);
-    acc = warp_sum(acc);
-    if (lane == 0) low[static_cast<std::int64_t>(s) * rank + j] = acc;
+  const std::int64_t s0 = (static_cast<std::int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * kRowsPerWarp;
+  const int routed = offsets[experts];
+  if (s0 >= routed) return;
+  const int nrows = routed - s0 < kRowsPerWarp ? static_cast<int>(routed - s0) : kRowsPerWarp;
+  const T* x[kRowsPerWarp];
+  int e[kRowsPerWarp];
+  e[0] = expert_of(offsets, experts, static_cast<int>(s0));
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int s = static_cast<int>(s0) + min(i, nrows - 1);  // rows past nrows repeat the last one, unused
+    if (i > 0) {
+      e[i] = e[i - 1];
+      while (offsets[e[i] + 1] <= s) ++e[i];  // sorted rows: the owner only moves forward
+    }
+    x[i] = in.row(sorted_pairs, top_k, s);
+  }
+  for (int j0 = 0; j0 < rank; j0 += kRankChunk) {
+    const int nj = min(kRankChunk, rank - j0);
+    // Rows [i0, i1) share one expert and each factor load.
+    for (int i0 = 0; i0 < nrows;) {
+      int ee = e[0], i1 = nrows;
+#pragma unroll
+      for (int i = 1; i < kRowsPerWarp; ++i) ee = i == i0 ? e[i] : ee;
+#pragma unroll
+      for (int i = kRowsPerWarp - 1; i > 0; --i)
+        if (i > i0 && i < nrows && e[i] != ee) i1 = i;
+      float acc[kRowsPerWarp][kRankChunk] = {};
+      for (std::int64_t c = lane * VEC; c < in.n; c += 32 * VEC) {
+        float xv[kRowsPerWarp][VEC];
+#pragma unroll
+        for (int i = 0; i < kRowsPerWarp; ++i) {
+          if (i >= i0 && i < i1) {
+            load_vec<T, VEC>(x[i] + c, xv[i]);
+          } else {
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) xv[i][v] = 0.f;
+          }
+        }
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+#pragma unroll
+          for (int jj = 0; jj < kRankChunk; ++jj) {
+            if (jj >= nj) break;
+            const float fv = f.at(ee, j0 + jj, c + v);
+#pragma unroll
+            for (int i = 0; i < kRowsPerWarp; ++i) acc[i][jj] += xv[i][v] * fv;
+          }
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i)
+#pragma unroll
+        for (int jj = 0; jj < kRankChunk; ++jj) {
+          const float v = warp_sum(acc[i][jj]);
+          if (lane == 0 && i >= i0 && i < i1 && jj < nj) low[(s0 + i) * rank + j0 + jj] = v;
+        }
+      i0 = i1;
+    }
   }
 }
 
 // dst[row] += sum over the row's pairs of scale * cw[pair] * low[pos] . F[e] (cw absent: 1), rounded once.
 // TOKEN: rows are tokens and their pairs are t*k + j, in j order; else rows are sorted rows, one pair each, and
-// placeholder rows are left as they are.
+// placeholder rows are left as they are. grid: (row chunks of `rows_per_block`, column tiles of kThreads; wider
+// outputs loop).
 template <class T, bool TOKEN>
-__global__ void add_lowrank(const float* __restrict__ low, Factor<T> f, int rank, std::int64_t n,
-                            const int* __restrict__ offsets, int experts, const int* __restrict__ pair_positions,
-                            int top_k, const float* __restrict__ cw, float scale, T* __restrict__ dst) {
-  extern __shared__ float smem[];  // [pairs, rank] weighted low rows, then [pairs] experts (-1: placeholder)
+__global__ void add_lowrank(const float* __restrict__ low, Factor<T> f, int rank, std::int64_t rows, std::int64_t n,
+                            int rows_per_block, const int* __restrict__ offsets, int experts,
+                            const int* __restrict__ pair_positions, int top_k, const float* __restrict__ cw,
+                            float scale, T* __restrict__ dst) {
+  extern __shared__ float smem[];  // [rows_per_block * pairs, rank] weighted low rows, then their experts (-1: none)
   const int pairs = TOKEN ? top_k : 1;
-  int* expert = reinterpret_cast<int*>(smem + pairs * rank);
-  const std::int64_t row = blockIdx.x;
+  const int staged = rows_per_block * pairs;
+  int* expert = reinterpret_cast<int*>(smem + static_cast<std::int64_t>(staged) * rank);
+  const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) * rows_per_block;
+  const int nrows = rows - row0 < rows_per_block ? static_cast<int>(rows - row0) : rows_per_block;
   const int routed = offsets[experts];
-  if (!TOKEN && row >= routed) return;
-  for (int jp = threadIdx.x; jp < pairs; jp += blockDim.x) {
-    const int pos = TOKEN ? pair_positions[row * top_k + jp] : static_cast<int>(row);
-    expert[jp] = pos < routed ? expert_of(offsets, experts, pos) : -1;
+  for (int i = threadIdx.x; i < nrows * pairs; i += blockDim.x) {
+    const std::int64_t row = row0 + i / pairs;
+    const int pos = TOKEN ? pair_positions[row * top_k + i % pairs] : static_cast<int>(row);
+    expert[i] = pos < routed ? expert_of(offsets, experts, pos) : -1;
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < pairs * rank; i += blockDim.x) {
-    const int jp = i / rank;
-    if (expert[jp] < 0) continue;
-    const std::int64_t pos = TOKEN ? pair_positions[row * top_k + jp] : row;
-    const float w = scale * (TOKEN && cw ? cw[row * top_k + jp] : 1.f);
+  for (int i = threadIdx.x; i < nrows * pairs * rank; i += blockDim.x) {
+    const int p = i / rank;
+    if (expert[p] < 0) continue;
+    const std::int64_t row = row0 + p / pairs, pair = row * top_k + p % pairs;
+    const std::int64_t pos = TOKEN ? pair_positions[pair] : row;
+    const float w = scale * (TOKEN && cw ? cw[pair] : 1.f);
     smem[i] = w * low[pos * rank + i % rank];
   }
   __syncthreads();
-  for (std::int64_t c = threadIdx.x; c < n; c += blockDim.x) {
-    float acc = 0.f;
-    for (int jp = 0; jp < pairs; ++jp) {
-      const int e = expert[jp];
-      if (e < 0) continue;
-      for (int j = 0; j < rank; ++j) acc += smem[jp * rank + j] * f.at(e, j, c);
+  const int nj = min(kRankChunk, rank);
+  for (std::int64_t c = static_cast<std::int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < n;
+       c += static_cast<std::int64_t>(gridDim.y) * blockDim.x) {
+    float fc[kRankChunk];  // F[cached](0..nj, c)
+    int cached = -1;
+    for (int r0 = 0; r0 < nrows; r0 += kAddUnroll) {
+      float d[kAddUnroll];  // the group's dst values, loaded together (in flight at once)
+#pragma unroll
+      for (int u = 0; u < kAddUnroll; ++u)
+        if (r0 + u < nrows) d[u] = to_f32(dst[(row0 + r0 + u) * n + c]);
+#pragma unroll
+      for (int u = 0; u < kAddUnroll; ++u) {
+        const int r = r0 + u;
+        if (r >= nrows) break;
+        bool any = false;
+        for (int jp = 0; jp < pairs; ++jp) {
+          const int p = r * pairs + jp, e = expert[p];
+          if (e < 0) continue;
+          any = true;
+          if (e != cached) {
+#pragma unroll
+            for (int jj = 0; jj < kRankChunk; ++jj)
+              if (jj < nj) fc[jj] = f.at(e, jj, c);
+            cached = e;
+          }
+          const float* l = smem + static_cast<std::int64_t>(p) * rank;
+          float acc = 0.f;
+#pragma unroll
+          for (int jj = 0; jj < kRankChunk; ++jj)
+            if (jj < nj) acc += l[jj] * fc[jj];
+          for (int j = kRankChunk; j < rank; ++j) acc += l[j] * f.at(e, j, c);
+          d[u] += acc;
+        }
+        // A placeholder sorted row is not this op's to write; token rows are always written.
+        if (TOKEN || any) dst[(row0 + r) * n + c] = from_f32<T>(d[u]);
+      }
     }
-    T* d = dst + row * n + c;
-    *d = from_f32<T>(to_f32(*d) + acc);
   }
 }
 
@@ -150,26 +243,50 @@ __global__ void lora_rows(float* __restrict__ u, float* __restrict__ gb, int ran
 }
 
 // grad[e](j, c) = sum over expert e's sorted rows s of in.row(s)[c] * low[s, j], stored through the strides of F;
-// experts without rows get zeros. grid: (column tiles, rank chunks, experts).
+// experts without rows get zeros. grid: (column tiles of kFactorCols, rank chunks, experts). Row group g of the
+// block takes rows g, g + kRowGroups, ... of each staged step; the groups' sums are added in order g = 0, 1, ...
 template <class T>
 __global__ void grad_factor(Rows<T> in, const float* __restrict__ low, int rank, const int* __restrict__ offsets,
                             int experts, const int* __restrict__ sorted_pairs, int top_k, T* __restrict__ grad,
                             std::int64_t expert_stride, std::int64_t sj, std::int64_t sc) {
-  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  __shared__ const T* row_ptr[kStageRows];
+  __shared__ float low_s[kStageRows][kRankChunk];
+  __shared__ float part[kRowGroups - 1][kRankChunk][kFactorCols];
+  const int col = threadIdx.x % kFactorCols, g = threadIdx.x / kFactorCols;
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kFactorCols + col;
   const int j0 = blockIdx.y * kRankChunk, nj = min(kRankChunk, rank - j0);
-  if (c >= in.n) return;
   for (int e = blockIdx.z; e < experts; e += gridDim.z) {
+    const int begin = offsets[e], end = offsets[e + 1];
     float acc[kRankChunk] = {};
-    for (int s = offsets[e]; s < offsets[e + 1]; ++s) {
-      const float v = to_f32(in.row(sorted_pairs, top_k, s)[c]);
-      const float* l = low + static_cast<std::int64_t>(s) * rank + j0;
+    for (int s0 = begin; s0 < end; s0 += kStageRows) {
+      const int n_stage = min(kStageRows, end - s0);
+      __syncthreads();  // the previous step's reads are done
+      for (int i = threadIdx.x; i < n_stage * kRankChunk; i += blockDim.x) {
+        const int r = i / kRankChunk, jj = i % kRankChunk;
+        low_s[r][jj] = jj < nj ? low[static_cast<std::int64_t>(s0 + r) * rank + j0 + jj] : 0.f;
+        if (jj == 0) row_ptr[r] = in.row(sorted_pairs, top_k, s0 + r);
+      }
+      __syncthreads();
+      if (c < in.n) {
+#pragma unroll 8
+        for (int r = g; r < n_stage; r += kRowGroups) {
+          const float v = to_f32(row_ptr[r][c]);
 #pragma unroll
-      for (int jj = 0; jj < kRankChunk; ++jj)
-        if (jj < nj) acc[jj] += v * l[jj];
+          for (int jj = 0; jj < kRankChunk; ++jj) acc[jj] += v * low_s[r][jj];
+        }
+      }
     }
+    if (g > 0)
 #pragma unroll
-    for (int jj = 0; jj < kRankChunk; ++jj)
-      if (jj < nj) grad[e * expert_stride + (j0 + jj) * sj + c * sc] = from_f32<T>(acc[jj]);
+      for (int jj = 0; jj < kRankChunk; ++jj) part[g - 1][jj][col] = acc[jj];
+    __syncthreads();
+    if (g == 0 && c < in.n)
+      for (int jj = 0; jj < nj; ++jj) {
+        float v = acc[jj];
+        for (int h = 0; h < kRowGroups - 1; ++h) v += part[h][jj][col];
+        grad[e * expert_stride + (j0 + jj) * sj + c * sc] = from_f32<T>(v);
+      }
+    __syncthreads();  // part is reused by the next expert
   }
 }
 
@@ -194,9 +311,11 @@ template <class T>
 void launch_project(const Plan& plan, Rows<T> in, Factor<T> f, int rank, float* low, cudaStream_t s) {
   const std::int64_t m = plan.tokens * plan.top_k;
   if (m == 0) return;
-  project<T><<<static_cast<unsigned>(m), kThreads, 0, s>>>(in, f, rank, plan.offsets.ptr<int>(), plan.experts,
-                                                            plan.sorted_pairs.ptr<int>(), plan.top_k, low);
-  MOEFUSE_CUDA_LAUNCH_CHECK();
+  with_vec<T>(in.n, {in.data}, [&](auto vec) {
+    project<T, decltype(vec)::value><<<blocks(m, kWarps * kRowsPerWarp), kThreads, 0, s>>>(
+        in, f, rank, plan.offsets.ptr<int>(), plan.experts, plan.sorted_pairs.ptr<int>(), plan.top_k, low);
+    MOEFUSE_CUDA_LAUNCH_CHECK();
+  });
 }
 
 template <class T>
@@ -205,12 +324,15 @@ void launch_add_lowrank(const Plan& plan, bool token_order, const float* low, Fa
   const std::int64_t rows = dst.shape[0], n = dst.shape[1];
   if (rows == 0 || n == 0) return;
   const int pairs = token_order ? plan.top_k : 1;
-  const std::size_t smem = static_cast<std::size_t>(pairs) * (rank * sizeof(float) + sizeof(int));
+  const std::size_t per_row = static_cast<std::size_t>(pairs) * (rank * sizeof(float) + sizeof(int));
+  const int rows_per_block = static_cast<int>(std::clamp<std::size_t>(kAddSmem / per_row, 1, kAddRows));
+  const std::size_t smem = rows_per_block * per_row;
+  const dim3 grid(blocks(rows, rows_per_block), std::min<unsigned>(blocks(n, kThreads), kMaxGrid));
   auto launch = [&](auto kernel) {
     set_smem_limit(kernel, smem);
-    kernel<<<static_cast<unsigned>(rows), kThreads, smem, s>>>(low, f, rank, n, plan.offsets.ptr<int>(),
-                                                               plan.experts, plan.pair_positions.ptr<int>(),
-                                                               plan.top_k, cw, scale, dst.ptr<T>());
+    kernel<<<grid, kThreads, smem, s>>>(low, f, rank, rows, n, rows_per_block, plan.offsets.ptr<int>(),
+                                        plan.experts, plan.pair_positions.ptr<int>(), plan.top_k, cw, scale,
+                                        dst.ptr<T>());
     MOEFUSE_CUDA_LAUNCH_CHECK();
   };
   if (token_order)
@@ -223,7 +345,7 @@ template <class T>
 void launch_grad_factor(const Plan& plan, Rows<T> in, const float* low, int rank, const TensorView& grad,
                         Factor<T> layout, cudaStream_t s) {
   if (in.n == 0) return;
-  const dim3 grid(blocks(in.n, kThreads), blocks(rank, kRankChunk), std::min(plan.experts, kMaxGridZ));
+  const dim3 grid(blocks(in.n, kFactorCols), blocks(rank, kRankChunk), std::min(plan.experts, kMaxGrid));
   grad_factor<T><<<grid, kThreads, 0, s>>>(in, low, rank, plan.offsets.ptr<int>(), plan.experts,
                                             plan.sorted_pairs.ptr<int>(), plan.top_k, grad.ptr<T>(),
                                             layout.expert_stride, layout.sj, layout.sc);
