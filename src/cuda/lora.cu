@@ -38,7 +38,43 @@ struct Factor {
   __device__ __forceinline__ float at(int e, int j, std::int64_t c) const {
     return to_f32(data[e * expert_stride + j * sj + c * sc]);
   }
+  // F(j, c..c+VEC): one 16-byte load when VEC > 1 (columns contiguous, as in A; see col_vectors).
+  template <int VEC>
+  __device__ __forceinline__ void cols(int e, int j, std::int64_t c, float (&v)[VEC]) const {
+    load_vec<T, VEC>(data + e * expert_stride + j * sj + c, v);
+  }
+  // F(j0..j0+nj, c) into v[0..nj): 16-byte loads when RANKV (rank contiguous, as in B; see rank_vectors).
+  template <bool RANKV>
+  __device__ __forceinline__ void col(int e, int j0, int nj, std::int64_t c, float (&v)[kRankChunk]) const {
+    if constexpr (RANKV) {
+      constexpr int V = Vec<T>::n;
+#pragma unroll
+      for (int jj = 0; jj < kRankChunk; jj += V)
+        if (jj < nj) {
+          float t[V];
+          load_vec<T, V>(data + e * expert_stride + (j0 + jj) + c * sc, t);
+#pragma unroll
+          for (int u = 0; u < V; ++u) v[jj + u] = t[u];
+        }
+    } else {
+#pragma unroll
+      for (int jj = 0; jj < kRankChunk; ++jj)
+        if (jj < nj) v[jj] = at(e, j0 + jj, c);
+    }
+  }
 };
+
+// Factor loads that may be vectorised: along the columns (A) or along the rank (B).
+template <class T>
+bool col_vectors(const Factor<T>& f, std::int64_t n) {
+  constexpr int V = Vec<T>::n;
+  return f.sc == 1 && n % V == 0 && aligned16(f.data) && f.sj % V == 0 && f.expert_stride % V == 0;
+}
+template <class T>
+bool rank_vectors(const Factor<T>& f, int rank) {
+  constexpr int V = Vec<T>::n;
+  return f.sj == 1 && rank % V == 0 && aligned16(f.data) && f.sc % V == 0 && f.expert_stride % V == 0;
+}
 
 // A [E, r, in] is already [r, in]; B [E, out, r] is read transposed.
 template <class T>
@@ -84,8 +120,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 
-// VEC: columns per lane and load (16-byte loads of the rows when their width and alignment allow).
-template <class T, int VEC>
+// VEC > 1: columns per lane, 16-byte loads of the rows and of F (col_vectors); else a column per lane, with F's
+// rank chunk in 16-byte loads when RANKV (rank_vectors).
+template <class T, int VEC, bool RANKV>
 __global__ void project(Rows<T> in, Factor<T> f, int rank, const int* __restrict__ offsets, int experts,
                         const int* __restrict__ sorted_pairs, int top_k, float* __restrict__ low) {
   const int lane = threadIdx.x & 31;
@@ -127,15 +164,26 @@ __global__ void project(Rows<T> in, Factor<T> f, int rank, const int* __restrict
             for (int v = 0; v < VEC; ++v) xv[i][v] = 0.f;
           }
         }
-#pragma unroll
-        for (int v = 0; v < VEC; ++v)
+        if constexpr (VEC > 1) {
 #pragma unroll
           for (int jj = 0; jj < kRankChunk; ++jj) {
             if (jj >= nj) break;
-            const float fv = f.at(ee, j0 + jj, c + v);
+            float fv[VEC];
+            f.template cols<VEC>(ee, j0 + jj, c, fv);
 #pragma unroll
-            for (int i = 0; i < kRowsPerWarp; ++i) acc[i][jj] += xv[i][v] * fv;
+            for (int v = 0; v < VEC; ++v)
+#pragma unroll
+              for (int i = 0; i < kRowsPerWarp; ++i) acc[i][jj] += xv[i][v] * fv[v];
           }
+        } else {
+          float fc[kRankChunk];
+          f.template col<RANKV>(ee, j0, nj, c, fc);
+#pragma unroll
+          for (int jj = 0; jj < kRankChunk; ++jj)
+            if (jj < nj)
+#pragma unroll
+              for (int i = 0; i < kRowsPerWarp; ++i) acc[i][jj] += xv[i][0] * fc[jj];
+        }
       }
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i)
@@ -153,7 +201,7 @@ __global__ void project(Rows<T> in, Factor<T> f, int rank, const int* __restrict
 // TOKEN: rows are tokens and their pairs are t*k + j, in j order; else rows are sorted rows, one pair each, and
 // placeholder rows are left as they are. grid: (row chunks of `rows_per_block`, column tiles of kThreads; wider
 // outputs loop).
-template <class T, bool TOKEN>
+template <class T, bool TOKEN, bool RANKV>
 __global__ void add_lowrank(const float* __restrict__ low, Factor<T> f, int rank, std::int64_t rows, std::int64_t n,
                             int rows_per_block, const int* __restrict__ offsets, int experts,
                             const int* __restrict__ pair_positions, int top_k, const float* __restrict__ cw,
@@ -200,9 +248,7 @@ __global__ void add_lowrank(const float* __restrict__ low, Factor<T> f, int rank
           if (e < 0) continue;
           any = true;
           if (e != cached) {
-#pragma unroll
-            for (int jj = 0; jj < kRankChunk; ++jj)
-              if (jj < nj) fc[jj] = f.at(e, jj, c);
+            f.template col<RANKV>(e, 0, nj, c, fc);
             cached = e;
           }
           const float* l = smem + static_cast<std::int64_t>(p) * rank;
@@ -311,11 +357,17 @@ template <class T>
 void launch_project(const Plan& plan, Rows<T> in, Factor<T> f, int rank, float* low, cudaStream_t s) {
   const std::int64_t m = plan.tokens * plan.top_k;
   if (m == 0) return;
-  with_vec<T>(in.n, {in.data}, [&](auto vec) {
-    project<T, decltype(vec)::value><<<blocks(m, kWarps * kRowsPerWarp), kThreads, 0, s>>>(
-        in, f, rank, plan.offsets.ptr<int>(), plan.experts, plan.sorted_pairs.ptr<int>(), plan.top_k, low);
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks(m, kWarps * kRowsPerWarp), kThreads, 0, s>>>(in, f, rank, plan.offsets.ptr<int>(), plan.experts,
+                                                                 plan.sorted_pairs.ptr<int>(), plan.top_k, low);
     MOEFUSE_CUDA_LAUNCH_CHECK();
-  });
+  };
+  if (in.n % Vec<T>::n == 0 && aligned16(in.data) && col_vectors(f, in.n))
+    launch(project<T, Vec<T>::n, false>);
+  else if (rank_vectors(f, rank))
+    launch(project<T, 1, true>);
+  else
+    launch(project<T, 1, false>);
 }
 
 template <class T>
@@ -335,10 +387,11 @@ void launch_add_lowrank(const Plan& plan, bool token_order, const float* low, Fa
                                         dst.ptr<T>());
     MOEFUSE_CUDA_LAUNCH_CHECK();
   };
+  const bool rv = rank_vectors(f, rank);
   if (token_order)
-    launch(add_lowrank<T, true>);
+    rv ? launch(add_lowrank<T, true, true>) : launch(add_lowrank<T, true, false>);
   else
-    launch(add_lowrank<T, false>);
+    rv ? launch(add_lowrank<T, false, true>) : launch(add_lowrank<T, false, false>);
 }
 
 template <class T>
