@@ -5,8 +5,9 @@
 #include "core/check.h"
 
 #ifdef MOEFUSE_WITH_CUDA
-#define BACKEND(op, device, fn, ...) \
-  ((device).type == ::moefuse::DeviceType::cpu ? ::moefuse::cpu::fn(__VA_ARGS__) : ::moefuse::cuda::fn(__VA_ARGS__))
+#define BACKEND(op, device, fn, ...)                                                                      \
+  (static_cast<void>(op), (device).type == ::moefuse::DeviceType::cpu ? ::moefuse::cpu::fn(__VA_ARGS__)    \
+                                                                       : ::moefuse::cuda::fn(__VA_ARGS__))
 #else
 #define BACKEND(op, device, fn, ...)                                                                      \
   ((device).type == ::moefuse::DeviceType::cpu                                                            \
