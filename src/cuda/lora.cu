@@ -23,12 +23,12 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kRankChunk = 16;    // rank columns a thread keeps in registers
 constexpr int kRowsPerWarp = 2;   // project: sorted rows per warp
 constexpr int kAddRows = 32;      // add_lowrank: output rows per block (fewer when the staged rows do not fit)
-constexpr int kAddSmem = 48 * 1024;
+constexpr int kAddSmem = 48 * 1024; // add_lowrank: staged bytes per block that set the rows per block
 constexpr int kAddUnroll = 8;     // add_lowrank: output rows whose loads a thread issues together
 constexpr int kFactorCols = 64;   // grad_factor: columns per block, kThreads / kFactorCols row groups
 constexpr int kRowGroups = kThreads / kFactorCols;
 constexpr int kStageRows = 32;    // grad_factor: rows staged per step
-constexpr int kMaxGrid = 65535;   // grid y / z limit: experts beyond it loop inside the block
+constexpr int kMaxGrid = 65535;   // grid y / z limit: columns or experts beyond it loop inside the block
 
 // One expert's adapter factor read as [r, n]: element (j, c) of expert e at e * expert_stride + j * sj + c * sc.
 template <class T>
