@@ -115,4 +115,11 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, cons
 void swiglu_forward(TensorView h, TensorView a, void* stream = nullptr);
 void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* stream = nullptr);
 
+// The first projection of an expert MLP with its activation: h = moe_linear_forward(gather = true, no combine) with
+// weight = [gate; up] [E, 2I, in], and a = swiglu(h). On Hopper one kernel writes both from its accumulators (the
+// gather in its loads, SwiGLU in its epilogue); elsewhere the two ops run in turn.
+//   h [M, 2I]; a [M, I]; workspace: moe_linear_workspace_bytes(plan, x, weight, true, {})
+void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, TensorView h, TensorView a,
+                               TensorView workspace, void* stream = nullptr);
+
 }  // namespace moefuse

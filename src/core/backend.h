@@ -48,6 +48,9 @@
                              const TensorView& grad_combine_weights, const TensorView& workspace, void* stream);   \
                                                                                                                     \
   void swiglu_forward(const TensorView& h, const TensorView& a, void* stream);                                     \
+  void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight,                  \
+                                 const TensorView& h, const TensorView& a, const TensorView& workspace,             \
+                                 void* stream);                                                                     \
   void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void* stream);      \
                                                                                                                     \
   /* Dense linear (the router projection): y[T, N] = x[T, K] . w[N, K]^T, all one dtype. */                        \

@@ -156,8 +156,12 @@ void experts_forward(const TensorView& x, const MoeWeights& w, const TensorView&
                      const TensorView& out, void* stream) {
   const char* op = "moe_forward";
   BACKEND(op, x.device, routing_plan, topk_ids, s.plan, f.scratch, stream);
-  moe_linear_forward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, s.h, f.scratch, stream);
-  BACKEND(op, x.device, swiglu_forward, s.h, f.a, stream);
+  if (w.gate_up_lora.defined()) {  // the adapter's part lands in h before the activation
+    moe_linear_forward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, s.h, f.scratch, stream);
+    BACKEND(op, x.device, swiglu_forward, s.h, f.a, stream);
+  } else {
+    moe_linear_swiglu_forward(s.plan, x, w.gate_up, s.h, f.a, f.scratch, stream);
+  }
   moe_linear_forward(s.plan, f.a, w.down, w.down_lora, false, topk_weights, out, f.scratch, stream);
 }
 

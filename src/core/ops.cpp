@@ -271,6 +271,21 @@ void swiglu_forward(TensorView h, TensorView a, void* stream) {
   BACKEND(op, h.device, swiglu_forward, h, a, stream);
 }
 
+void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, TensorView h, TensorView a,
+                               TensorView workspace, void* stream) {
+  const char* op = "moe_linear_swiglu_forward";
+  const std::int64_t n = check_linear(op, plan, x, weight, true, TensorView{});
+  MOEFUSE_CHECK(n % 2 == 0, op, "weight must be [E, 2*I, in] ([gate; up]), got an odd output size: ",
+                describe(weight));
+  const Device d = plan.counts.device;
+  expect(op, "h", h, {plan.tokens * plan.top_k, n}, kFloatTypes);
+  check_swiglu(op, h, a, "a");
+  expect_same_dtype(op, "h", h, weight.dtype);
+  expect_same_device(op, "h", h, d);
+  expect_workspace(op, workspace, BACKEND(op, d, moe_linear_workspace_bytes, plan, x, weight, true, TensorView{}), d);
+  BACKEND(op, d, moe_linear_swiglu_forward, plan, x, weight, h, a, workspace, stream);
+}
+
 void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* stream) {
   const char* op = "swiglu_backward";
   check_swiglu(op, h, grad_a, "grad_a");

@@ -21,6 +21,12 @@ void swiglu_forward(const TensorView& h, const TensorView& a, void*) {
   }
 }
 
+void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const TensorView& h,
+                               const TensorView& a, const TensorView& workspace, void* stream) {
+  cpu::moe_linear_forward(plan, x, weight, true, TensorView{}, h, workspace, stream);
+  cpu::swiglu_forward(h, a, stream);
+}
+
 void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void*) {
   const std::int64_t rows = grad_a.size(0), width = grad_a.size(1);
 #pragma omp parallel for

@@ -90,6 +90,18 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { retu
 template <>
 __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
+__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
+
+// Two values as one 4-byte pair of T (16-bit T).
+template <class T>
+__device__ __forceinline__ std::uint32_t pack2(float a, float b) {
+  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  T2 v;
+  v.x = from_f32<T>(a);
+  v.y = from_f32<T>(b);
+  return *reinterpret_cast<std::uint32_t*>(&v);
+}
+
 // 16 bytes of T: the unit of vectorised loads and stores.
 template <class T>
 struct alignas(16) Vec {

@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/gemm_kind.h"
 #include "cuda/scan.cuh"
@@ -86,14 +87,9 @@ __device__ __forceinline__ bool decode_tile(const GemmParams& p, Tile& t) {
   } else {
     const int mt = id / n_tiles;
     if (mt >= p.tile_offsets[p.experts]) return false;
-    int lo = 0, hi = p.experts;  // the last expert whose first tile is <= mt
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (p.tile_offsets[mid] <= mt) lo = mid; else hi = mid - 1;
-    }
-    t.e = lo;
-    t.m0 = p.offsets[lo] + (mt - p.tile_offsets[lo]) * BM;
-    t.m_end = p.offsets[lo + 1];
+    t.e = expert_of_tile(p.tile_offsets, p.experts, mt);
+    t.m0 = p.offsets[t.e] + (mt - p.tile_offsets[t.e]) * BM;
+    t.m_end = p.offsets[t.e + 1];
     t.k0 = 0;
     t.k_end = p.k;
   }
@@ -141,21 +137,6 @@ constexpr int WM = 64, WN = 32;  // warp tile; warps laid out 2 (m) x 4 (n)
 constexpr int MI = WM / 16, NI = WN / 8;
 constexpr std::size_t kSmemBytes = STAGES * (BM * BK + BN * BK) * 2 + STAGES * BK * sizeof(float);
 
-__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; zero-fills when !pred (src must still be a valid address).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
   if constexpr (TRANS)
@@ -190,22 +171,6 @@ __device__ __forceinline__ void scale_pair(std::uint32_t& r, std::uint32_t s) {
   using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
   T2 v = __hmul2(*reinterpret_cast<T2*>(&r), *reinterpret_cast<T2*>(&s));
   r = *reinterpret_cast<std::uint32_t*>(&v);
-}
-
-template <class T>
-__device__ __forceinline__ std::uint32_t pack2(float a, float b) {
-  using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-  T2 v;
-  v.x = from_f32<T>(a);
-  v.y = from_f32<T>(b);
-  return *reinterpret_cast<std::uint32_t*>(&v);
-}
-
-// Shared-memory tiles hold rows of 64 (k inner) or 128 (m/n inner) elements in 16-byte chunks; chunk c of row r
-// sits at chunk c ^ (r & 7), so the 8 rows an ldmatrix reads (and the rows cp.async writes) hit distinct banks.
-template <int ROW>
-__device__ __forceinline__ int swz(int r, int chunk) {
-  return r * ROW + ((chunk ^ (r & 7)) << 3);
 }
 
 template <class T, GemmKind KIND>

@@ -214,12 +214,17 @@ void run(const Sm90Gemm& g, const Device& device, void* workspace, cudaStream_t 
 
 }  // namespace
 
-bool sm90_enabled(DType dtype, const Device& device) {
+bool sm90_gather_enabled(DType dtype, const Device& device) {
   static const bool disabled = [] {
     const char* v = std::getenv("MOEFUSE_SM90");
     return v && std::strcmp(v, "0") == 0;
   }();
-  return !disabled && dtype == DType::bf16 && device.type == DeviceType::cuda && device_info(device.index).hopper;
+  return !disabled && (dtype == DType::bf16 || dtype == DType::f16) && device.type == DeviceType::cuda &&
+         device_info(device.index).hopper;
+}
+
+bool sm90_enabled(DType dtype, const Device& device) {
+  return dtype == DType::bf16 && sm90_gather_enabled(dtype, device);
 }
 
 std::size_t sm90_workspace_bytes(GemmKind kind, int experts, const Device& device) {

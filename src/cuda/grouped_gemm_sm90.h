@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "cuda/gemm_kind.h"
 #include "moefuse/tensor.h"
@@ -30,15 +31,39 @@ struct Sm90Gemm {
   int m = 0, n = 0, k = 0;  // m for wgrad, k for fwd/dgrad
 };
 
+// The forward GEMM with the gather in its loads (gather_gemm_sm90.cu), rows of expert e as above:
+//   plain:  out[s, :] = x[pairs[s] / top_k] . W[e]^T                    W [E, n, k], out [M, n]
+//   SwiGLU: (act set) h = out [M, 2n] as plain with W [E, 2n, k] = [gate; up], and act[s, j] = silu(h[s, j]) h[s, n + j]
+// bf16 or f16; k and n multiples of 8, x, W, out and act 16-byte aligned. tile_offsets: M-tiles of 128 rows before
+// each expert (expert_tile_offsets with bm = 128).
+struct Sm90GatherGemm {
+  const void* x = nullptr;
+  const void* w = nullptr;
+  void* out = nullptr;
+  void* act = nullptr;
+  const int* pairs = nullptr;
+  const int* offsets = nullptr;
+  const int* tile_offsets = nullptr;
+  int top_k = 1, experts = 0;
+  std::int64_t rows = 0;  // M, bounding the tile count
+  int n = 0, k = 0;
+};
+constexpr int kSm90GatherTileM = 128;
+
 #if MOEFUSE_SM90_GEMM
 // bf16 on a device of compute capability 9.x, unless MOEFUSE_SM90=0 in the environment (for A/B timing).
 bool sm90_enabled(DType dtype, const Device& device);
 std::size_t sm90_workspace_bytes(GemmKind kind, int experts, const Device& device);
 void run_grouped_gemm_sm90(const Sm90Gemm& g, const Device& device, void* workspace, cudaStream_t stream);
+// bf16 or f16 on a device of compute capability 9.x, unless MOEFUSE_SM90=0.
+bool sm90_gather_enabled(DType dtype, const Device& device);
+void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream);
 #else
 inline bool sm90_enabled(DType, const Device&) { return false; }
 inline std::size_t sm90_workspace_bytes(GemmKind, int, const Device&) { return 0; }
 inline void run_grouped_gemm_sm90(const Sm90Gemm&, const Device&, void*, cudaStream_t) {}
+inline bool sm90_gather_enabled(DType, const Device&) { return false; }
+inline void run_gather_gemm_sm90(const Sm90GatherGemm&, DType, cudaStream_t) {}
 #endif
 
 }  // namespace moefuse::cuda

@@ -1,8 +1,10 @@
 // moe_linear forward and backward: grouped GEMMs over the plan's sorted rows plus the deterministic per-token
 // gather-sums (combine in forward, grad_x with gather in backward) and row-dot reductions.
-// On Hopper (bf16, sizes multiples of 8) the GEMMs are CUTLASS's TMA + wgmma kernels (grouped_gemm_sm90.h), which
-// take dense operands: gathered operands are first copied into sorted order in workspace, and the dgrad row
-// scale and row dots run as a row kernel after the GEMM. Elsewhere the portable kernel fuses both.
+// On Hopper (sizes multiples of 8) the forward with gather is our TMA + cp.async + wgmma kernel with the gather in its
+// loads (gather_gemm_sm90.cu, bf16/f16), and the other GEMMs are CUTLASS's TMA + wgmma kernels
+// (grouped_gemm_sm90.h, bf16), which take dense operands: their gathered operands are first copied into sorted
+// order in workspace, and the dgrad row scale and row dots run as a row kernel after the GEMM. Elsewhere the
+// portable kernel fuses both.
 #include <algorithm>
 
 #include "core/backend.h"
@@ -78,17 +80,47 @@ bool hopper_shapes(const TensorView& weight) {
   return sm90_enabled(weight.dtype, weight.device) && weight.shape[1] % 8 == 0 && weight.shape[2] % 8 == 0;
 }
 
+bool all_aligned(std::initializer_list<const void*> ptrs) {
+  return std::all_of(ptrs.begin(), ptrs.end(), [](const void* p) { return !p || aligned16(p); });
+}
+
 bool use_hopper(const TensorView& weight, std::initializer_list<const void*> ptrs) {
-  return hopper_shapes(weight) &&
-         std::all_of(ptrs.begin(), ptrs.end(), [](const void* p) { return !p || aligned16(p); });
+  return hopper_shapes(weight) && all_aligned(ptrs);
+}
+
+// The Hopper forward with the gather in its loads; `out_cols` (the output row length) must be a multiple of 8.
+bool use_hopper_gather(const TensorView& weight, std::int64_t out_cols, std::initializer_list<const void*> ptrs) {
+  return sm90_gather_enabled(weight.dtype, weight.device) && weight.shape[2] % 8 == 0 && out_cols % 8 == 0 &&
+         all_aligned(ptrs);
+}
+
+// Runs it: out (plain) or h and act (SwiGLU, act set); placeholder rows are left unwritten.
+template <class T>
+void run_hopper_gather(const Plan& plan, const TensorView& x, const TensorView& weight, const TensorView& out,
+                       const TensorView& act, const TensorView& tiles, cudaStream_t s) {
+  expert_tile_offsets<<<1, 1024, 0, s>>>(plan.offsets.ptr<int>(), plan.experts, kSm90GatherTileM, tiles.ptr<int>());
+  MOEFUSE_CUDA_LAUNCH_CHECK();
+  Sm90GatherGemm g;
+  g.x = x.data;
+  g.w = weight.data;
+  g.out = out.data;
+  g.act = act.data;
+  g.pairs = plan.sorted_pairs.ptr<int>();
+  g.offsets = plan.offsets.ptr<int>();
+  g.tile_offsets = tiles.ptr<int>();
+  g.top_k = plan.top_k;
+  g.experts = plan.experts;
+  g.rows = plan.tokens * plan.top_k;
+  g.n = static_cast<int>(act.defined() ? weight.shape[1] / 2 : weight.shape[1]);
+  g.k = static_cast<int>(weight.shape[2]);
+  run_gather_gemm_sm90(g, weight.dtype, s);
 }
 
 // Workspace layouts: the same function sizes (Carver without base) and lays out.
 struct ForwardWorkspace {
   TensorView tiles;     // [E+1] i32
   TensorView rows;      // [M, out] with combine: the un-combined rows
-  TensorView gathered;  // [M, in] Hopper with gather: x rows in sorted order
-  TensorView sm90;      // Hopper: the grouped GEMM's arguments
+  TensorView sm90;      // Hopper without gather: the grouped GEMM's arguments
 };
 
 ForwardWorkspace carve_forward(detail::Carver& c, const Plan& plan, const TensorView& weight, bool gather,
@@ -97,10 +129,8 @@ ForwardWorkspace carve_forward(detail::Carver& c, const Plan& plan, const Tensor
   ForwardWorkspace w;
   w.tiles = c.take(DType::i32, {plan.experts + 1});
   if (combine) w.rows = c.take(weight.dtype, {m, weight.shape[1]});
-  if (hopper_shapes(weight)) {
-    if (gather) w.gathered = c.take(weight.dtype, {m, weight.shape[2]});
+  if (hopper_shapes(weight) && !gather)
     w.sm90 = c.take_bytes(sm90_workspace_bytes(GemmKind::fwd, plan.experts, weight.device));
-  }
   return w;
 }
 
@@ -139,10 +169,11 @@ void forward_impl(const Plan& plan, const TensorView& x, const TensorView& weigh
   const std::int64_t m = plan.tokens * plan.top_k, n = weight.shape[1], k = weight.shape[2];
   const TensorView& rows = combine ? ws.rows : out;
 
-  if (use_hopper(weight, {x.data, weight.data, rows.data, workspace.data})) {
-    if (gather) launch_gather_sorted<T>(x, plan, nullptr, ws.gathered, s);
-    const Sm90Gemm g{GemmKind::fwd, gather ? ws.gathered.data : x.data, weight.data, rows.data,
-                     plan.offsets.ptr<int>(), plan.experts, 0, static_cast<int>(n), static_cast<int>(k)};
+  if (gather && use_hopper_gather(weight, n, {x.data, weight.data, rows.data})) {
+    run_hopper_gather<T>(plan, x, weight, rows, TensorView{}, ws.tiles, s);
+  } else if (!gather && use_hopper(weight, {x.data, weight.data, rows.data, workspace.data})) {
+    const Sm90Gemm g{GemmKind::fwd, x.data, weight.data, rows.data, plan.offsets.ptr<int>(), plan.experts, 0,
+                     static_cast<int>(n), static_cast<int>(k)};
     run_grouped_gemm_sm90(g, weight.device, ws.sm90.data, s);
   } else {
     GemmParams p = plan_params(plan, ws.tiles);
@@ -284,6 +315,23 @@ void moe_linear_forward(const Plan& plan, const TensorView& x, const TensorView&
   DeviceGuard guard(plan.counts.device);
   dispatch_float(weight.dtype, [&](auto tag) {
     forward_impl<decltype(tag)>(plan, x, weight, gather, combine_weights, out, workspace, as_stream(stream));
+  });
+}
+
+void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const TensorView& h,
+                               const TensorView& a, const TensorView& workspace, void* stream) {
+  if (!use_hopper_gather(weight, a.shape[1], {x.data, weight.data, h.data, a.data})) {
+    cuda::moe_linear_forward(plan, x, weight, true, TensorView{}, h, workspace, stream);
+    return cuda::swiglu_forward(h, a, stream);
+  }
+  DeviceGuard guard(plan.counts.device);
+  detail::Carver c(workspace);
+  const ForwardWorkspace ws = carve_forward(c, plan, weight, true, false);
+  dispatch_float(weight.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    run_hopper_gather<T>(plan, x, weight, h, a, ws.tiles, as_stream(stream));
+    launch_zero_placeholders<T>(h, plan, as_stream(stream));
+    launch_zero_placeholders<T>(a, plan, as_stream(stream));
   });
 }
 

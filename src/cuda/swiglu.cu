@@ -7,8 +7,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
-
 template <class T, int VEC>
 __global__ void swiglu_forward_kernel(const T* __restrict__ h, std::int64_t rows, std::int64_t inter,
                                       T* __restrict__ a) {

@@ -206,6 +206,22 @@ TEST_F(LinearErrors, Forward) {
   }
 }
 
+TEST_F(LinearErrors, SwigluForward) {
+  const std::int64_t I = n_out / 2;
+  auto run = [&](TensorView w, TensorView h, TensorView a) {
+    Tensor ws = scratch(moefuse::moe_linear_workspace_bytes(base.plan, base.x, base.w, true, TensorView{}));
+    moefuse::moe_linear_swiglu_forward(base.plan, base.x, w, h, a, ws.view());
+  };
+  TensorView h = fresh(DType::bf16, {M, 2 * I}), a = fresh(DType::bf16, {M, I});
+  ASSERT_NO_THROW(run(base.w, h, a));
+  EXPECT_ERROR_NAMING(run(fresh(DType::bf16, {E, 2 * I + 1, n_in}), fresh(DType::bf16, {M, 2 * I + 1}), a), "weight",
+                      "gate");
+  EXPECT_ERROR_NAMING(run(base.w, fresh(DType::bf16, {T, 2 * I}), a), "h");
+  EXPECT_ERROR_NAMING(run(base.w, h, fresh(DType::bf16, {M, I + 1})), "a", "h");
+  EXPECT_ERROR_NAMING(run(base.w, h, fresh(DType::f16, {M, I})), "a", "h");
+  EXPECT_ERROR_NAMING(run(base.w, fresh(DType::f32, {M, 2 * I}), fresh(DType::f32, {M, I})), "h");
+}
+
 TEST_F(LinearErrors, Backward) {
   struct Grads {
     TensorView grad_out, gx, gw, gcw;

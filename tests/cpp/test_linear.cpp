@@ -133,6 +133,26 @@ TEST(MoeLinearEdge, GradientSubsets) {
   }
 }
 
+// The up projection with its activation gives exactly moe_linear_forward then swiglu_forward.
+TEST(MoeLinearSwiglu, IsLinearThenSwiglu) {
+  for (DType dt : kFloatTypes)
+    for (LinearCase c : {LinearCase{1, 1, 1, 24, 10, false, true, false, dt}, {7, 2, 3, 37, 18, true, true, false, dt},
+                         {1000, 8, 128, 24, 10, true, true, false, dt}, {0, 2, 3, 37, 18, false, true, false, dt}}) {
+      SCOPED_TRACE(name_of(c));
+      Rng rng;
+      Inputs in(c, rng);
+      const Tensor h = forward(c, in);
+      Tensor a(dt, {in.M, c.n_out / 2});
+      moefuse::swiglu_forward(h.view(), a.view());
+      Tensor h2(dt, {in.M, c.n_out}), a2(dt, {in.M, c.n_out / 2});
+      auto plan = in.pt.plan();
+      Tensor ws = scratch(moefuse::moe_linear_workspace_bytes(plan, in.x.view(), in.w.view(), true, TensorView{}));
+      moefuse::moe_linear_swiglu_forward(plan, in.x.view(), in.w.view(), h2.view(), a2.view(), ws.view());
+      EXPECT_EQ(h2.values(), h.values());
+      EXPECT_EQ(a2.values(), a.values());
+    }
+}
+
 // A NaN in one token's input reaches exactly that token's rows.
 TEST(MoeLinearEdge, NanStaysInItsRows) {
   LinearCase c{7, 2, 3, 24, 10, false, true, false, DType::f32};

@@ -336,6 +336,35 @@ TEST(CudaLinear, LoraMatchesCpu) {
         }
 }
 
+// The up projection with its activation (one kernel on Hopper when I is a multiple of 8, else the two ops).
+TEST(CudaLinear, SwigluForwardMatchesCpu) {
+  REQUIRE_GPU();
+  const LinearCase cases[] = {
+      {3, 2, 7, 40, 24},       // one partial tile
+      {60, 8, 100, 136, 192},  // many experts, some empty; I = 96
+      {128, 8, 300, 256, 272}, // I = 136: a partial column tile
+      {8, 2, 1000, 72, 1040},  // larger M, several column tiles
+      {1, 1, 7, 13, 14},       // odd dims: the two ops
+      {3, 1, 0, 16, 16},       // no tokens
+  };
+  for (DType d : mt::kFloatTypes)
+    for (const LinearCase& c : cases) {
+      SCOPED_TRACE(linear_name(c, d, true, false));
+      mt::Rng rng("swiglu " + linear_name(c, d, true, false));
+      const std::int64_t M = c.T * c.k;
+      BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
+      Both x = Both::random(rng, d, {c.T, c.in});
+      Both w = Both::random(rng, d, {c.E, c.out, c.in}, 2.0 / std::sqrt(static_cast<double>(c.in)));
+      Both h = Both::poisoned(d, {M, c.out}), a = Both::poisoned(d, {M, c.out / 2});
+      Both ws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), true, TensorView{}),
+                          moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), true, TensorView{}));
+      moefuse::moe_linear_swiglu_forward(plan.cpu.plan(), x.c(), w.c(), h.c(), a.c(), ws.c());
+      moefuse::moe_linear_swiglu_forward(plan.gpu(), x.g(), w.g(), h.g(), a.g(), ws.g());
+      EXPECT_MATCH(h, d);
+      EXPECT_MATCH(a, d);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------------------------
 TEST(CudaSwiglu, MatchesCpu) {
   REQUIRE_GPU();

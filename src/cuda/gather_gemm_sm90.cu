@@ -1,0 +1,264 @@
+// Hopper forward grouped GEMM with the token gather in its loads and, optionally, SwiGLU in its epilogue
+// (grouped_gemm_sm90.h: run_gather_gemm_sm90). Compiled for sm_90a only.
+//
+// One 128x256 output tile per block, three warpgroups:
+//   - warpgroup 0 loads: every thread cp.asyncs 8 of the tile's gathered x rows (16 bytes each) into 128-byte
+//     swizzled shared memory, and thread 0 brings the weight tile with one TMA load;
+//   - warpgroups 1 and 2 run wgmma 64x256x16 on rows [0, 64) and [64, 128) of the tile, fp32 accumulators in registers.
+// A 4-stage ring of full/empty mbarriers connects them. cp.async writes go through the generic proxy and wgmma reads
+// through the async one, so the loader waits for its copies one stage late, fences, then arrives on the full barrier.
+// With SwiGLU the weight is [gate; up] (2n rows) and a tile's 256 columns are gate columns [j, j+128) followed by the
+// same up columns: every thread holds each gate value and its up partner, so h and a = silu(gate) * up are written
+// from registers.
+#include <cudaTypedefs.h>
+
+#include <cute/arch/mma_sm90_gmma.hpp>
+#include <cute/atom/mma_traits_sm90_gmma.hpp>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+
+#include "cuda/async_copy.cuh"
+#include "cuda/common.cuh"
+#include "cuda/grouped_gemm_sm90.h"
+
+namespace moefuse::cuda {
+namespace {
+
+using namespace cute;
+
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
+constexpr int kThreads = 384;
+constexpr int kConsumerWarps = 8;
+
+template <class T>
+struct Gmma;
+template <>
+struct Gmma<__nv_bfloat16> {
+  using Element = cutlass::bfloat16_t;
+  using Op = SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
+};
+template <>
+struct Gmma<__half> {
+  using Element = cutlass::half_t;
+  using Op = SM90_64x256x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>;
+};
+
+template <class T>
+struct Tiles {
+  using E = typename Gmma<T>::Element;
+  // Rows of 64 k-elements, 8-row atoms of 1024 bytes: the layout TMA's SWIZZLE_128B writes and swz<64> computes.
+  using LayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<BM>, Int<BK>, Int<STAGES>>{}));
+  using LayoutB = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<BN>, Int<BK>, Int<STAGES>>{}));
+  using Mma = decltype(make_tiled_mma(typename Gmma<T>::Op{}, Layout<Shape<_2, _1, _1>>{}));
+};
+
+template <class T>
+struct alignas(1024) Smem {
+  T a[STAGES][BM * BK];
+  T b[STAGES][BN * BK];
+  std::uint64_t full[STAGES], empty[STAGES];
+  int tokens[BM];  // the tile's source rows of x; -1 past the expert's rows
+};
+constexpr std::size_t kSmemBytes = sizeof(Smem<__nv_bfloat16>) + 1024;  // + alignment slack
+
+struct Args {
+  const void* x;
+  void* out;  // plain: [M, n]; SwiGLU: h [M, 2n]
+  void* act;  // SwiGLU: a [M, n]
+  const int* pairs;
+  const int* offsets;
+  const int* tile_offsets;
+  int top_k, experts, n, k;
+};
+
+__device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, std::uint64_t* bar, void* dst, int c0, int c1,
+                                            int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
+      "[%2];\n" ::"r"(smem_addr(dst)),
+      "l"(map), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+
+using Barrier = cutlass::arch::ClusterBarrier;
+using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+
+template <class T, bool SWIGLU>
+__global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant__ CUtensorMap wmap, const Args p) {
+  constexpr int kTileN = SWIGLU ? BN / 2 : BN;  // output columns per tile
+  const int n_tiles = (p.n + kTileN - 1) / kTileN;
+  const int nt = blockIdx.x % n_tiles, mt = blockIdx.x / n_tiles;
+  if (mt >= p.tile_offsets[p.experts]) return;
+  const int e = expert_of_tile(p.tile_offsets, p.experts, mt);
+  const int m0 = p.offsets[e] + (mt - p.tile_offsets[e]) * BM, m_end = p.offsets[e + 1];
+
+  extern __shared__ unsigned char raw[];
+  auto& sm = *reinterpret_cast<Smem<T>*>((reinterpret_cast<std::uintptr_t>(raw) + 1023) & ~std::uintptr_t{1023});
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      reinterpret_cast<TxBarrier&>(sm.full[s]).init(BM + 1);  // the loaders' arrivals + the TMA transaction
+      reinterpret_cast<Barrier&>(sm.empty[s]).init(kConsumerWarps);
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  if (threadIdx.x < BM) {
+    const int s = m0 + threadIdx.x;
+    sm.tokens[threadIdx.x] = s < m_end ? p.pairs[s] / p.top_k : -1;
+  }
+  __syncthreads();
+
+  const int k_blocks = (p.k + BK - 1) / BK;
+  if (threadIdx.x < 128) {
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    const int t = threadIdx.x, chunk = t % 8;
+    const T* x = static_cast<const T*>(p.x);
+    int tok[BM / 16];
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) tok[i] = sm.tokens[t / 8 + 16 * i];
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      const int s = kb % STAGES;
+      reinterpret_cast<Barrier&>(sm.empty[s]).wait(((kb / STAGES) & 1) ^ 1);
+      if (t == 0) {
+        reinterpret_cast<TxBarrier&>(sm.full[s]).arrive_and_expect_tx(BN * BK * sizeof(T));
+        tma_load_4d(&wmap, &sm.full[s], sm.b[s], kb * BK, nt * kTileN, 0, e);
+      }
+      const int col = kb * BK + chunk * 8;
+#pragma unroll
+      for (int i = 0; i < BM / 16; ++i) {
+        const bool ok = tok[i] >= 0 && col < p.k;
+        cp_async16(sm.a[s] + swz<BK>(t / 8 + 16 * i, chunk), ok ? x + static_cast<std::int64_t>(tok[i]) * p.k + col : x,
+                   ok);
+      }
+      cp_async_commit();
+      if (kb > 0) {
+        cp_async_wait<1>();
+        cutlass::arch::fence_view_async_shared();
+        reinterpret_cast<Barrier&>(sm.full[(kb - 1) % STAGES]).arrive();
+      }
+    }
+    cp_async_wait<0>();
+    cutlass::arch::fence_view_async_shared();
+    reinterpret_cast<Barrier&>(sm.full[(k_blocks - 1) % STAGES]).arrive();
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<232>();
+  using TL = Tiles<T>;
+  using E = typename TL::E;
+  typename TL::Mma mma;
+  const int ct = threadIdx.x - 128;
+  auto thr = mma.get_thread_slice(ct);
+  Tensor sA = make_tensor(make_smem_ptr(reinterpret_cast<E*>(&sm.a[0][0])), typename TL::LayoutA{});
+  Tensor sB = make_tensor(make_smem_ptr(reinterpret_cast<E*>(&sm.b[0][0])), typename TL::LayoutB{});
+  Tensor tCrA = thr.make_fragment_A(thr.partition_A(sA));  // wgmma descriptors (MMA, MMA_M, MMA_K, STAGES)
+  Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
+  Tensor acc = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
+  static_assert(decltype(size(acc))::value == 128);
+
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    const int s = kb % STAGES;
+    reinterpret_cast<TxBarrier&>(sm.full[s]).wait((kb / STAGES) & 1);
+    warpgroup_fence_operand(acc);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < size<2>(tCrA); ++kk) {
+      cute::gemm(mma, tCrA(_, _, kk, s), tCrB(_, _, kk, s), acc);
+      mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    warpgroup_wait<0>();
+    warpgroup_fence_operand(acc);
+    if (threadIdx.x % 32 == 0) reinterpret_cast<Barrier&>(sm.empty[s]).arrive();
+  }
+
+  // Epilogue. Accumulator i holds (row, col) = coords(i); i and i + 1 are adjacent columns of one row, and with
+  // SwiGLU i + 64 is column col + 128 (wgmma's accumulator layout: 8-column groups are the slowest index).
+  Tensor coords = thr.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  T* out = static_cast<T*>(p.out);
+  constexpr int kPairs = SWIGLU ? 32 : 64;
+#pragma unroll
+  for (int i2 = 0; i2 < kPairs; ++i2) {
+    const int i = 2 * i2;
+    const int r = get<0>(coords(i)), c = get<1>(coords(i));
+    const std::int64_t row = m0 + r;
+    const int col = nt * kTileN + c;
+    if (row >= m_end || col >= p.n) continue;
+    if constexpr (SWIGLU) {
+      // a from the rounded h, as a recomputation from the saved h gives.
+      const std::uint32_t g2 = pack2<T>(acc(i), acc(i + 1)), u2 = pack2<T>(acc(i + 64), acc(i + 65));
+      const T* g = reinterpret_cast<const T*>(&g2);
+      const T* u = reinterpret_cast<const T*>(&u2);
+      float a[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) a[j] = to_f32(g[j]) * sigmoid(to_f32(g[j])) * to_f32(u[j]);
+      T* h = out + row * 2 * p.n + col;
+      *reinterpret_cast<std::uint32_t*>(h) = g2;
+      *reinterpret_cast<std::uint32_t*>(h + p.n) = u2;
+      *reinterpret_cast<std::uint32_t*>(static_cast<T*>(p.act) + row * p.n + col) = pack2<T>(a[0], a[1]);
+    } else {
+      *reinterpret_cast<std::uint32_t*>(out + row * p.n + col) = pack2<T>(acc(i), acc(i + 1));
+    }
+  }
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const auto fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    MOEFUSE_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+    if (q != cudaDriverEntryPointSuccess || !f) throw Error("moefuse: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// The weight [E, halves * rows, k] as (k, rows, halves, E), read in boxes of (BK, BN / halves, halves, 1): one box is
+// a tile's 256 weight rows, plain or gate-then-up.
+CUtensorMap weight_map(const Sm90GatherGemm& g, DType dtype) {
+  const int halves = g.act ? 2 : 1;
+  const cuuint64_t es = 2, k = static_cast<cuuint64_t>(g.k), rows = static_cast<cuuint64_t>(g.n);
+  const cuuint64_t dims[4] = {k, rows, static_cast<cuuint64_t>(halves), static_cast<cuuint64_t>(g.experts)};
+  const cuuint64_t strides[3] = {k * es, rows * k * es, halves * rows * k * es};
+  const cuuint32_t box[4] = {BK, static_cast<cuuint32_t>(BN / halves), static_cast<cuuint32_t>(halves), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = encode_tiled()(
+      &map, dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      const_cast<void*>(g.w), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) throw Error("moefuse: cuTensorMapEncodeTiled failed for the expert weight (" +
+                                     std::to_string(static_cast<int>(r)) + ")");
+  return map;
+}
+
+template <class T, bool SWIGLU>
+void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
+  const std::int64_t n_tiles = ceil_div<std::int64_t>(g.n, SWIGLU ? BN / 2 : BN);
+  const std::int64_t blocks = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
+  if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
+  const CUtensorMap map = weight_map(g, dtype);
+  const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts, g.n, g.k};
+  auto kernel = gather_gemm<T, SWIGLU>;
+  set_smem_limit(kernel, kSmemBytes);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(map, args);
+  MOEFUSE_CUDA_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
+  if (g.rows == 0 || g.experts == 0) return;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (g.act)
+        launch<T, true>(g, dtype, stream);
+      else
+        launch<T, false>(g, dtype, stream);
+    }
+  });
+}
+
+}  // namespace moefuse::cuda
