@@ -36,6 +36,8 @@ struct GemmEpilogue {
   std::int64_t ldo = 0;
   std::int64_t expert_stride = 0;    // wgrad: elements between experts' dW
   const float* row_scale = nullptr;  // fwd/dgrad: stored row s is scaled by row_scale[pairs[s]]
+  float alpha = 1.f;                 // fwd/dgrad: and by alpha
+  bool accumulate = false;           // fwd/dgrad: added to what out holds
   // fwd/dgrad: partial[s * ldp + slot] = sum over this block's columns of C[s, n] * dot_x[row(s), n] (unscaled C).
   const void* dot_x = nullptr;
   std::int64_t ldx = 0;
@@ -118,12 +120,24 @@ struct EpilogueRow {
   T* out = nullptr;
   const T* x = nullptr;
   float scale = 1.f;
+  bool accumulate = false;
 
   __device__ __forceinline__ EpilogueRow(const GemmParams& p, int s) {
     const GemmEpilogue& ep = p.epi;
     if (ep.out) out = static_cast<T*>(ep.out) + static_cast<std::int64_t>(s) * ep.ldo;
     if (ep.partial) x = static_cast<const T*>(ep.dot_x) + row_of(p, ep.dot_gather, s) * ep.ldx;
-    if (ep.row_scale) scale = ep.row_scale[p.pairs[s]];
+    scale = ep.alpha * (ep.row_scale ? ep.row_scale[p.pairs[s]] : 1.f);
+    accumulate = ep.accumulate;
+  }
+  // out[col] (and out[col + 1] when two) (+)= scale * v.
+  __device__ __forceinline__ void put(int col, float v0, float v1, bool two) const {
+    v0 *= scale;
+    v1 *= scale;
+    if (accumulate) {
+      v0 += to_f32(out[col]);
+      if (two) v1 += to_f32(out[col + 1]);
+    }
+    store2(out + col, v0, v1, two);
   }
 };
 
@@ -345,7 +359,7 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
             if (col >= p.n) continue;
             const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
             if (er.x) dot += v0 * to_f32(er.x[col]) + v1 * to_f32(er.x[col + 1]);
-            if (er.out) store2(er.out + col, v0 * er.scale, v1 * er.scale, true);
+            if (er.out) er.put(col, v0, v1, true);
           }
         }
         if (p.epi.partial) {  // the 4 lanes of a row hold its 32 columns of this warp
@@ -444,7 +458,7 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_simt(const GemmParams p)
           const int col = tl.n0 + tx * 4 + j;
           if (col >= p.n) continue;
           if (er.x) dot += acc[i][j] * to_f32(er.x[col]);
-          if (er.out) er.out[col] = from_f32<T>(acc[i][j] * er.scale);
+          if (er.out) er.put(col, acc[i][j], 0.f, false);
         }
       }
     }
