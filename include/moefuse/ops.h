@@ -122,4 +122,16 @@ void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* s
 void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, TensorView h, TensorView a,
                                TensorView workspace, void* stream = nullptr);
 
+// The last projection of an expert MLP, backward from h: the gradients of
+//   out = moe_linear_forward(swiglu(h), weight, gather = false, combine_weights)
+// with h [M, 2I], weight [E, out, I], combine_weights [T, k] f32, grad_out [T, out]. Each of grad_h [M, 2I],
+// grad_weight and grad_combine_weights is computed if present. a = swiglu(h) is recomputed, never stored by the
+// caller. On Hopper the dgrad GEMM is followed by one row pass that gives grad_h, the combine-weight gradient and the
+// scaled rows of the weight gradient; elsewhere swiglu_forward, moe_linear_backward and swiglu_backward run in turn.
+std::size_t swiglu_linear_backward_workspace_bytes(const Plan& plan, TensorView h, TensorView weight,
+                                                   TensorView combine_weights);
+void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, TensorView combine_weights,
+                            TensorView grad_out, TensorView grad_h, TensorView grad_weight,
+                            TensorView grad_combine_weights, TensorView workspace, void* stream = nullptr);
+
 }  // namespace moefuse

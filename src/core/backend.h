@@ -51,6 +51,13 @@
   void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight,                  \
                                  const TensorView& h, const TensorView& a, const TensorView& workspace,             \
                                  void* stream);                                                                     \
+  /* swiglu_linear_backward in one fused form, when this backend has one for these arguments and the workspace      \
+     (sized for the composed form) holds it; false: nothing was done and the core runs the composed form. */        \
+  bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight,                \
+                                    const TensorView& combine_weights, const TensorView& grad_out,                 \
+                                    const TensorView& grad_h, const TensorView& grad_weight,                       \
+                                    const TensorView& grad_combine_weights, const TensorView& workspace,           \
+                                    void* stream);                                                                  \
   void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void* stream);      \
                                                                                                                     \
   /* Dense linear (the router projection): y[T, N] = x[T, K] . w[N, K]^T, all one dtype. */                        \

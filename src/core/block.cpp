@@ -122,7 +122,8 @@ ForwardWork layout_forward(const MoeConfig& c, const TensorView& x, const MoeWei
   return f;
 }
 
-// Backward scratch of the experts (the block adds the router's below them).
+// Backward scratch of the experts (the block adds the router's below them). a and grad_a only with a LoRA adapter
+// on the down projection; without one, swiglu_linear_backward goes from h to grad_h itself.
 struct BackwardWork {
   TensorView a, grad_a, grad_h, scratch;
 };
@@ -131,11 +132,17 @@ BackwardWork layout_backward(const MoeConfig& c, const TensorView& x, const MoeW
                              const TensorView& topk_weights, Carver& cv) {
   const std::int64_t m = s.h.shape[0];
   BackwardWork b;
-  b.a = cv.take(x.dtype, {m, c.intermediate});
-  b.grad_a = cv.take(x.dtype, {m, c.intermediate});
+  std::size_t down_bytes = 0;
+  if (w.down_lora.defined()) {
+    b.a = cv.take(x.dtype, {m, c.intermediate});
+    b.grad_a = cv.take(x.dtype, {m, c.intermediate});
+    down_bytes = moe_linear_backward_workspace_bytes(s.plan, b.a, w.down, w.down_lora, false, topk_weights);
+  } else {
+    down_bytes = swiglu_linear_backward_workspace_bytes(s.plan, s.h, w.down, topk_weights);
+  }
   b.grad_h = cv.take(x.dtype, {m, 2 * c.intermediate});
   b.scratch = cv.take_bytes(
-      std::max(moe_linear_backward_workspace_bytes(s.plan, b.a, w.down, w.down_lora, false, topk_weights),
+      std::max(down_bytes,
                moe_linear_backward_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{})));
   return b;
 }
@@ -187,14 +194,20 @@ void experts_backward(const TensorView& x, const MoeWeights& w, const TensorView
                       const TensorView& grad_topk_weights, const BackwardWork& b, void* stream) {
   const bool need_grad_h = grads.x.defined() || grads.gate_up.defined() || any(grads.gate_up_lora);
   if (!need_grad_h && !grads.down.defined() && !any(grads.down_lora) && !grad_topk_weights.defined()) return;
-  // Down projection: a is recomputed from h; the routing-weight gradient comes out of the same pass.
-  BACKEND("moe_backward", x.device, swiglu_forward, s.h, b.a, stream);
-  projection_backward(s.plan, b.a, w.down, w.down_lora, false, topk_weights, grad_out,
-                      need_grad_h ? b.grad_a : TensorView{}, grads.down, grads.down_lora, grad_topk_weights,
-                      b.scratch, stream);
+  // Down projection through the activation: a is recomputed from h; the routing-weight gradient comes out of the
+  // same pass.
+  if (w.down_lora.defined()) {
+    BACKEND("moe_backward", x.device, swiglu_forward, s.h, b.a, stream);
+    projection_backward(s.plan, b.a, w.down, w.down_lora, false, topk_weights, grad_out,
+                        need_grad_h ? b.grad_a : TensorView{}, grads.down, grads.down_lora, grad_topk_weights,
+                        b.scratch, stream);
+    if (need_grad_h) BACKEND("moe_backward", x.device, swiglu_backward, s.h, b.grad_a, b.grad_h, stream);
+  } else {
+    swiglu_linear_backward(s.plan, s.h, w.down, topk_weights, grad_out, need_grad_h ? b.grad_h : TensorView{},
+                           grads.down, grad_topk_weights, b.scratch, stream);
+  }
   if (!need_grad_h) return;
   // Up projection (gathered x).
-  BACKEND("moe_backward", x.device, swiglu_backward, s.h, b.grad_a, b.grad_h, stream);
   projection_backward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
                       grads.gate_up_lora, TensorView{}, b.scratch, stream);
 }

@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "core/dispatch.h"
+#include "core/workspace.h"
 #include "moefuse/moefuse.h"
 
 namespace moefuse {
@@ -284,6 +285,70 @@ void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight
   expect_same_device(op, "h", h, d);
   expect_workspace(op, workspace, BACKEND(op, d, moe_linear_workspace_bytes, plan, x, weight, true, TensorView{}), d);
   BACKEND(op, d, moe_linear_swiglu_forward, plan, x, weight, h, a, workspace, stream);
+}
+
+namespace {
+// The composed form's workspace: a [M, I], grad_a [M, I], then moe_linear_backward's.
+struct SwigluLinearWork {
+  TensorView a, grad_a, rest;
+};
+SwigluLinearWork layout_swiglu_linear(const Plan& plan, const TensorView& h, const TensorView& weight,
+                                      const TensorView& combine_weights, detail::Carver& c) {
+  SwigluLinearWork w;
+  w.a = c.take(h.dtype, {h.shape[0], h.shape[1] / 2});
+  w.grad_a = c.take(h.dtype, {h.shape[0], h.shape[1] / 2});
+  w.rest = c.take_bytes(moe_linear_backward_workspace_bytes(plan, w.a, weight, false, combine_weights));
+  return w;
+}
+
+void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
+                         const TensorView& combine_weights, bool data = true) {
+  const std::int64_t m = check_plan_views(op, plan, data);
+  expect(op, "weight", weight, {plan.experts, -1, -1}, kFloatTypes, data);
+  expect(op, "h", h, {m, 2 * weight.shape[2]}, kFloatTypes, data);
+  expect_same_dtype(op, "h", h, weight.dtype);
+  expect(op, "combine_weights", combine_weights, {plan.tokens, plan.top_k}, {DType::f32}, data);
+  const Device d = plan.counts.device;
+  expect_same_device(op, "h", h, d);
+  expect_same_device(op, "weight", weight, d);
+  expect_same_device(op, "combine_weights", combine_weights, d);
+}
+}  // namespace
+
+std::size_t swiglu_linear_backward_workspace_bytes(const Plan& plan, TensorView h, TensorView weight,
+                                                   TensorView combine_weights) {
+  check_swiglu_linear("swiglu_linear_backward_workspace_bytes", plan, h, weight, combine_weights, false);
+  detail::Carver c(plan.counts.device);
+  layout_swiglu_linear(plan, h, weight, combine_weights, c);
+  return c.bytes();
+}
+
+void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, TensorView combine_weights,
+                            TensorView grad_out, TensorView grad_h, TensorView grad_weight,
+                            TensorView grad_combine_weights, TensorView workspace, void* stream) {
+  const char* op = "swiglu_linear_backward";
+  check_swiglu_linear(op, plan, h, weight, combine_weights);
+  const Device d = plan.counts.device;
+  const DType dt = weight.dtype;
+  expect(op, "grad_out", grad_out, {plan.tokens, weight.shape[1]}, kFloatTypes);
+  expect_optional(op, "grad_h", grad_h, {h.shape[0], h.shape[1]}, kFloatTypes);
+  expect_optional(op, "grad_weight", grad_weight, {weight.shape[0], weight.shape[1], weight.shape[2]}, kFloatTypes);
+  expect_optional(op, "grad_combine_weights", grad_combine_weights, {plan.tokens, plan.top_k}, {DType::f32});
+  for (auto [name, t] : {std::pair{"grad_out", grad_out}, {"grad_h", grad_h}, {"grad_weight", grad_weight}}) {
+    expect_same_dtype(op, name, t, dt);
+    expect_same_device(op, name, t, d);
+  }
+  expect_same_device(op, "grad_combine_weights", grad_combine_weights, d);
+  expect_workspace(op, workspace, swiglu_linear_backward_workspace_bytes(plan, h, weight, combine_weights), d);
+  if (BACKEND(op, d, swiglu_linear_backward_fused, plan, h, weight, combine_weights, grad_out, grad_h, grad_weight,
+              grad_combine_weights, workspace, stream))
+    return;
+  detail::Carver c(workspace);
+  const SwigluLinearWork w = layout_swiglu_linear(plan, h, weight, combine_weights, c);
+  swiglu_forward(h, w.a, stream);
+  moe_linear_backward(plan, w.a, weight, false, combine_weights, grad_out, grad_h.defined() ? w.grad_a : TensorView{},
+                      grad_weight, grad_combine_weights, w.rest, stream);
+  if (grad_h.defined()) swiglu_backward(h, w.grad_a, grad_h, stream);
 }
 
 void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* stream) {

@@ -27,6 +27,12 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
   cpu::swiglu_forward(h, a, stream);
 }
 
+bool swiglu_linear_backward_fused(const Plan&, const TensorView&, const TensorView&, const TensorView&,
+                                  const TensorView&, const TensorView&, const TensorView&, const TensorView&,
+                                  const TensorView&, void*) {
+  return false;
+}
+
 void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void*) {
   const std::int64_t rows = grad_a.size(0), width = grad_a.size(1);
 #pragma omp parallel for

@@ -5,7 +5,7 @@
 //   - warpgroup 0 loads: every thread cp.asyncs 8 of the tile's gathered x rows (16 bytes each) into 128-byte
 //     swizzled shared memory, and thread 0 brings the weight tile with one TMA load;
 //   - warpgroups 1 and 2 run wgmma 64x256x16 on rows [0, 64) and [64, 128) of the tile, fp32 accumulators in registers.
-// A 4-stage ring of full/empty mbarriers connects them. cp.async writes go through the generic proxy and wgmma reads
+// A 4-stage ring of full/empty mbarriers connects them; consumers keep one k-block of wgmma in flight. cp.async writes go through the generic proxy and wgmma reads
 // through the async one, so the loader waits for its copies one stage late, fences, then arrives on the full barrier.
 // With SwiGLU the weight is [gate; up] (2n rows) and a tile's 256 columns are gate columns [j, j+128) followed by the
 // same up columns: every thread holds each gate value and its up partner, so h and a = silu(gate) * up are written
@@ -168,10 +168,13 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       mma.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
-    warpgroup_wait<0>();
+    // One k-block of wgmma stays in flight: the previous one is done, so its stage goes back to the loader.
+    warpgroup_wait<1>();
     warpgroup_fence_operand(acc);
-    if (threadIdx.x % 32 == 0) reinterpret_cast<Barrier&>(sm.empty[s]).arrive();
+    if (kb > 0 && threadIdx.x % 32 == 0) reinterpret_cast<Barrier&>(sm.empty[(kb - 1) % STAGES]).arrive();
   }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
 
   // Epilogue. Accumulator i holds (row, col) = coords(i); i and i + 1 are adjacent columns of one row, and with
   // SwiGLU i + 64 is column col + 128 (wgmma's accumulator layout: 8-column groups are the slowest index).

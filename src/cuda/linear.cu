@@ -71,6 +71,59 @@ __global__ void dgrad_row_dots(T* __restrict__ rows, std::int64_t cols, const T*
   if (lane == 0) grad_cw[pair] = dot;
 }
 
+// swiglu_linear_backward's row pass after the Hopper dgrad (rows = gathered grad_out . W[e], not yet scaled), a warp
+// per pair with w its combine weight and a = swiglu(h) rounded as the forward stores it:
+//   grad_cw[pair] = <rows[pos], a>;  grad_h[pos] = dswiglu(h[pos], w * rows[pos]);  rows[pos] = w * a (scale_a)
+// Placeholder pairs get grad_cw = 0 and zero grad_h rows. inter (I) a multiple of 8.
+template <class T>
+__global__ void swiglu_dgrad_rows(T* __restrict__ rows, const T* __restrict__ h, std::int64_t inter,
+                                  const int* __restrict__ pair_positions, const int* __restrict__ offsets,
+                                  int experts, std::int64_t m, const float* __restrict__ w,
+                                  T* __restrict__ grad_h, float* __restrict__ grad_cw, bool scale_a) {
+  constexpr int VEC = Vec<T>::n;
+  const std::int64_t pair = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (pair >= m) return;
+  const std::int64_t pos = pair_positions[pair];
+  if (pos >= offsets[experts]) {
+    if (grad_cw && lane == 0) grad_cw[pair] = 0.f;
+    if (grad_h) {
+      const float zero[VEC] = {};
+      for (std::int64_t c = lane * VEC; c < 2 * inter; c += 32 * VEC) store_vec<T, VEC>(grad_h + pos * 2 * inter + c, zero);
+    }
+    return;
+  }
+  T* row = rows + pos * inter;
+  const T* hr = h + pos * 2 * inter;
+  const float scale = w[pair];
+  float dot = 0.f;
+  for (std::int64_t c = lane * VEC; c < inter; c += 32 * VEC) {
+    float v[VEC], g[VEC], u[VEC], a[VEC], dg[VEC], du[VEC];
+    load_vec<T, VEC>(row + c, v);
+    load_vec<T, VEC>(hr + c, g);
+    load_vec<T, VEC>(hr + inter + c, u);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) {
+      const float sig = sigmoid(g[i]);
+      a[i] = to_f32(from_f32<T>(g[i] * sig * u[i]));
+      dot += v[i] * a[i];
+      const float da = to_f32(from_f32<T>(v[i] * scale));
+      dg[i] = da * u[i] * sig * (1.f + g[i] * (1.f - sig));
+      du[i] = da * g[i] * sig;
+      a[i] *= scale;
+    }
+    if (grad_h) {
+      store_vec<T, VEC>(grad_h + pos * 2 * inter + c, dg);
+      store_vec<T, VEC>(grad_h + pos * 2 * inter + inter + c, du);
+    }
+    if (scale_a) store_vec<T, VEC>(row + c, a);
+  }
+  if (!grad_cw) return;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if (lane == 0) grad_cw[pair] = dot;
+}
+
 bool use_tensor_cores(const TensorView& weight, std::initializer_list<const void*> ptrs) {
   return tensor_cores_ok(weight.dtype, weight.shape[1], weight.shape[2], ptrs);
 }
@@ -351,6 +404,53 @@ void moe_linear_backward(const Plan& plan, const TensorView& x, const TensorView
     backward_impl<decltype(tag)>(plan, x, weight, gather, combine_weights, grad_out, grad_x, grad_weight,
                                  grad_combine_weights, workspace, as_stream(stream));
   });
+}
+
+// The Hopper form: gather grad_out once, dgrad into rows [M, I], one row pass (swiglu_dgrad_rows), and the wgrad
+// from the same gathered grad_out and the scaled a rows, so grad_out is gathered once and a never stored.
+bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight,
+                                  const TensorView& combine_weights, const TensorView& grad_out,
+                                  const TensorView& grad_h, const TensorView& grad_weight,
+                                  const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
+  const std::int64_t m = plan.tokens * plan.top_k, out_f = weight.shape[1], in_f = weight.shape[2];
+  if (!use_hopper(weight, {h.data, weight.data, grad_out.data, grad_h.data, grad_weight.data, workspace.data}))
+    return false;
+  detail::Carver c(workspace.device);
+  const auto carve = [&](detail::Carver& cv) {
+    struct {
+      TensorView gathered, rows, sm90;
+    } w{cv.take(weight.dtype, {m, out_f}), cv.take(weight.dtype, {m, in_f}),
+        cv.take_bytes(std::max(sm90_workspace_bytes(GemmKind::dgrad, plan.experts, weight.device),
+                               sm90_workspace_bytes(GemmKind::wgrad, plan.experts, weight.device)))};
+    return w;
+  };
+  carve(c);
+  if (c.bytes() > workspace.nbytes()) return false;
+  detail::Carver cw(workspace);
+  const auto ws = carve(cw);
+  DeviceGuard guard(plan.counts.device);
+  const cudaStream_t s = as_stream(stream);
+  const int* offsets = plan.offsets.ptr<int>();
+  dispatch_float(weight.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    launch_gather_sorted<T>(grad_out, plan, nullptr, ws.gathered, s);
+    run_grouped_gemm_sm90({GemmKind::dgrad, ws.gathered.data, weight.data, ws.rows.data, offsets, plan.experts, 0,
+                           static_cast<int>(in_f), static_cast<int>(out_f)},
+                          weight.device, ws.sm90.data, s);
+    if (m > 0) {
+      constexpr int kWarpsPerBlock = kThreads / 32;
+      swiglu_dgrad_rows<T><<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kWarpsPerBlock)), kThreads, 0, s>>>(
+          ws.rows.ptr<T>(), h.ptr<T>(), in_f, plan.pair_positions.ptr<int>(), offsets, plan.experts, m,
+          combine_weights.ptr<float>(), grad_h.defined() ? grad_h.ptr<T>() : nullptr,
+          grad_combine_weights.defined() ? grad_combine_weights.ptr<float>() : nullptr, grad_weight.defined());
+      MOEFUSE_CUDA_LAUNCH_CHECK();
+    }
+    if (grad_weight.defined())
+      run_grouped_gemm_sm90({GemmKind::wgrad, ws.gathered.data, ws.rows.data, grad_weight.data, offsets, plan.experts,
+                             static_cast<int>(out_f), static_cast<int>(in_f), 0},
+                            weight.device, ws.sm90.data, s);
+  });
+  return true;
 }
 
 }  // namespace moefuse::cuda

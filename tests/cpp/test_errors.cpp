@@ -222,6 +222,21 @@ TEST_F(LinearErrors, SwigluForward) {
   EXPECT_ERROR_NAMING(run(base.w, fresh(DType::f32, {M, 2 * I}), fresh(DType::f32, {M, I})), "h");
 }
 
+TEST_F(LinearErrors, SwigluBackward) {
+  const std::int64_t I = n_in;
+  TensorView h = fresh(DType::bf16, {M, 2 * I}), gout = fresh(DType::bf16, {T, n_out});
+  auto run = [&](TensorView hh, TensorView cw, TensorView g, TensorView gh) {
+    Tensor ws = scratch(moefuse::swiglu_linear_backward_workspace_bytes(base.plan, h, base.w, base.cw));
+    moefuse::swiglu_linear_backward(base.plan, hh, base.w, cw, g, gh, TensorView{}, TensorView{}, ws.view());
+  };
+  ASSERT_NO_THROW(run(h, base.cw, gout, fresh(DType::bf16, {M, 2 * I})));
+  EXPECT_ERROR_NAMING(run(fresh(DType::bf16, {M, 2 * I + 2}), base.cw, gout, TensorView{}), "h");
+  EXPECT_ERROR_NAMING(run(h, TensorView{}, gout, TensorView{}), "combine_weights");
+  EXPECT_ERROR_NAMING(run(h, base.cw, fresh(DType::bf16, {M, n_out}), TensorView{}), "grad_out");
+  EXPECT_ERROR_NAMING(run(h, base.cw, gout, fresh(DType::bf16, {M, I})), "grad_h");
+  EXPECT_ERROR_NAMING(run(h, base.cw, gout, fresh(DType::f16, {M, 2 * I})), "grad_h");
+}
+
 TEST_F(LinearErrors, Backward) {
   struct Grads {
     TensorView grad_out, gx, gw, gcw;
