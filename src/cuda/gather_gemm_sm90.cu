@@ -1,7 +1,7 @@
 // Hopper forward grouped GEMM with the token gather in its loads and, optionally, SwiGLU in its epilogue
 // (grouped_gemm_sm90.h: run_gather_gemm_sm90). Compiled for sm_90a only.
 //
-// Persistent blocks of three warpgroups over 128x256 output tiles:
+// One 128x256 output tile per block, three warpgroups:
 //   - warpgroup 0 loads: every thread cp.asyncs 8 of the tile's gathered x rows (16 bytes each) into 128-byte
 //     swizzled shared memory, and thread 0 brings the weight tile with one TMA load;
 //   - warpgroups 1 and 2 run wgmma 64x256x16 on rows [0, 64) and [64, 128) of the tile, fp32 accumulators in registers.
@@ -11,8 +11,6 @@
 // same up columns: every thread holds each gate value and its up partner, so h and a = silu(gate) * up are written
 // from registers.
 #include <cudaTypedefs.h>
-
-#include <algorithm>
 
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -86,58 +84,14 @@ __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, std::uint64_
 using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 
-// A tile's place: expert e, its rows [m0, m_end), column tile nt. Tiles run n fastest, so the blocks running at once
-// share gathered rows.
-struct TileAt {
-  int e, nt, m0, m_end;
-  __device__ __forceinline__ TileAt(const Args& p, int n_tiles, int tile) {
-    nt = tile % n_tiles;
-    const int mt = tile / n_tiles;
-    e = expert_of_tile(p.tile_offsets, p.experts, mt);
-    m0 = p.offsets[e] + (mt - p.tile_offsets[e]) * BM;
-    m_end = p.offsets[e + 1];
-  }
-};
-
-// Epilogue of one tile, from the accumulators: out (plain), or h and act = silu(gate) * up (SwiGLU).
-template <class T, bool SWIGLU, class Acc, class Coords>
-__device__ __forceinline__ void store_tile(const Acc& acc, const Coords& coords, const TileAt& at, const Args& p,
-                                           T* out) {
-  constexpr int kTileN = SWIGLU ? BN / 2 : BN;
-  constexpr int kPairs = SWIGLU ? 32 : 64;
-#pragma unroll
-  for (int i2 = 0; i2 < kPairs; ++i2) {
-    const int i = 2 * i2;
-    const int r = get<0>(coords(i)), c = get<1>(coords(i));
-    const std::int64_t row = at.m0 + r;
-    const int col = at.nt * kTileN + c;
-    if (row >= at.m_end || col >= p.n) continue;
-    if constexpr (SWIGLU) {
-      // a from the rounded h, as a recomputation from the saved h gives.
-      const std::uint32_t g2 = pack2<T>(acc(i), acc(i + 1)), u2 = pack2<T>(acc(i + 64), acc(i + 65));
-      const T* g = reinterpret_cast<const T*>(&g2);
-      const T* u = reinterpret_cast<const T*>(&u2);
-      float a[2];
-#pragma unroll
-      for (int j = 0; j < 2; ++j) a[j] = to_f32(g[j]) * sigmoid(to_f32(g[j])) * to_f32(u[j]);
-      T* h = out + row * 2 * p.n + col;
-      *reinterpret_cast<std::uint32_t*>(h) = g2;
-      *reinterpret_cast<std::uint32_t*>(h + p.n) = u2;
-      *reinterpret_cast<std::uint32_t*>(static_cast<T*>(p.act) + row * p.n + col) = pack2<T>(a[0], a[1]);
-    } else {
-      *reinterpret_cast<std::uint32_t*>(out + row * p.n + col) = pack2<T>(acc(i), acc(i + 1));
-    }
-  }
-}
-
-// Persistent: block b runs tiles b, b + gridDim.x, ...; the stage ring and its phases run on across tiles, so the
-// loader fills the next tile's stages while the consumers store the last one.
 template <class T, bool SWIGLU>
 __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant__ CUtensorMap wmap, const Args p) {
   constexpr int kTileN = SWIGLU ? BN / 2 : BN;  // output columns per tile
   const int n_tiles = (p.n + kTileN - 1) / kTileN;
-  const int tiles = p.tile_offsets[p.experts] * n_tiles;
-  const int k_blocks = (p.k + BK - 1) / BK;
+  const int nt = blockIdx.x % n_tiles, mt = blockIdx.x / n_tiles;
+  if (mt >= p.tile_offsets[p.experts]) return;
+  const int e = expert_of_tile(p.tile_offsets, p.experts, mt);
+  const int m0 = p.offsets[e] + (mt - p.tile_offsets[e]) * BM, m_end = p.offsets[e + 1];
 
   extern __shared__ unsigned char raw[];
   auto& sm = *reinterpret_cast<Smem<T>*>((reinterpret_cast<std::uintptr_t>(raw) + 1023) & ~std::uintptr_t{1023});
@@ -148,48 +102,44 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
     }
     cutlass::arch::fence_barrier_init();
   }
+  if (threadIdx.x < BM) {
+    const int s = m0 + threadIdx.x;
+    sm.tokens[threadIdx.x] = s < m_end ? p.pairs[s] / p.top_k : -1;
+  }
   __syncthreads();
 
+  const int k_blocks = (p.k + BK - 1) / BK;
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<40>();
     const int t = threadIdx.x, chunk = t % 8;
     const T* x = static_cast<const T*>(p.x);
-    int it = 0;  // k-blocks loaded so far, over all tiles
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const TileAt at(p, n_tiles, tile);
-      int tok[BM / 16];  // this thread's source rows of x; -1 past the expert's rows
+    int tok[BM / 16];
+#pragma unroll
+    for (int i = 0; i < BM / 16; ++i) tok[i] = sm.tokens[t / 8 + 16 * i];
+    for (int kb = 0; kb < k_blocks; ++kb) {
+      const int s = kb % STAGES;
+      reinterpret_cast<Barrier&>(sm.empty[s]).wait(((kb / STAGES) & 1) ^ 1);
+      if (t == 0) {
+        reinterpret_cast<TxBarrier&>(sm.full[s]).arrive_and_expect_tx(BN * BK * sizeof(T));
+        tma_load_4d(&wmap, &sm.full[s], sm.b[s], kb * BK, nt * kTileN, 0, e);
+      }
+      const int col = kb * BK + chunk * 8;
 #pragma unroll
       for (int i = 0; i < BM / 16; ++i) {
-        const int s = at.m0 + t / 8 + 16 * i;
-        tok[i] = s < at.m_end ? p.pairs[s] / p.top_k : -1;
+        const bool ok = tok[i] >= 0 && col < p.k;
+        cp_async16(sm.a[s] + swz<BK>(t / 8 + 16 * i, chunk), ok ? x + static_cast<std::int64_t>(tok[i]) * p.k + col : x,
+                   ok);
       }
-      for (int kb = 0; kb < k_blocks; ++kb, ++it) {
-        const int s = it % STAGES;
-        reinterpret_cast<Barrier&>(sm.empty[s]).wait(((it / STAGES) & 1) ^ 1);
-        if (t == 0) {
-          reinterpret_cast<TxBarrier&>(sm.full[s]).arrive_and_expect_tx(BN * BK * sizeof(T));
-          tma_load_4d(&wmap, &sm.full[s], sm.b[s], kb * BK, at.nt * kTileN, 0, at.e);
-        }
-        const int col = kb * BK + chunk * 8;
-#pragma unroll
-        for (int i = 0; i < BM / 16; ++i) {
-          const bool ok = tok[i] >= 0 && col < p.k;
-          cp_async16(sm.a[s] + swz<BK>(t / 8 + 16 * i, chunk),
-                     ok ? x + static_cast<std::int64_t>(tok[i]) * p.k + col : x, ok);
-        }
-        cp_async_commit();
-        if (it > 0) {
-          cp_async_wait<1>();
-          cutlass::arch::fence_view_async_shared();
-          reinterpret_cast<Barrier&>(sm.full[(it - 1) % STAGES]).arrive();
-        }
+      cp_async_commit();
+      if (kb > 0) {
+        cp_async_wait<1>();
+        cutlass::arch::fence_view_async_shared();
+        reinterpret_cast<Barrier&>(sm.full[(kb - 1) % STAGES]).arrive();
       }
     }
-    if (it > 0) {
-      cp_async_wait<0>();
-      cutlass::arch::fence_view_async_shared();
-      reinterpret_cast<Barrier&>(sm.full[(it - 1) % STAGES]).arrive();
-    }
+    cp_async_wait<0>();
+    cutlass::arch::fence_view_async_shared();
+    reinterpret_cast<Barrier&>(sm.full[(k_blocks - 1) % STAGES]).arrive();
     return;
   }
 
@@ -206,33 +156,53 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   Tensor acc = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
   static_assert(decltype(size(acc))::value == 128);
 
-  T* out = static_cast<T*>(p.out);
-  int it = 0;  // k-blocks consumed so far, over all tiles
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const TileAt at(p, n_tiles, tile);
-    mma.accumulate_ = GMMA::ScaleOut::Zero;
-    for (int kb = 0; kb < k_blocks; ++kb, ++it) {
-      const int s = it % STAGES;
-      reinterpret_cast<TxBarrier&>(sm.full[s]).wait((it / STAGES) & 1);
-      warpgroup_fence_operand(acc);
-      warpgroup_arrive();
-#pragma unroll
-      for (int kk = 0; kk < size<2>(tCrA); ++kk) {
-        cute::gemm(mma, tCrA(_, _, kk, s), tCrB(_, _, kk, s), acc);
-        mma.accumulate_ = GMMA::ScaleOut::One;
-      }
-      warpgroup_commit_batch();
-      // One k-block of wgmma stays in flight: the previous one is done, so its stage goes back to the loader.
-      warpgroup_wait<1>();
-      warpgroup_fence_operand(acc);
-      if (kb > 0 && threadIdx.x % 32 == 0) reinterpret_cast<Barrier&>(sm.empty[(it - 1) % STAGES]).arrive();
-    }
-    warpgroup_wait<0>();
+  mma.accumulate_ = GMMA::ScaleOut::Zero;
+  for (int kb = 0; kb < k_blocks; ++kb) {
+    const int s = kb % STAGES;
+    reinterpret_cast<TxBarrier&>(sm.full[s]).wait((kb / STAGES) & 1);
     warpgroup_fence_operand(acc);
-    if (threadIdx.x % 32 == 0) reinterpret_cast<Barrier&>(sm.empty[(it - 1) % STAGES]).arrive();
-    // Accumulator i holds (row, col) = coords(i); i and i + 1 are adjacent columns of one row, and with SwiGLU
-    // i + 64 is column col + 128 (wgmma's accumulator layout: 8-column groups are the slowest index).
-    store_tile<T, SWIGLU>(acc, thr.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{})), at, p, out);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < size<2>(tCrA); ++kk) {
+      cute::gemm(mma, tCrA(_, _, kk, s), tCrB(_, _, kk, s), acc);
+      mma.accumulate_ = GMMA::ScaleOut::One;
+    }
+    warpgroup_commit_batch();
+    // One k-block of wgmma stays in flight: the previous one is done, so its stage goes back to the loader.
+    warpgroup_wait<1>();
+    warpgroup_fence_operand(acc);
+    if (kb > 0 && threadIdx.x % 32 == 0) reinterpret_cast<Barrier&>(sm.empty[(kb - 1) % STAGES]).arrive();
+  }
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(acc);
+
+  // Epilogue. Accumulator i holds (row, col) = coords(i); i and i + 1 are adjacent columns of one row, and with
+  // SwiGLU i + 64 is column col + 128 (wgmma's accumulator layout: 8-column groups are the slowest index).
+  Tensor coords = thr.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+  T* out = static_cast<T*>(p.out);
+  constexpr int kPairs = SWIGLU ? 32 : 64;
+#pragma unroll
+  for (int i2 = 0; i2 < kPairs; ++i2) {
+    const int i = 2 * i2;
+    const int r = get<0>(coords(i)), c = get<1>(coords(i));
+    const std::int64_t row = m0 + r;
+    const int col = nt * kTileN + c;
+    if (row >= m_end || col >= p.n) continue;
+    if constexpr (SWIGLU) {
+      // a from the rounded h, as a recomputation from the saved h gives.
+      const std::uint32_t g2 = pack2<T>(acc(i), acc(i + 1)), u2 = pack2<T>(acc(i + 64), acc(i + 65));
+      const T* g = reinterpret_cast<const T*>(&g2);
+      const T* u = reinterpret_cast<const T*>(&u2);
+      float a[2];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) a[j] = to_f32(g[j]) * sigmoid(to_f32(g[j])) * to_f32(u[j]);
+      T* h = out + row * 2 * p.n + col;
+      *reinterpret_cast<std::uint32_t*>(h) = g2;
+      *reinterpret_cast<std::uint32_t*>(h + p.n) = u2;
+      *reinterpret_cast<std::uint32_t*>(static_cast<T*>(p.act) + row * p.n + col) = pack2<T>(a[0], a[1]);
+    } else {
+      *reinterpret_cast<std::uint32_t*>(out + row * p.n + col) = pack2<T>(acc(i), acc(i + 1));
+    }
   }
 }
 
@@ -269,12 +239,8 @@ CUtensorMap weight_map(const Sm90GatherGemm& g, DType dtype) {
 template <class T, bool SWIGLU>
 void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   const std::int64_t n_tiles = ceil_div<std::int64_t>(g.n, SWIGLU ? BN / 2 : BN);
-  // Persistent blocks, one per SM at most: the tile count itself is only known on the device.
-  const std::int64_t tiles = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
-  if (tiles > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
-  int device = 0;
-  MOEFUSE_CUDA_CHECK(cudaGetDevice(&device));
-  const std::int64_t blocks = std::min<std::int64_t>(tiles, sm90_sm_count(device));
+  const std::int64_t blocks = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
+  if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
   const CUtensorMap map = weight_map(g, dtype);
   const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts, g.n, g.k};
   auto kernel = gather_gemm<T, SWIGLU>;

@@ -214,8 +214,6 @@ void run(const Sm90Gemm& g, const Device& device, void* workspace, cudaStream_t 
 
 }  // namespace
 
-int sm90_sm_count(int device) { return device_info(device).sm_count; }
-
 bool sm90_gather_enabled(DType dtype, const Device& device) {
   static const bool disabled = [] {
     const char* v = std::getenv("MOEFUSE_SM90");

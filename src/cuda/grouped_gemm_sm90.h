@@ -55,8 +55,6 @@ constexpr int kSm90GatherTileM = 128;
 bool sm90_enabled(DType dtype, const Device& device);
 std::size_t sm90_workspace_bytes(GemmKind kind, int experts, const Device& device);
 void run_grouped_gemm_sm90(const Sm90Gemm& g, const Device& device, void* workspace, cudaStream_t stream);
-// Streaming multiprocessors of a device (read once per device).
-int sm90_sm_count(int device);
 // bf16 or f16 on a device of compute capability 9.x, unless MOEFUSE_SM90=0.
 bool sm90_gather_enabled(DType dtype, const Device& device);
 void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream);
