@@ -17,6 +17,7 @@ import json
 import sys
 
 import torch
+from timing import elapsed_ms, profile
 
 IMPLS = ("dense", "moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager")
 LORA_IMPLS = ("moefuse_experts", "hf_grouped_mm")
@@ -36,6 +37,7 @@ def parse():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write all results to this file")
+    p.add_argument("--profile", action="store_true", help="print each forward+backward's top kernels (torch.profiler)")
     return p.parse_args()
 
 
@@ -46,19 +48,10 @@ class Timer:
         self.cuda, self.iters = device == "cuda", iters
 
     def __call__(self, fn):
-        import time
         for _ in range(2):
             fn()
         self.sync()
-        ts = []
-        for _ in range(self.iters):
-            if self.cuda:
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record(); fn(); e.record(); e.synchronize()
-                ts.append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter(); fn(); ts.append((time.perf_counter() - t0) * 1e3)
-        return sorted(ts)[len(ts) // 2]
+        return sorted(elapsed_ms(fn, self.cuda) for _ in range(self.iters))[self.iters // 2]
 
     def sync(self):
         if self.cuda:
@@ -118,7 +111,7 @@ def run_dense(T, shape, dtype, device, frozen, timer):
     return dict(fwd_ms=fwd, fwdbwd_ms=fwd + timer(bwd))
 
 
-def run_impl(impl, T, shape, dtype, device, mode, timer, ref, x0, y_ref):
+def run_impl(impl, T, shape, dtype, device, mode, timer, ref, x0, y_ref, prof=False):
     fn, module = make(impl, shape, dtype, device, ref, lora=mode == "lora")
     for name, p in module.named_parameters():
         p.requires_grad_(mode == "trained" or (mode == "lora" and "lora_" in name))
@@ -139,6 +132,8 @@ def run_impl(impl, T, shape, dtype, device, mode, timer, ref, x0, y_ref):
         timer.sync()
         r["extra_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     r["fwdbwd_ms"] = timer(step)
+    if prof:
+        profile(step, device, f"{impl}, {mode}, T={T}")
     return r
 
 
@@ -169,7 +164,7 @@ def main():
                     if impl == "dense":
                         row.update(run_dense(T, shape, dtype, dev, frozen, timer))
                     else:
-                        row.update(run_impl(impl, T, shape, dtype, dev, mode, timer, ref, x0, y_ref))
+                        row.update(run_impl(impl, T, shape, dtype, dev, mode, timer, ref, x0, y_ref, a.profile))
                     row["fwd_TFLOPs"] = flops / row["fwd_ms"] * 1e-9
                     row["fwdbwd_TFLOPs"] = (2 if frozen else 3) * flops / row["fwdbwd_ms"] * 1e-9
                 except Exception as e:  # one failing impl must not hide the others' numbers

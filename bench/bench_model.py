@@ -11,9 +11,9 @@ target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
 """
 import argparse
 import json
-import time
 
 import torch
+from timing import elapsed_ms, profile
 
 
 def parse():
@@ -64,33 +64,6 @@ def step_fn(m, ids, compiled=False):
     return step
 
 
-def profile(step, device):
-    """One step under torch.profiler: where the time goes, kernel by kernel."""
-    from torch.profiler import ProfilerActivity
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch.profiler.profile(activities=acts) as prof:
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=90), flush=True)
-
-
-class Timer:
-    """Milliseconds of one call: CUDA events on a GPU, a host clock on the CPU."""
-
-    def __init__(self, device):
-        self.cuda = device == "cuda"
-
-    def __call__(self, fn):
-        if self.cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record(); fn(); e.record(); e.synchronize()
-            return s.elapsed_time(e)
-        t0 = time.perf_counter(); fn()
-        return (time.perf_counter() - t0) * 1e3
-
-
 def main():
     a = parse()
     import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
@@ -99,7 +72,6 @@ def main():
         a.batch, a.seq, a.iters = 2, 32, 2
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     print(f"# {name}, torch {torch.__version__}, {a.layers} layers, {a.batch}x{a.seq} tokens", flush=True)
-    timer = Timer(device)
     rows = []
     for mode in a.modes.split(","):
         for impl in a.impls.split(","):
@@ -112,13 +84,12 @@ def main():
                 if device == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
-                ts = sorted(timer(step) for _ in range(a.iters))
+                ts = sorted(elapsed_ms(step, device == "cuda") for _ in range(a.iters))
                 r["step_ms"] = ts[len(ts) // 2]
                 r["tokens_per_s"] = a.batch * a.seq / r["step_ms"] * 1e3
                 r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
                 if a.profile:
-                    print(f"## profile: {impl}, LoRA on {mode}", flush=True)
-                    profile(step, device)
+                    profile(step, device, f"{impl}, LoRA on {mode}")
                 del m, step
             except Exception as ex:  # one failing impl must not hide the others' numbers
                 r["error"] = f"{type(ex).__name__}: {ex}"[:300]
