@@ -269,10 +269,6 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
 
   float acc[MI][NI][4] = {};
   const int nk = (tl.k_end - tl.k0 + BK - 1) / BK;
-  // Rows and columns of this warp's 64x32 tile that exist, so that fragments wholly past them skip their loads and
-  // MMAs (the warp decides as one): narrow problems (N or K = a LoRA rank) and partial tiles do no dead work.
-  const int m_lim = (kWgrad ? p.m : tl.m_end) - (tl.m0 + wm * WM);
-  const int n_lim = p.n - (tl.n0 + wn * WN);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) load_stage(s, s);
@@ -288,14 +284,11 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
     const int stage = kt % STAGES;
     const T* sA = sa + stage * BM * BK;
     const T* sB = sb + stage * BN * BK;
-    const int k_lim = tl.k_end - (tl.k0 + kt * BK);
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
-      if (kk * 16 >= k_lim) break;
-      std::uint32_t af[MI][4], bf[NI][2];  // only fragments that pass the limits are loaded and used
+      std::uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
-        if (mi * 16 >= m_lim) break;
         const int m = wm * WM + mi * 16;
         if constexpr (!kWgrad) {
           const int r = m + (lane & 15);
@@ -318,7 +311,6 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
       }
 #pragma unroll
       for (int nj = 0; nj < NI / 2; ++nj) {
-        if (nj * 16 >= n_lim) break;
         const int n = wn * WN + nj * 16;
         std::uint32_t r4[4];
         if constexpr (kBKInner) {
@@ -336,8 +328,7 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni)
-          if (mi * 16 < m_lim && ni * 8 < n_lim) mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+        for (int ni = 0; ni < NI; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
     }
   }
   cp_async_wait<0>();
