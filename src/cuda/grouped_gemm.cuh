@@ -8,8 +8,9 @@
 // read at row pairs[s] / top_k (the gather is fused into the tile loads).
 //
 // Two kernels share the tile schedule and the epilogue:
-//   - tensor cores (bf16/f16, inner dims multiple of 8, 16-byte aligned): 128x128x64 tiles, 8 warps of 64x32,
-//     mma.sync m16n8k16 with f32 accumulators, ldmatrix from XOR-swizzled shared memory, 3-stage cp.async pipeline;
+//   - tensor cores (bf16/f16, inner dims multiple of 8, 16-byte aligned): 128x128x64 tiles, 8 warps of 64x32
+//     (128x32 or 32x128 when N or wgrad's M is at most 32: LoRA's rank side), mma.sync m16n8k16 with f32
+//     accumulators, ldmatrix from XOR-swizzled shared memory, 3-stage cp.async pipeline;
 //   - SIMT (f32 or unaligned shapes): 64x64x16 tiles, 4x4 outputs per thread.
 // Grids are sized by upper bounds; surplus blocks exit at once.
 #pragma once
@@ -146,10 +147,28 @@ struct EpilogueRow {
 
 namespace tc {
 
-constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 256;
-constexpr int WM = 64, WN = 32;  // warp tile; warps laid out 2 (m) x 4 (n)
-constexpr int MI = WM / 16, NI = WN / 8;
-constexpr std::size_t kSmemBytes = STAGES * (BM * BK + BN * BK) * 2 + STAGES * BK * sizeof(float);
+constexpr int BK = 64, STAGES = 3, THREADS = 256;
+
+// A block tile of BM x BN over 8 warps laid out WARPS_M x WARPS_N, each warp MI x NI mma tiles of 16 x 8. Wide serves
+// the layer's GEMMs; the narrow ones serve LoRA's rank-r side (N = r, or wgrad's M = r), where a 128-wide tile would
+// spend most of its MMAs on padding and leave the memory pipe idle.
+template <int BM_, int BN_, int WARPS_M_>
+struct Config {
+  static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = 8 / WARPS_M_;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MI = WM / 16, NI = WN / 8;
+  // Shared-memory row width of a tile stored m or n inner (dgrad's B, wgrad's A and B): the swizzle needs 64.
+  static constexpr int RA = BM < 64 ? 64 : BM, RB = BN < 64 ? 64 : BN;
+  static_assert(BM % 32 == 0 && BN % 32 == 0 && MI >= 1 && NI % 2 == 0, "tile shape");
+
+  template <GemmKind KIND>
+  static constexpr std::size_t smem_bytes() {
+    const int a = KIND == GemmKind::wgrad ? BK * RA : BM * BK, b = KIND == GemmKind::fwd ? BN * BK : BK * RB;
+    return STAGES * (a + b) * 2 + STAGES * BK * sizeof(float);
+  }
+};
+using Wide = Config<128, 128, 2>;
+using NarrowN = Config<128, 32, 8>;
+using NarrowM = Config<32, 128, 1>;
 
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
@@ -187,32 +206,53 @@ __device__ __forceinline__ void scale_pair(std::uint32_t& r, std::uint32_t s) {
   r = *reinterpret_cast<std::uint32_t*>(&v);
 }
 
-template <class T, GemmKind KIND>
+// Stage load of a tile stored with k as its rows: BK rows from k0 (sorted rows, or W[e]'s rows in dgrad), columns
+// [col0, col0 + W) of an operand with row stride ld, into a shared tile of row width R.
+template <class T, int W, int R>
+__device__ __forceinline__ void load_k_rows(T* dst, const GemmParams& p, bool gather, std::int64_t ld, const T* base,
+                                            int k0, int k_end, int col0, int cols, int tid) {
+  constexpr int CH = W / 8, PER = THREADS / CH;
+  const int c = static_cast<unsigned>(tid) % CH, col = col0 + c * 8;
+#pragma unroll
+  for (int i = 0; i < BK / PER; ++i) {
+    const int r = static_cast<unsigned>(tid) / CH + PER * i, s = k0 + r;
+    const bool ok = s < k_end && col < cols;
+    const std::int64_t row = gather && ok ? p.pairs[s] / p.top_k : s;
+    cp_async16(dst + swz<R>(r, c), ok ? base + row * ld + col : base, ok);
+  }
+}
+
+template <class T, GemmKind KIND, class C>
 __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p) {
   constexpr bool kWgrad = KIND == GemmKind::wgrad;
   constexpr bool kBKInner = KIND == GemmKind::fwd;
+  constexpr int BM = C::BM, BN = C::BN, WM = C::WM, WN = C::WN, MI = C::MI, NI = C::NI;
+  constexpr int A_STAGE = kWgrad ? BK * C::RA : BM * BK, B_STAGE = kBKInner ? BN * BK : BK * C::RB;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sa = reinterpret_cast<T*>(smem);
-  T* sb = sa + STAGES * BM * BK;
-  float* sscale = reinterpret_cast<float*>(sb + STAGES * BN * BK);
+  T* sb = sa + STAGES * A_STAGE;
+  float* sscale = reinterpret_cast<float*>(sb + STAGES * B_STAGE);
 
   Tile tl;
   if (!decode_tile<KIND, BM, BN>(p, tl)) return;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp >> 2, wn = warp & 3;
+  const int wm = warp / C::WARPS_N, wn = warp % C::WARPS_N;
   const T* a_base = static_cast<const T*>(p.a.ptr) + tl.e * p.a.expert_stride;
   const T* b_base = static_cast<const T*>(p.b.ptr) + tl.e * p.b.expert_stride;
   const bool scaled = kWgrad && p.k_scale != nullptr;
 
-  // Rows that stay fixed over the k loop (fwd/dgrad A; fwd B): 4 per thread, chunk tid & 7 of rows tid/8 + 32i.
-  const T* a_rows[4] = {};
-  const T* b_rows[4] = {};
+  // Rows that stay fixed over the k loop (fwd/dgrad A; fwd B): chunk tid & 7 of rows tid/8 + 32i.
+  const T* a_rows[BM / 32] = {};
+  const T* b_rows[BN / 32] = {};
   if constexpr (!kWgrad) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < BM / 32; ++i) {
       const int s = tl.m0 + (tid >> 3) + 32 * i;
       if (s < tl.m_end) a_rows[i] = a_base + row_of(p, p.a.gather, s) * p.a.ld;
-      if constexpr (kBKInner) {
+    }
+    if constexpr (kBKInner) {
+#pragma unroll
+      for (int i = 0; i < BN / 32; ++i) {
         const int n = tl.n0 + (tid >> 3) + 32 * i;
         if (n < p.n) b_rows[i] = b_base + static_cast<std::int64_t>(n) * p.b.ld;
       }
@@ -221,45 +261,28 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
 
   auto load_stage = [&](int stage, int kt) {
     const int k0 = tl.k0 + kt * BK;
-    T* sA = sa + stage * BM * BK;
-    T* sB = sb + stage * BN * BK;
+    T* sA = sa + stage * A_STAGE;
+    T* sB = sb + stage * B_STAGE;
     if constexpr (!kWgrad) {
       const int c = tid & 7, kc = k0 + c * 8;
       const bool k_ok = kc < tl.k_end;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = (tid >> 3) + 32 * i;
+      for (int i = 0; i < BM / 32; ++i) {
         const bool ok = k_ok && a_rows[i] != nullptr;
-        cp_async16(sA + swz<BK>(r, c), ok ? a_rows[i] + kc : a_base, ok);
+        cp_async16(sA + swz<BK>((tid >> 3) + 32 * i, c), ok ? a_rows[i] + kc : a_base, ok);
       }
       if constexpr (kBKInner) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = (tid >> 3) + 32 * i;
+        for (int i = 0; i < BN / 32; ++i) {
           const bool ok = k_ok && b_rows[i] != nullptr;
-          cp_async16(sB + swz<BK>(r, c), ok ? b_rows[i] + kc : b_base, ok);
+          cp_async16(sB + swz<BK>((tid >> 3) + 32 * i, c), ok ? b_rows[i] + kc : b_base, ok);
         }
       } else {  // dgrad: W[e] rows along k, n inner
-        const int c16 = tid & 15, nc = tl.n0 + c16 * 8;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int r = (tid >> 4) + 16 * i, kr = k0 + r;
-          const bool ok = kr < tl.k_end && nc < p.n;
-          cp_async16(sB + swz<BN>(r, c16), ok ? b_base + static_cast<std::int64_t>(kr) * p.b.ld + nc : b_base, ok);
-        }
+        load_k_rows<T, BN, C::RB>(sB, p, false, p.b.ld, b_base, k0, tl.k_end, tl.n0, p.n, tid);
       }
     } else {  // wgrad: both operands are sorted rows along k
-      const int c16 = tid & 15, mc = tl.m0 + c16 * 8, nc = tl.n0 + c16 * 8;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = (tid >> 4) + 16 * i, s = k0 + r;
-        const bool row_ok = s < tl.k_end;
-        const int pair = row_ok ? p.pairs[s] : 0;
-        const std::int64_t ra = p.a.gather ? pair / p.top_k : s, rb = p.b.gather ? pair / p.top_k : s;
-        const bool oka = row_ok && mc < p.m, okb = row_ok && nc < p.n;
-        cp_async16(sA + swz<BM>(r, c16), oka ? a_base + ra * p.a.ld + mc : a_base, oka);
-        cp_async16(sB + swz<BN>(r, c16), okb ? b_base + rb * p.b.ld + nc : b_base, okb);
-      }
+      load_k_rows<T, BM, C::RA>(sA, p, p.a.gather, p.a.ld, a_base, k0, tl.k_end, tl.m0, p.m, tid);
+      load_k_rows<T, BN, C::RB>(sB, p, p.b.gather, p.b.ld, b_base, k0, tl.k_end, tl.n0, p.n, tid);
       if (scaled && tid < BK) {
         const int s = k0 + tid;
         sscale[stage * BK + tid] = s < tl.k_end ? p.k_scale[p.pairs[s]] : 0.f;
@@ -282,8 +305,8 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
     cp_async_commit();
 
     const int stage = kt % STAGES;
-    const T* sA = sa + stage * BM * BK;
-    const T* sB = sb + stage * BN * BK;
+    const T* sA = sa + stage * A_STAGE;
+    const T* sB = sb + stage * B_STAGE;
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       std::uint32_t af[MI][4], bf[NI][2];
@@ -295,7 +318,7 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
           ldmatrix_x4<false>(af[mi], sA + swz<BK>(r, kk * 2 + (lane >> 4)));
         } else {
           const int r = kk * 16 + (lane & 7) + ((lane >> 4) << 3);
-          ldmatrix_x4<true>(af[mi], sA + swz<BM>(r, (m >> 3) + ((lane >> 3) & 1)));
+          ldmatrix_x4<true>(af[mi], sA + swz<C::RA>(r, (m >> 3) + ((lane >> 3) & 1)));
         }
       }
       if (scaled) {  // per-k weights: registers 0,1 hold k = 2t, 2t+1; registers 2,3 hold k = 2t+8, 2t+9
@@ -318,7 +341,7 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
           ldmatrix_x4<false>(r4, sB + swz<BK>(r, kk * 2 + ((lane >> 3) & 1)));
         } else {
           const int r = kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-          ldmatrix_x4<true>(r4, sB + swz<BN>(r, (n >> 3) + (lane >> 4)));
+          ldmatrix_x4<true>(r4, sB + swz<C::RB>(r, (n >> 3) + (lane >> 4)));
         }
         bf[2 * nj][0] = r4[0];
         bf[2 * nj][1] = r4[1];
@@ -333,7 +356,7 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
   }
   cp_async_wait<0>();
 
-  // Epilogue: accumulator (mi, ni, h*2 + j) is row wm*64 + mi*16 + lane/4 + 8h, column wn*32 + ni*8 + 2*(lane%4) + j.
+  // Epilogue: accumulator (mi, ni, h*2 + j) is row wm*WM + mi*16 + lane/4 + 8h, column wn*WN + ni*8 + 2*(lane%4) + j.
   const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi) {
@@ -362,11 +385,11 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
             if (er.out) er.put(col, v0, v1, true);
           }
         }
-        if (p.epi.partial) {  // the 4 lanes of a row hold its 32 columns of this warp
+        if (p.epi.partial) {  // the 4 lanes of a row hold its WN columns of this warp
           dot += __shfl_xor_sync(0xffffffffu, dot, 1);
           dot += __shfl_xor_sync(0xffffffffu, dot, 2);
           if (row_ok && t4 == 0)
-            p.epi.partial[static_cast<std::int64_t>(row) * p.epi.ldp + (tl.n0 / BN) * (BN / WN) + wn] = dot;
+            p.epi.partial[static_cast<std::int64_t>(row) * p.epi.ldp + (tl.n0 / BN) * C::WARPS_N + wn] = dot;
         }
       }
     }
@@ -489,9 +512,10 @@ inline bool tensor_cores_ok(DType dtype, std::int64_t out, std::int64_t in, std:
   return true;
 }
 
-// Column slots of the row-dot partials for n output columns: enough for either kernel.
+// Column slots of the row-dot partials for n output columns: enough for either kernel (a GEMM with partials always
+// takes the wide tile).
 inline int dot_partial_slots(std::int64_t n) {
-  return static_cast<int>(ceil_div<std::int64_t>(n, tc::BN) * (tc::BN / tc::WN));
+  return static_cast<int>(ceil_div<std::int64_t>(n, tc::Wide::BN) * tc::Wide::WARPS_N);
 }
 
 // Parameters filled from the plan; tiles: E+1 ints of workspace for the fwd/dgrad tile schedule.
@@ -513,11 +537,9 @@ static __global__ void expert_tile_offsets(const int* __restrict__ offsets, int 
   if (threadIdx.x == 0) tiles[experts] = total;
 }
 
-// Runs one grouped GEMM. rows: the plan's M (bounds the fwd/dgrad tile count). p.tile_offsets must point at E+1
-// ints of workspace (fwd/dgrad).
-template <class T, GemmKind KIND>
-void run_grouped_gemm(const GemmParams& p, std::int64_t rows, bool tensor_cores, cudaStream_t stream) {
-  const int bm = tensor_cores ? tc::BM : simt::BM, bn = tensor_cores ? tc::BN : simt::BN;
+// Blocks of a grid over bm x bn tiles, sized by upper bounds; fwd/dgrad also fill p.tile_offsets for this bm.
+template <GemmKind KIND>
+std::int64_t grid_blocks(const GemmParams& p, std::int64_t rows, int bm, int bn, cudaStream_t stream) {
   const std::int64_t n_tiles = ceil_div<std::int64_t>(p.n, bn);
   std::int64_t blocks;
   if constexpr (KIND == GemmKind::wgrad) {
@@ -527,17 +549,35 @@ void run_grouped_gemm(const GemmParams& p, std::int64_t rows, bool tensor_cores,
     MOEFUSE_CUDA_LAUNCH_CHECK();
     blocks = (ceil_div<std::int64_t>(rows, bm) + p.experts) * n_tiles;
   }
-  if (blocks == 0) return;
   if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
+  return blocks;
+}
+
+template <class T, GemmKind KIND, class C>
+void launch_tc(const GemmParams& p, std::int64_t rows, cudaStream_t stream) {
+  const std::int64_t blocks = grid_blocks<KIND>(p, rows, C::BM, C::BN, stream);
+  if (blocks == 0) return;
+  constexpr std::size_t smem = C::template smem_bytes<KIND>();
+  auto kernel = tc::grouped_gemm_tc<T, KIND, C>;
+  set_smem_limit(kernel, smem);
+  kernel<<<static_cast<unsigned>(blocks), tc::THREADS, smem, stream>>>(p);
+  MOEFUSE_CUDA_LAUNCH_CHECK();
+}
+
+// Runs one grouped GEMM. rows: the plan's M (bounds the fwd/dgrad tile count). p.tile_offsets must point at E+1
+// ints of workspace (fwd/dgrad).
+template <class T, GemmKind KIND>
+void run_grouped_gemm(const GemmParams& p, std::int64_t rows, bool tensor_cores, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores) {
-      auto kernel = tc::grouped_gemm_tc<T, KIND>;
-      set_smem_limit(kernel, tc::kSmemBytes);
-      kernel<<<static_cast<unsigned>(blocks), tc::THREADS, tc::kSmemBytes, stream>>>(p);
-      MOEFUSE_CUDA_LAUNCH_CHECK();
-      return;
+      if (p.n <= tc::NarrowN::BN && !p.epi.partial) return launch_tc<T, KIND, tc::NarrowN>(p, rows, stream);
+      if constexpr (KIND == GemmKind::wgrad)
+        if (p.m <= tc::NarrowM::BM) return launch_tc<T, KIND, tc::NarrowM>(p, rows, stream);
+      return launch_tc<T, KIND, tc::Wide>(p, rows, stream);
     }
   }
+  const std::int64_t blocks = grid_blocks<KIND>(p, rows, simt::BM, simt::BN, stream);
+  if (blocks == 0) return;
   simt::grouped_gemm_simt<T, KIND><<<static_cast<unsigned>(blocks), simt::THREADS, 0, stream>>>(p);
   MOEFUSE_CUDA_LAUNCH_CHECK();
 }

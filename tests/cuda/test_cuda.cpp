@@ -290,7 +290,7 @@ TEST(CudaLinear, LoraMatchesCpu) {
   REQUIRE_GPU();
   for (DType d : mt::kFloatTypes)
     for (const LinearCase& c : {kLinearCases[0], kLinearCases[1], kLinearCases[3], kLinearCases[4]})
-      for (int rank : {16, 4})
+      for (int rank : {16, 4, 40})  // narrow tiles (r <= 32), SIMT (r % 8 != 0), wide tiles
         for (bool combine : {false, true}) {
           const bool gather = !combine;  // the block's two uses
           SCOPED_TRACE(linear_name(c, d, gather, combine) + " r" + std::to_string(rank));
@@ -375,31 +375,50 @@ TEST(CudaLinear, SwigluBackwardMatchesCpu) {
       {1, 1, 7, 7, 13},         // odd dims: the three ops
       {3, 1, 0, 16, 16},        // no tokens
   };
+  enum Mode { kTrained, kFrozen, kLora };
   for (DType d : mt::kFloatTypes)
     for (const LinearCase& c : cases)
-      for (bool frozen : {false, true}) {
-        SCOPED_TRACE(linear_name(c, d, false, true) + (frozen ? " frozen" : ""));
-        mt::Rng rng("swiglu bwd " + linear_name(c, d, false, true));
-        const std::int64_t M = c.T * c.k;
+      for (Mode mode : {kTrained, kFrozen, kLora}) {
+        const char* mode_names[] = {" trained", " frozen", " lora r16"};
+        SCOPED_TRACE(linear_name(c, d, false, true) + mode_names[mode]);
+        mt::Rng rng("swiglu bwd " + linear_name(c, d, false, true) + std::to_string(mode));
+        const std::int64_t M = c.T * c.k, r = 16;
         BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
         Both h = Both::random(rng, d, {M, 2 * c.in}, 2.0);
         Both w = Both::random(rng, d, {c.E, c.out, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
+        Both la = Both::random(rng, d, {c.E, r, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
+        Both lb = Both::random(rng, d, {c.E, c.out, r}, 0.5);
         Vec v(static_cast<std::size_t>(M));
         for (auto& e : v) e = rng.uniform(0.1, 1.0);
         Both cw(mt::make(DType::f32, {c.T, c.k}, v));
         Both gout = Both::random(rng, d, {c.T, c.out});
         Both gh = Both::poisoned(d, {M, 2 * c.in}), gw = Both::poisoned(d, {c.E, c.out, c.in});
+        Both ga = Both::poisoned(d, {c.E, r, c.in}), gb = Both::poisoned(d, {c.E, c.out, r});
         Both gcw = Both::poisoned(DType::f32, {c.T, c.k});
-        Both ws = workspace(moefuse::swiglu_linear_backward_workspace_bytes(plan.cpu.plan(), h.c(), w.c(), cw.c()),
-                            moefuse::swiglu_linear_backward_workspace_bytes(plan.gpu(), h.g(), w.g(), cw.g()));
-        moefuse::swiglu_linear_backward(plan.cpu.plan(), h.c(), w.c(), cw.c(), gout.c(), gh.c(),
-                                        frozen ? TensorView{} : gw.c(), gcw.c(), ws.c());
-        moefuse::swiglu_linear_backward(plan.gpu(), h.g(), w.g(), cw.g(), gout.g(), gh.g(),
-                                        frozen ? TensorView{} : gw.g(), gcw.g(), ws.g());
-        EXPECT_MATCH(gh, d);
-        if (!frozen) {
-          EXPECT_MATCH(gw, d);
+        if (mode == kLora) {
+          const moefuse::Lora lc{la.c(), lb.c(), 0.75f}, lg{la.g(), lb.g(), 0.75f};
+          Both ws = workspace(
+              moefuse::swiglu_linear_backward_workspace_bytes(plan.cpu.plan(), h.c(), w.c(), lc, cw.c()),
+              moefuse::swiglu_linear_backward_workspace_bytes(plan.gpu(), h.g(), w.g(), lg, cw.g()));
+          moefuse::swiglu_linear_backward(plan.cpu.plan(), h.c(), w.c(), lc, cw.c(), gout.c(), gh.c(), {ga.c(), gb.c()},
+                                          gcw.c(), ws.c());
+          moefuse::swiglu_linear_backward(plan.gpu(), h.g(), w.g(), lg, cw.g(), gout.g(), gh.g(), {ga.g(), gb.g()},
+                                          gcw.g(), ws.g());
+          EXPECT_MATCH(ga, d);
+          EXPECT_MATCH(gb, d);
+        } else {
+          const bool frozen = mode == kFrozen;
+          Both ws = workspace(moefuse::swiglu_linear_backward_workspace_bytes(plan.cpu.plan(), h.c(), w.c(), cw.c()),
+                              moefuse::swiglu_linear_backward_workspace_bytes(plan.gpu(), h.g(), w.g(), cw.g()));
+          moefuse::swiglu_linear_backward(plan.cpu.plan(), h.c(), w.c(), cw.c(), gout.c(), gh.c(),
+                                          frozen ? TensorView{} : gw.c(), gcw.c(), ws.c());
+          moefuse::swiglu_linear_backward(plan.gpu(), h.g(), w.g(), cw.g(), gout.g(), gh.g(),
+                                          frozen ? TensorView{} : gw.g(), gcw.g(), ws.g());
+          if (!frozen) {
+            EXPECT_MATCH(gw, d);
+          }
         }
+        EXPECT_MATCH(gh, d);
         EXPECT_CLOSE(gcw.gpu.values(), gcw.cpu.values(), gpu_tol(d));
       }
 }
