@@ -121,6 +121,10 @@ void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* s
 //   h [M, 2I]; a [M, I]; workspace: moe_linear_workspace_bytes(plan, x, weight, true, {})
 void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, TensorView h, TensorView a,
                                TensorView workspace, void* stream = nullptr);
+// The same with a LoRA adapter on the weight; workspace: moe_linear_workspace_bytes(plan, x, weight, lora, true, {}).
+// On Hopper the adapter's rows are written to h first and the kernel adds its product to them before SwiGLU.
+void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, TensorView h,
+                               TensorView a, TensorView workspace, void* stream = nullptr);
 
 // The last projection of an expert MLP, backward from h: the gradients of
 //   out = moe_linear_forward(swiglu(h), weight, gather = false, combine_weights)
@@ -133,5 +137,13 @@ std::size_t swiglu_linear_backward_workspace_bytes(const Plan& plan, TensorView 
 void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, TensorView combine_weights,
                             TensorView grad_out, TensorView grad_h, TensorView grad_weight,
                             TensorView grad_combine_weights, TensorView workspace, void* stream = nullptr);
+// The same with a LoRA adapter on the weight: the base weight is frozen, the adapter's gradients go to grad_lora
+// (each absent one skipped). On Hopper the adapter's low-rank dgrad joins the dgrad rows before the row pass.
+std::size_t swiglu_linear_backward_workspace_bytes(const Plan& plan, TensorView h, TensorView weight,
+                                                   const Lora& lora, TensorView combine_weights);
+void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, const Lora& lora,
+                            TensorView combine_weights, TensorView grad_out, TensorView grad_h,
+                            const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
+                            void* stream = nullptr);
 
 }  // namespace moefuse

@@ -49,13 +49,14 @@
                                                                                                                     \
   void swiglu_forward(const TensorView& h, const TensorView& a, void* stream);                                     \
   void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight,                  \
-                                 const TensorView& h, const TensorView& a, const TensorView& workspace,             \
-                                 void* stream);                                                                     \
+                                 const Lora& lora, const TensorView& h, const TensorView& a,                        \
+                                 const TensorView& workspace, void* stream);                                        \
   /* swiglu_linear_backward in one fused form, when this backend has one for these arguments and the workspace      \
      (sized for the composed form) holds it; false: nothing was done and the core runs the composed form. */        \
   bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight,                \
-                                    const TensorView& combine_weights, const TensorView& grad_out,                 \
-                                    const TensorView& grad_h, const TensorView& grad_weight,                       \
+                                    const Lora& lora, const TensorView& combine_weights,                           \
+                                    const TensorView& grad_out, const TensorView& grad_h,                          \
+                                    const TensorView& grad_weight, const LoraGrads& grad_lora,                     \
                                     const TensorView& grad_combine_weights, const TensorView& workspace,           \
                                     void* stream);                                                                  \
   void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void* stream);      \

@@ -122,27 +122,18 @@ ForwardWork layout_forward(const MoeConfig& c, const TensorView& x, const MoeWei
   return f;
 }
 
-// Backward scratch of the experts (the block adds the router's below them). a and grad_a only with a LoRA adapter
-// on the down projection; without one, swiglu_linear_backward goes from h to grad_h itself.
+// Backward scratch of the experts (the block adds the router's below them): swiglu_linear_backward goes from h to
+// grad_h itself.
 struct BackwardWork {
-  TensorView a, grad_a, grad_h, scratch;
+  TensorView grad_h, scratch;
 };
 
 BackwardWork layout_backward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const ExpertsSaved& s,
                              const TensorView& topk_weights, Carver& cv) {
-  const std::int64_t m = s.h.shape[0];
   BackwardWork b;
-  std::size_t down_bytes = 0;
-  if (w.down_lora.defined()) {
-    b.a = cv.take(x.dtype, {m, c.intermediate});
-    b.grad_a = cv.take(x.dtype, {m, c.intermediate});
-    down_bytes = moe_linear_backward_workspace_bytes(s.plan, b.a, w.down, w.down_lora, false, topk_weights);
-  } else {
-    down_bytes = swiglu_linear_backward_workspace_bytes(s.plan, s.h, w.down, topk_weights);
-  }
-  b.grad_h = cv.take(x.dtype, {m, 2 * c.intermediate});
+  b.grad_h = cv.take(x.dtype, {s.h.shape[0], 2 * c.intermediate});
   b.scratch = cv.take_bytes(
-      std::max(down_bytes,
+      std::max(swiglu_linear_backward_workspace_bytes(s.plan, s.h, w.down, w.down_lora, topk_weights),
                moe_linear_backward_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{})));
   return b;
 }
@@ -163,12 +154,7 @@ void experts_forward(const TensorView& x, const MoeWeights& w, const TensorView&
                      const TensorView& out, void* stream) {
   const char* op = "moe_forward";
   BACKEND(op, x.device, routing_plan, topk_ids, s.plan, f.scratch, stream);
-  if (w.gate_up_lora.defined()) {  // the adapter's part lands in h before the activation
-    moe_linear_forward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, s.h, f.scratch, stream);
-    BACKEND(op, x.device, swiglu_forward, s.h, f.a, stream);
-  } else {
-    moe_linear_swiglu_forward(s.plan, x, w.gate_up, s.h, f.a, f.scratch, stream);
-  }
+  moe_linear_swiglu_forward(s.plan, x, w.gate_up, w.gate_up_lora, s.h, f.a, f.scratch, stream);
   moe_linear_forward(s.plan, f.a, w.down, w.down_lora, false, topk_weights, out, f.scratch, stream);
 }
 
@@ -196,16 +182,13 @@ void experts_backward(const TensorView& x, const MoeWeights& w, const TensorView
   if (!need_grad_h && !grads.down.defined() && !any(grads.down_lora) && !grad_topk_weights.defined()) return;
   // Down projection through the activation: a is recomputed from h; the routing-weight gradient comes out of the
   // same pass.
-  if (w.down_lora.defined()) {
-    BACKEND("moe_backward", x.device, swiglu_forward, s.h, b.a, stream);
-    projection_backward(s.plan, b.a, w.down, w.down_lora, false, topk_weights, grad_out,
-                        need_grad_h ? b.grad_a : TensorView{}, grads.down, grads.down_lora, grad_topk_weights,
-                        b.scratch, stream);
-    if (need_grad_h) BACKEND("moe_backward", x.device, swiglu_backward, s.h, b.grad_a, b.grad_h, stream);
-  } else {
-    swiglu_linear_backward(s.plan, s.h, w.down, topk_weights, grad_out, need_grad_h ? b.grad_h : TensorView{},
-                           grads.down, grad_topk_weights, b.scratch, stream);
-  }
+  const TensorView grad_h = need_grad_h ? b.grad_h : TensorView{};
+  if (w.down_lora.defined())
+    swiglu_linear_backward(s.plan, s.h, w.down, w.down_lora, topk_weights, grad_out, grad_h, grads.down_lora,
+                           grad_topk_weights, b.scratch, stream);
+  else
+    swiglu_linear_backward(s.plan, s.h, w.down, topk_weights, grad_out, grad_h, grads.down, grad_topk_weights,
+                           b.scratch, stream);
   if (!need_grad_h) return;
   // Up projection (gathered x).
   projection_backward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,

@@ -272,8 +272,8 @@ void swiglu_forward(TensorView h, TensorView a, void* stream) {
   BACKEND(op, h.device, swiglu_forward, h, a, stream);
 }
 
-void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, TensorView h, TensorView a,
-                               TensorView workspace, void* stream) {
+void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, TensorView h,
+                               TensorView a, TensorView workspace, void* stream) {
   const char* op = "moe_linear_swiglu_forward";
   const std::int64_t n = check_linear(op, plan, x, weight, true, TensorView{});
   MOEFUSE_CHECK(n % 2 == 0, op, "weight must be [E, 2*I, in] ([gate; up]), got an odd output size: ",
@@ -283,8 +283,14 @@ void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight
   check_swiglu(op, h, a, "a");
   expect_same_dtype(op, "h", h, weight.dtype);
   expect_same_device(op, "h", h, d);
-  expect_workspace(op, workspace, BACKEND(op, d, moe_linear_workspace_bytes, plan, x, weight, true, TensorView{}), d);
-  BACKEND(op, d, moe_linear_swiglu_forward, plan, x, weight, h, a, workspace, stream);
+  if (lora.defined()) check_lora(op, lora, weight);
+  expect_workspace(op, workspace, moe_linear_workspace_bytes(plan, x, weight, lora, true, TensorView{}), d);
+  BACKEND(op, d, moe_linear_swiglu_forward, plan, x, weight, lora, h, a, workspace, stream);
+}
+
+void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, TensorView h, TensorView a,
+                               TensorView workspace, void* stream) {
+  moe_linear_swiglu_forward(plan, x, weight, Lora{}, h, a, workspace, stream);
 }
 
 namespace {
@@ -293,16 +299,16 @@ struct SwigluLinearWork {
   TensorView a, grad_a, rest;
 };
 SwigluLinearWork layout_swiglu_linear(const Plan& plan, const TensorView& h, const TensorView& weight,
-                                      const TensorView& combine_weights, detail::Carver& c) {
+                                      const Lora& lora, const TensorView& combine_weights, detail::Carver& c) {
   SwigluLinearWork w;
   w.a = c.take(h.dtype, {h.shape[0], h.shape[1] / 2});
   w.grad_a = c.take(h.dtype, {h.shape[0], h.shape[1] / 2});
-  w.rest = c.take_bytes(moe_linear_backward_workspace_bytes(plan, w.a, weight, false, combine_weights));
+  w.rest = c.take_bytes(moe_linear_backward_workspace_bytes(plan, w.a, weight, lora, false, combine_weights));
   return w;
 }
 
 void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
-                         const TensorView& combine_weights, bool data = true) {
+                         const Lora& lora, const TensorView& combine_weights, bool data = true) {
   const std::int64_t m = check_plan_views(op, plan, data);
   expect(op, "weight", weight, {plan.experts, -1, -1}, kFloatTypes, data);
   expect(op, "h", h, {m, 2 * weight.shape[2]}, kFloatTypes, data);
@@ -312,22 +318,23 @@ void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, 
   expect_same_device(op, "h", h, d);
   expect_same_device(op, "weight", weight, d);
   expect_same_device(op, "combine_weights", combine_weights, d);
+  if (lora.defined()) check_lora(op, lora, weight, data);
 }
-}  // namespace
 
-std::size_t swiglu_linear_backward_workspace_bytes(const Plan& plan, TensorView h, TensorView weight,
-                                                   TensorView combine_weights) {
-  check_swiglu_linear("swiglu_linear_backward_workspace_bytes", plan, h, weight, combine_weights, false);
+std::size_t swiglu_linear_bytes(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
+                                const Lora& lora, const TensorView& combine_weights) {
+  check_swiglu_linear(op, plan, h, weight, lora, combine_weights, false);
   detail::Carver c(plan.counts.device);
-  layout_swiglu_linear(plan, h, weight, combine_weights, c);
+  layout_swiglu_linear(plan, h, weight, lora, combine_weights, c);
   return c.bytes();
 }
 
-void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, TensorView combine_weights,
-                            TensorView grad_out, TensorView grad_h, TensorView grad_weight,
-                            TensorView grad_combine_weights, TensorView workspace, void* stream) {
-  const char* op = "swiglu_linear_backward";
-  check_swiglu_linear(op, plan, h, weight, combine_weights);
+// Both overloads: grad_weight with the base weight trained, grad_lora with an adapter (the base frozen).
+void swiglu_linear_bwd(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
+                       const Lora& lora, const TensorView& combine_weights, const TensorView& grad_out,
+                       const TensorView& grad_h, const TensorView& grad_weight, const LoraGrads& grad_lora,
+                       const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
+  check_swiglu_linear(op, plan, h, weight, lora, combine_weights);
   const Device d = plan.counts.device;
   const DType dt = weight.dtype;
   expect(op, "grad_out", grad_out, {plan.tokens, weight.shape[1]}, kFloatTypes);
@@ -339,16 +346,59 @@ void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, T
     expect_same_device(op, name, t, d);
   }
   expect_same_device(op, "grad_combine_weights", grad_combine_weights, d);
-  expect_workspace(op, workspace, swiglu_linear_backward_workspace_bytes(plan, h, weight, combine_weights), d);
-  if (BACKEND(op, d, swiglu_linear_backward_fused, plan, h, weight, combine_weights, grad_out, grad_h, grad_weight,
-              grad_combine_weights, workspace, stream))
+  if (lora.defined()) {
+    const std::int64_t r = lora.a.shape[1];
+    expect_optional(op, "grad_lora.a", grad_lora.a, {weight.shape[0], r, weight.shape[2]}, kFloatTypes);
+    expect_optional(op, "grad_lora.b", grad_lora.b, {weight.shape[0], weight.shape[1], r}, kFloatTypes);
+    for (auto [name, t] : {std::pair{"grad_lora.a", grad_lora.a}, {"grad_lora.b", grad_lora.b}}) {
+      expect_same_dtype(op, name, t, dt);
+      expect_same_device(op, name, t, d);
+    }
+  }
+  expect_workspace(op, workspace, swiglu_linear_bytes(op, plan, h, weight, lora, combine_weights), d);
+  if (BACKEND(op, d, swiglu_linear_backward_fused, plan, h, weight, lora, combine_weights, grad_out, grad_h,
+              grad_weight, grad_lora, grad_combine_weights, workspace, stream))
     return;
   detail::Carver c(workspace);
-  const SwigluLinearWork w = layout_swiglu_linear(plan, h, weight, combine_weights, c);
+  const SwigluLinearWork w = layout_swiglu_linear(plan, h, weight, lora, combine_weights, c);
   swiglu_forward(h, w.a, stream);
-  moe_linear_backward(plan, w.a, weight, false, combine_weights, grad_out, grad_h.defined() ? w.grad_a : TensorView{},
-                      grad_weight, grad_combine_weights, w.rest, stream);
+  const TensorView grad_a = grad_h.defined() ? w.grad_a : TensorView{};
+  if (lora.defined())
+    moe_linear_backward(plan, w.a, weight, lora, false, combine_weights, grad_out, grad_a, grad_lora,
+                        grad_combine_weights, w.rest, stream);
+  else
+    moe_linear_backward(plan, w.a, weight, false, combine_weights, grad_out, grad_a, grad_weight,
+                        grad_combine_weights, w.rest, stream);
   if (grad_h.defined()) swiglu_backward(h, w.grad_a, grad_h, stream);
+}
+}  // namespace
+
+std::size_t swiglu_linear_backward_workspace_bytes(const Plan& plan, TensorView h, TensorView weight,
+                                                   TensorView combine_weights) {
+  return swiglu_linear_bytes("swiglu_linear_backward_workspace_bytes", plan, h, weight, Lora{}, combine_weights);
+}
+
+std::size_t swiglu_linear_backward_workspace_bytes(const Plan& plan, TensorView h, TensorView weight,
+                                                   const Lora& lora, TensorView combine_weights) {
+  return swiglu_linear_bytes("swiglu_linear_backward_workspace_bytes", plan, h, weight, lora, combine_weights);
+}
+
+void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, TensorView combine_weights,
+                            TensorView grad_out, TensorView grad_h, TensorView grad_weight,
+                            TensorView grad_combine_weights, TensorView workspace, void* stream) {
+  swiglu_linear_bwd("swiglu_linear_backward", plan, h, weight, Lora{}, combine_weights, grad_out, grad_h, grad_weight,
+                    LoraGrads{}, grad_combine_weights, workspace, stream);
+}
+
+void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, const Lora& lora,
+                            TensorView combine_weights, TensorView grad_out, TensorView grad_h,
+                            const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
+                            void* stream) {
+  const char* op = "swiglu_linear_backward";
+  MOEFUSE_CHECK(lora.defined() || (!grad_lora.a.defined() && !grad_lora.b.defined()), op,
+                "grad_lora given without a lora");
+  swiglu_linear_bwd(op, plan, h, weight, lora, combine_weights, grad_out, grad_h, TensorView{}, grad_lora,
+                    grad_combine_weights, workspace, stream);
 }
 
 void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* stream) {

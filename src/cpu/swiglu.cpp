@@ -21,15 +21,16 @@ void swiglu_forward(const TensorView& h, const TensorView& a, void*) {
   }
 }
 
-void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const TensorView& h,
-                               const TensorView& a, const TensorView& workspace, void* stream) {
+void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
+                               const TensorView& h, const TensorView& a, const TensorView& workspace, void* stream) {
   cpu::moe_linear_forward(plan, x, weight, true, TensorView{}, h, workspace, stream);
+  if (lora.defined()) cpu::moe_lora_forward_add(plan, x, lora, true, TensorView{}, h, workspace, stream);
   cpu::swiglu_forward(h, a, stream);
 }
 
-bool swiglu_linear_backward_fused(const Plan&, const TensorView&, const TensorView&, const TensorView&,
-                                  const TensorView&, const TensorView&, const TensorView&, const TensorView&,
-                                  const TensorView&, void*) {
+bool swiglu_linear_backward_fused(const Plan&, const TensorView&, const TensorView&, const Lora&, const TensorView&,
+                                  const TensorView&, const TensorView&, const TensorView&, const LoraGrads&,
+                                  const TensorView&, const TensorView&, void*) {
   return false;
 }
 

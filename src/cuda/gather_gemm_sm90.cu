@@ -70,6 +70,7 @@ struct Args {
   const int* offsets;
   const int* tile_offsets;
   int top_k, experts, n, k;
+  bool accumulate;  // out holds an addend (a LoRA adapter's rows), added before the activation
 };
 
 __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, std::uint64_t* bar, void* dst, int c0, int c1,
@@ -188,20 +189,30 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
     const std::int64_t row = m0 + r;
     const int col = nt * kTileN + c;
     if (row >= m_end || col >= p.n) continue;
+    // Two adjacent values of out (+ what it holds when accumulating), rounded as stored.
+    const auto result = [&](T* dst, float v0, float v1) {
+      if (p.accumulate) {
+        const std::uint32_t old = *reinterpret_cast<const std::uint32_t*>(dst);
+        v0 += to_f32(reinterpret_cast<const T*>(&old)[0]);
+        v1 += to_f32(reinterpret_cast<const T*>(&old)[1]);
+      }
+      return pack2<T>(v0, v1);
+    };
     if constexpr (SWIGLU) {
       // a from the rounded h, as a recomputation from the saved h gives.
-      const std::uint32_t g2 = pack2<T>(acc(i), acc(i + 1)), u2 = pack2<T>(acc(i + 64), acc(i + 65));
+      T* h = out + row * 2 * p.n + col;
+      const std::uint32_t g2 = result(h, acc(i), acc(i + 1)), u2 = result(h + p.n, acc(i + 64), acc(i + 65));
       const T* g = reinterpret_cast<const T*>(&g2);
       const T* u = reinterpret_cast<const T*>(&u2);
       float a[2];
 #pragma unroll
       for (int j = 0; j < 2; ++j) a[j] = to_f32(g[j]) * sigmoid(to_f32(g[j])) * to_f32(u[j]);
-      T* h = out + row * 2 * p.n + col;
       *reinterpret_cast<std::uint32_t*>(h) = g2;
       *reinterpret_cast<std::uint32_t*>(h + p.n) = u2;
       *reinterpret_cast<std::uint32_t*>(static_cast<T*>(p.act) + row * p.n + col) = pack2<T>(a[0], a[1]);
     } else {
-      *reinterpret_cast<std::uint32_t*>(out + row * p.n + col) = pack2<T>(acc(i), acc(i + 1));
+      T* o = out + row * p.n + col;
+      *reinterpret_cast<std::uint32_t*>(o) = result(o, acc(i), acc(i + 1));
     }
   }
 }
@@ -242,7 +253,7 @@ void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   const std::int64_t blocks = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
   if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
   const CUtensorMap map = weight_map(g, dtype);
-  const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts, g.n, g.k};
+  const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts, g.n, g.k, g.accumulate};
   auto kernel = gather_gemm<T, SWIGLU>;
   set_smem_limit(kernel, kSmemBytes);
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(map, args);

@@ -12,6 +12,7 @@
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.cuh"
 #include "cuda/grouped_gemm_sm90.h"
+#include "cuda/lora.h"
 #include "cuda/rows.cuh"
 
 namespace moefuse::cuda {
@@ -147,10 +148,11 @@ bool use_hopper_gather(const TensorView& weight, std::int64_t out_cols, std::ini
          all_aligned(ptrs);
 }
 
-// Runs it: out (plain) or h and act (SwiGLU, act set); placeholder rows are left unwritten.
+// Runs it: out (plain) or h and act (SwiGLU, act set), added to what out holds when accumulating; placeholder rows
+// are left unwritten.
 template <class T>
 void run_hopper_gather(const Plan& plan, const TensorView& x, const TensorView& weight, const TensorView& out,
-                       const TensorView& act, const TensorView& tiles, cudaStream_t s) {
+                       const TensorView& act, const TensorView& tiles, bool accumulate, cudaStream_t s) {
   expert_tile_offsets<<<1, 1024, 0, s>>>(plan.offsets.ptr<int>(), plan.experts, kSm90GatherTileM, tiles.ptr<int>());
   MOEFUSE_CUDA_LAUNCH_CHECK();
   Sm90GatherGemm g;
@@ -166,6 +168,7 @@ void run_hopper_gather(const Plan& plan, const TensorView& x, const TensorView& 
   g.rows = plan.tokens * plan.top_k;
   g.n = static_cast<int>(act.defined() ? weight.shape[1] / 2 : weight.shape[1]);
   g.k = static_cast<int>(weight.shape[2]);
+  g.accumulate = accumulate;
   run_gather_gemm_sm90(g, weight.dtype, s);
 }
 
@@ -223,7 +226,7 @@ void forward_impl(const Plan& plan, const TensorView& x, const TensorView& weigh
   const TensorView& rows = combine ? ws.rows : out;
 
   if (gather && use_hopper_gather(weight, n, {x.data, weight.data, rows.data})) {
-    run_hopper_gather<T>(plan, x, weight, rows, TensorView{}, ws.tiles, s);
+    run_hopper_gather<T>(plan, x, weight, rows, TensorView{}, ws.tiles, false, s);
   } else if (!gather && use_hopper(weight, {x.data, weight.data, rows.data, workspace.data})) {
     const Sm90Gemm g{GemmKind::fwd, x.data, weight.data, rows.data, plan.offsets.ptr<int>(), plan.experts, 0,
                      static_cast<int>(n), static_cast<int>(k)};
@@ -371,18 +374,21 @@ void moe_linear_forward(const Plan& plan, const TensorView& x, const TensorView&
   });
 }
 
-void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const TensorView& h,
-                               const TensorView& a, const TensorView& workspace, void* stream) {
+// With an adapter, its rows go to h first (lora.h) and the Hopper kernel adds its product to them.
+void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
+                               const TensorView& h, const TensorView& a, const TensorView& workspace, void* stream) {
   if (!use_hopper_gather(weight, a.shape[1], {x.data, weight.data, h.data, a.data})) {
     cuda::moe_linear_forward(plan, x, weight, true, TensorView{}, h, workspace, stream);
+    if (lora.defined()) cuda::moe_lora_forward_add(plan, x, lora, true, TensorView{}, h, workspace, stream);
     return cuda::swiglu_forward(h, a, stream);
   }
   DeviceGuard guard(plan.counts.device);
-  detail::Carver c(workspace);
+  if (lora.defined()) lora_gather_rows(plan, x, lora, h, workspace, as_stream(stream));
+  detail::Carver c(workspace);  // the adapter's workspace is free again: stream order
   const ForwardWorkspace ws = carve_forward(c, plan, weight, true, false);
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    run_hopper_gather<T>(plan, x, weight, h, a, ws.tiles, as_stream(stream));
+    run_hopper_gather<T>(plan, x, weight, h, a, ws.tiles, lora.defined(), as_stream(stream));
     launch_zero_placeholders<T>(h, plan, as_stream(stream));
     launch_zero_placeholders<T>(a, plan, as_stream(stream));
   });
@@ -407,21 +413,25 @@ void moe_linear_backward(const Plan& plan, const TensorView& x, const TensorView
 }
 
 // The Hopper form: gather grad_out once, dgrad into rows [M, I], one row pass (swiglu_dgrad_rows), and the wgrad
-// from the same gathered grad_out and the scaled a rows, so grad_out is gathered once and a never stored.
-bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight,
+// from the same gathered grad_out and the scaled a rows, so grad_out is gathered once and a never stored. A LoRA
+// adapter adds its low-rank dgrad to the rows before the row pass and takes its gradients from the rows after it
+// (lora.h).
+bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight, const Lora& lora,
                                   const TensorView& combine_weights, const TensorView& grad_out,
-                                  const TensorView& grad_h, const TensorView& grad_weight,
+                                  const TensorView& grad_h, const TensorView& grad_weight, const LoraGrads& grad_lora,
                                   const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
   const std::int64_t m = plan.tokens * plan.top_k, out_f = weight.shape[1], in_f = weight.shape[2];
   if (!use_hopper(weight, {h.data, weight.data, grad_out.data, grad_h.data, grad_weight.data, workspace.data}))
     return false;
+  const bool lora_grads = grad_lora.a.defined() || grad_lora.b.defined();
   detail::Carver c(workspace.device);
   const auto carve = [&](detail::Carver& cv) {
     struct {
-      TensorView gathered, rows, sm90;
+      TensorView gathered, rows, sm90, lora;
     } w{cv.take(weight.dtype, {m, out_f}), cv.take(weight.dtype, {m, in_f}),
         cv.take_bytes(std::max(sm90_workspace_bytes(GemmKind::dgrad, plan.experts, weight.device),
-                               sm90_workspace_bytes(GemmKind::wgrad, plan.experts, weight.device)))};
+                               sm90_workspace_bytes(GemmKind::wgrad, plan.experts, weight.device))),
+        cv.take_bytes(lora.defined() ? lora_sorted_workspace_bytes(plan, lora) : 0)};
     return w;
   };
   carve(c);
@@ -437,18 +447,21 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
     run_grouped_gemm_sm90({GemmKind::dgrad, ws.gathered.data, weight.data, ws.rows.data, offsets, plan.experts, 0,
                            static_cast<int>(in_f), static_cast<int>(out_f)},
                           weight.device, ws.sm90.data, s);
+    if (lora.defined()) lora_sorted_dgrad(plan, lora, ws.gathered, ws.rows, ws.lora, s);
     if (m > 0) {
       constexpr int kWarpsPerBlock = kThreads / 32;
       swiglu_dgrad_rows<T><<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kWarpsPerBlock)), kThreads, 0, s>>>(
           ws.rows.ptr<T>(), h.ptr<T>(), in_f, plan.pair_positions.ptr<int>(), offsets, plan.experts, m,
           combine_weights.ptr<float>(), grad_h.defined() ? grad_h.ptr<T>() : nullptr,
-          grad_combine_weights.defined() ? grad_combine_weights.ptr<float>() : nullptr, grad_weight.defined());
+          grad_combine_weights.defined() ? grad_combine_weights.ptr<float>() : nullptr,
+          grad_weight.defined() || lora_grads);
       MOEFUSE_CUDA_LAUNCH_CHECK();
     }
     if (grad_weight.defined())
       run_grouped_gemm_sm90({GemmKind::wgrad, ws.gathered.data, ws.rows.data, grad_weight.data, offsets, plan.experts,
                              static_cast<int>(out_f), static_cast<int>(in_f), 0},
                             weight.device, ws.sm90.data, s);
+    if (lora_grads) lora_sorted_grads(plan, lora, ws.gathered, ws.rows, grad_lora, ws.lora, s);
   });
   return true;
 }

@@ -14,6 +14,7 @@
 #include "core/workspace.h"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.cuh"
+#include "cuda/lora.h"
 #include "cuda/rows.cuh"
 
 namespace moefuse::cuda {
@@ -72,11 +73,12 @@ unsigned blocks(std::int64_t n, std::int64_t per_block) {
   return static_cast<unsigned>(ceil_div<std::int64_t>(n, per_block));
 }
 
-// dst (+)= scale * low . F[e] with F = B [E, out, r] (fwd GEMM, K = r) or A [E, r, in] (dgrad GEMM, K = r); dst in
-// token order goes through `rows` and the weighted per-token sum (weights cw, absent: 1).
+// dst += scale * low . F[e] (dst = ... when overwrite) with F = B [E, out, r] (fwd GEMM, K = r) or A [E, r, in] (dgrad
+// GEMM, K = r); dst in token order goes through `rows` and the weighted per-token sum (weights cw, absent: 1).
 template <class T>
 void add_lowrank(const Plan& plan, const Workspace& ws, const TensorView& low, const TensorView& factor, bool is_b,
-                 bool token_order, const float* cw, float scale, const TensorView& dst, bool tc, cudaStream_t s) {
+                 bool token_order, const float* cw, float scale, const TensorView& dst, bool tc, cudaStream_t s,
+                 bool overwrite = false) {
   const std::int64_t m = plan.tokens * plan.top_k, r = low.shape[1];
   const std::int64_t n = is_b ? factor.shape[1] : factor.shape[2];
   const TensorView& out = token_order ? ws.rows : dst;
@@ -88,7 +90,7 @@ void add_lowrank(const Plan& plan, const Workspace& ws, const TensorView& low, c
   p.epi.out = out.data;
   p.epi.ldo = n;
   p.epi.alpha = token_order ? 1.f : scale;
-  p.epi.accumulate = !token_order;
+  p.epi.accumulate = !token_order && !overwrite;
   if (is_b)
     run_grouped_gemm<T, GemmKind::fwd>(p, m, tc, s);
   else
@@ -128,13 +130,13 @@ void grad_factor(const Plan& plan, GemmOperand a, GemmOperand b, std::int64_t ro
 
 template <class T>
 void forward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, const TensorView& cw,
-                  const TensorView& out, const TensorView& workspace, cudaStream_t s) {
+                  const TensorView& out, const TensorView& workspace, bool overwrite, cudaStream_t s) {
   detail::Carver c(workspace);
   const Workspace ws = carve(c, plan, lora, gather, cw.defined(), false);
   const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, lora.b.data, out.data});
   project_a<T>(plan, ws, x, gather, lora, tc, s);
   add_lowrank<T>(plan, ws, ws.u, lora.b, true, cw.defined(), cw.defined() ? cw.ptr<float>() : nullptr, lora.scale,
-                 out, tc, s);
+                 out, tc, s, overwrite);
 }
 
 // See the CPU backend for the algebra: du = scale * w * g.B, grad_B[e] = g^T . (scale * w * u), grad_A[e] = du^T . x,
@@ -173,6 +175,55 @@ void backward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool
   if (grad_x.defined()) add_lowrank<T>(plan, ws, ws.gb, lora.a, false, gather, nullptr, 1.f, grad_x, tc, s);
 }
 
+// LoRA inside swiglu_linear_backward's Hopper form (lora.h): every operand is in sorted order.
+struct SortedWorkspace {
+  TensorView tiles, gb, uw;
+};
+
+SortedWorkspace carve_sorted(detail::Carver& c, const Plan& plan, const Lora& lora) {
+  const std::int64_t m = plan.tokens * plan.top_k, r = lora.a.shape[1];
+  return {c.take(DType::i32, {plan.experts + 1}), c.take(lora.a.dtype, {m, r}), c.take(lora.a.dtype, {m, r})};
+}
+
+template <class T>
+void sorted_dgrad_impl(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& rows,
+                       const SortedWorkspace& ws, cudaStream_t s) {
+  const std::int64_t m = plan.tokens * plan.top_k, r = lora.a.shape[1], out = lora.b.shape[1];
+  const bool tc = use_tensor_cores(lora, {g.data, rows.data, lora.a.data, lora.b.data});
+  GemmParams p = plan_params(plan, ws.tiles);  // gb = s * g . B[e]
+  p.a = {g.data, out, 0, false};
+  p.b = {lora.b.data, r, out * r, false};
+  p.n = static_cast<int>(r);
+  p.k = static_cast<int>(out);
+  p.epi.out = ws.gb.data;
+  p.epi.ldo = r;
+  p.epi.alpha = lora.scale;
+  run_grouped_gemm<T, GemmKind::dgrad>(p, m, tc, s);
+  const Workspace lw{ws.tiles, TensorView{}, TensorView{}, TensorView{}};
+  add_lowrank<T>(plan, lw, ws.gb, lora.a, false, false, nullptr, 1.f, rows, tc, s);  // rows += gb . A[e]
+}
+
+template <class T>
+void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& wa,
+                       const LoraGrads& grad_lora, const SortedWorkspace& ws, cudaStream_t s) {
+  const std::int64_t m = plan.tokens * plan.top_k, r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
+  const bool tc = use_tensor_cores(lora, {g.data, wa.data, lora.a.data, grad_lora.a.data, grad_lora.b.data});
+  if (grad_lora.b.defined()) {
+    GemmParams p = plan_params(plan, ws.tiles);  // uw = s * wa . A[e]^T
+    p.a = {wa.data, in, 0, false};
+    p.b = {lora.a.data, in, r * in, false};
+    p.n = static_cast<int>(r);
+    p.k = static_cast<int>(in);
+    p.epi.out = ws.uw.data;
+    p.epi.ldo = r;
+    p.epi.alpha = lora.scale;
+    run_grouped_gemm<T, GemmKind::fwd>(p, m, tc, s);
+    grad_factor<T>(plan, {g.data, out, 0, false}, {ws.uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
+  }
+  if (grad_lora.a.defined())
+    grad_factor<T>(plan, {ws.gb.data, r, 0, false}, {wa.data, in, 0, false}, r, in, grad_lora.a, tc, s);
+}
+
 }  // namespace
 
 std::size_t moe_lora_workspace_bytes(const Plan& plan, const TensorView&, const Lora& lora, bool gather,
@@ -187,7 +238,7 @@ void moe_lora_forward_add(const Plan& plan, const TensorView& x, const Lora& lor
                           void* stream) {
   DeviceGuard guard(plan.counts.device);
   dispatch_float(lora.a.dtype, [&](auto tag) {
-    forward_impl<decltype(tag)>(plan, x, lora, gather, combine_weights, out, workspace, as_stream(stream));
+    forward_impl<decltype(tag)>(plan, x, lora, gather, combine_weights, out, workspace, false, as_stream(stream));
   });
 }
 
@@ -207,6 +258,35 @@ void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lo
     backward_impl<decltype(tag)>(plan, x, lora, gather, combine_weights, grad_out, grad_x, grad_lora,
                                  grad_combine_weights, workspace, as_stream(stream));
   });
+}
+
+void lora_gather_rows(const Plan& plan, const TensorView& x, const Lora& lora, const TensorView& out,
+                      const TensorView& workspace, cudaStream_t stream) {
+  dispatch_float(lora.a.dtype, [&](auto tag) {
+    forward_impl<decltype(tag)>(plan, x, lora, true, TensorView{}, out, workspace, true, stream);
+  });
+}
+
+std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora) {
+  detail::Carver c(plan.counts.device);
+  carve_sorted(c, plan, lora);
+  return c.bytes();
+}
+
+void lora_sorted_dgrad(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& rows,
+                       const TensorView& workspace, cudaStream_t stream) {
+  detail::Carver c(workspace);
+  const SortedWorkspace ws = carve_sorted(c, plan, lora);
+  dispatch_float(lora.a.dtype,
+                 [&](auto tag) { sorted_dgrad_impl<decltype(tag)>(plan, lora, g, rows, ws, stream); });
+}
+
+void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& wa,
+                       const LoraGrads& grad_lora, const TensorView& workspace, cudaStream_t stream) {
+  detail::Carver c(workspace);
+  const SortedWorkspace ws = carve_sorted(c, plan, lora);
+  dispatch_float(lora.a.dtype,
+                 [&](auto tag) { sorted_grads_impl<decltype(tag)>(plan, lora, g, wa, grad_lora, ws, stream); });
 }
 
 }  // namespace moefuse::cuda

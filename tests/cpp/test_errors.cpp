@@ -237,6 +237,23 @@ TEST_F(LinearErrors, SwigluBackward) {
   EXPECT_ERROR_NAMING(run(h, base.cw, gout, fresh(DType::f16, {M, 2 * I})), "grad_h");
 }
 
+TEST_F(LinearErrors, SwigluBackwardLora) {
+  const std::int64_t I = n_in, r = 4;
+  TensorView h = fresh(DType::bf16, {M, 2 * I}), gout = fresh(DType::bf16, {T, n_out});
+  const moefuse::Lora lora{fresh(DType::bf16, {E, r, I}), fresh(DType::bf16, {E, n_out, r}), 2.f};
+  const moefuse::LoraGrads grads{fresh(DType::bf16, {E, r, I}), fresh(DType::bf16, {E, n_out, r})};
+  auto run = [&](const moefuse::Lora& l, const moefuse::LoraGrads& g) {
+    Tensor ws = scratch(moefuse::swiglu_linear_backward_workspace_bytes(base.plan, h, base.w, lora, base.cw));
+    moefuse::swiglu_linear_backward(base.plan, h, base.w, l, base.cw, gout, TensorView{}, g, TensorView{}, ws.view());
+  };
+  ASSERT_NO_THROW(run(lora, grads));
+  EXPECT_ERROR_NAMING(run(moefuse::Lora{}, grads), "grad_lora");
+  EXPECT_ERROR_NAMING(run({lora.a, fresh(DType::bf16, {E, n_out, r + 1}), 2.f}, grads), "lora.b");
+  EXPECT_ERROR_NAMING(run({fresh(DType::bf16, {E + 1, r, I}), lora.b, 2.f}, grads), "lora.a");
+  EXPECT_ERROR_NAMING(run(lora, {fresh(DType::bf16, {E, r + 1, I}), grads.b}), "grad_lora.a");
+  EXPECT_ERROR_NAMING(run(lora, {grads.a, fresh(DType::f16, {E, n_out, r})}), "grad_lora.b");
+}
+
 TEST_F(LinearErrors, Backward) {
   struct Grads {
     TensorView grad_out, gx, gw, gcw;
