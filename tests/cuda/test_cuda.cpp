@@ -348,21 +348,26 @@ TEST(CudaLinear, SwigluForwardMatchesCpu) {
       {3, 1, 0, 16, 16},       // no tokens
   };
   for (DType d : mt::kFloatTypes)
-    for (const LinearCase& c : cases) {
-      SCOPED_TRACE(linear_name(c, d, true, false));
-      mt::Rng rng("swiglu " + linear_name(c, d, true, false));
-      const std::int64_t M = c.T * c.k;
-      BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
-      Both x = Both::random(rng, d, {c.T, c.in});
-      Both w = Both::random(rng, d, {c.E, c.out, c.in}, 2.0 / std::sqrt(static_cast<double>(c.in)));
-      Both h = Both::poisoned(d, {M, c.out}), a = Both::poisoned(d, {M, c.out / 2});
-      Both ws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), true, TensorView{}),
-                          moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), true, TensorView{}));
-      moefuse::moe_linear_swiglu_forward(plan.cpu.plan(), x.c(), w.c(), h.c(), a.c(), ws.c());
-      moefuse::moe_linear_swiglu_forward(plan.gpu(), x.g(), w.g(), h.g(), a.g(), ws.g());
-      EXPECT_MATCH(h, d);
-      EXPECT_MATCH(a, d);
-    }
+    for (const LinearCase& c : cases)
+      for (bool with_lora : {false, true}) {  // with an r = 16 adapter: its rows first, then the GEMM adds to them
+        SCOPED_TRACE(linear_name(c, d, true, false) + (with_lora ? " lora r16" : ""));
+        mt::Rng rng("swiglu " + linear_name(c, d, true, false) + (with_lora ? " lora" : ""));
+        const std::int64_t M = c.T * c.k, r = 16;
+        BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
+        Both x = Both::random(rng, d, {c.T, c.in});
+        Both w = Both::random(rng, d, {c.E, c.out, c.in}, 2.0 / std::sqrt(static_cast<double>(c.in)));
+        Both la = Both::random(rng, d, {c.E, r, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
+        Both lb = Both::random(rng, d, {c.E, c.out, r}, 0.5);
+        const moefuse::Lora lc = with_lora ? moefuse::Lora{la.c(), lb.c(), 1.5f} : moefuse::Lora{};
+        const moefuse::Lora lg = with_lora ? moefuse::Lora{la.g(), lb.g(), 1.5f} : moefuse::Lora{};
+        Both h = Both::poisoned(d, {M, c.out}), a = Both::poisoned(d, {M, c.out / 2});
+        Both ws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), lc, true, TensorView{}),
+                            moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), lg, true, TensorView{}));
+        moefuse::moe_linear_swiglu_forward(plan.cpu.plan(), x.c(), w.c(), lc, h.c(), a.c(), ws.c());
+        moefuse::moe_linear_swiglu_forward(plan.gpu(), x.g(), w.g(), lg, h.g(), a.g(), ws.g());
+        EXPECT_MATCH(h, d);
+        EXPECT_MATCH(a, d);
+      }
 }
 
 // The down projection's backward from h (one row pass after the dgrad on Hopper with bf16, else the three ops).
