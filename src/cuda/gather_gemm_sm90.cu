@@ -9,7 +9,8 @@
 // through the async one, so the loader waits for its copies one stage late, fences, then arrives on the full barrier.
 // With SwiGLU the weight is [gate; up] (2n rows) and a tile's 256 columns are gate columns [j, j+128) followed by the
 // same up columns: every thread holds each gate value and its up partner, so h and a = silu(gate) * up are written
-// from registers.
+// from registers. A LoRA adapter (LORA) is one more k-block after W's, [s.u | B[e]] loaded by the loaders' cp.async,
+// so its product reaches the activation without a pass over h.
 #include <cudaTypedefs.h>
 
 #include <cute/arch/mma_sm90_gmma.hpp>
@@ -70,7 +71,9 @@ struct Args {
   const int* offsets;
   const int* tile_offsets;
   int top_k, experts, n, k;
-  bool accumulate;  // out holds an addend (a LoRA adapter's rows), added before the activation
+  const void* lora_u;  // LoRA: sorted rows [M, rank] = scale * x[src] . A[e]^T; null without an adapter
+  const void* lora_b;  // LoRA: B [E, rows of W, rank]
+  int rank;
 };
 
 __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, std::uint64_t* bar, void* dst, int c0, int c1,
@@ -85,7 +88,33 @@ __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, std::uint64_
 using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 
+// The LoRA k-block, by the 128 loader threads: A = the tile's sorted rows of u, B = the tile's rows of B[e] (gate
+// rows then up rows with SwiGLU), each row's rank elements followed by zeros up to BK.
 template <class T, bool SWIGLU>
+__device__ __forceinline__ void load_lora_block(const Args& p, T* sa, T* sb, int e, int t) {
+  constexpr int kHalfRows = SWIGLU ? BN / 2 : BN;
+  const int n_tiles = (p.n + kHalfRows - 1) / kHalfRows, mt = blockIdx.x / n_tiles, col0 = blockIdx.x % n_tiles * kHalfRows;
+  const int m0 = p.offsets[e] + (mt - p.tile_offsets[e]) * BM, m_end = p.offsets[e + 1];
+  const T* u = static_cast<const T*>(p.lora_u);
+  const T* b = static_cast<const T*>(p.lora_b) + static_cast<std::int64_t>(e) * (SWIGLU ? 2 : 1) * p.n * p.rank;
+  const int chunk = t % 8;
+  const bool k_ok = chunk * 8 < p.rank;
+#pragma unroll 1
+  for (int i = 0; i < BM / 16; ++i) {
+    const int r = t / 8 + 16 * i, row = m0 + r;
+    const bool ok = k_ok && row < m_end;
+    cp_async16(sa + swz<BK>(r, chunk), ok ? u + static_cast<std::int64_t>(row) * p.rank + chunk * 8 : u, ok);
+  }
+#pragma unroll 1
+  for (int i = 0; i < BN / 16; ++i) {
+    const int r = t / 8 + 16 * i, j = col0 + r % kHalfRows;  // smem row r: half r / kHalfRows, column j
+    const bool ok = k_ok && j < p.n;
+    const std::int64_t wrow = (r / kHalfRows) * static_cast<std::int64_t>(p.n) + j;
+    cp_async16(sb + swz<BK>(r, chunk), ok ? b + wrow * p.rank + chunk * 8 : b, ok);
+  }
+}
+
+template <class T, bool SWIGLU, bool LORA>
 __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant__ CUtensorMap wmap, const Args p) {
   constexpr int kTileN = SWIGLU ? BN / 2 : BN;  // output columns per tile
   const int n_tiles = (p.n + kTileN - 1) / kTileN;
@@ -109,7 +138,9 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   }
   __syncthreads();
 
-  const int k_blocks = (p.k + BK - 1) / BK;
+  // With a LoRA adapter one more k-block follows W's: [s.u | B[e]] zero-padded from rank to BK, so the low-rank
+  // product lands in the same accumulators.
+  const int w_blocks = (p.k + BK - 1) / BK, k_blocks = w_blocks + LORA;
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<40>();
     const int t = threadIdx.x, chunk = t % 8;
@@ -117,7 +148,16 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
     int tok[BM / 16];
 #pragma unroll
     for (int i = 0; i < BM / 16; ++i) tok[i] = sm.tokens[t / 8 + 16 * i];
-    for (int kb = 0; kb < k_blocks; ++kb) {
+    // Stage kb's copies are issued, then kb - 1's awaited: its full barrier gets the loaders' arrivals one stage late.
+    const auto issued = [&](int kb) {
+      cp_async_commit();
+      if (kb > 0) {
+        cp_async_wait<1>();
+        cutlass::arch::fence_view_async_shared();
+        reinterpret_cast<Barrier&>(sm.full[(kb - 1) % STAGES]).arrive();
+      }
+    };
+    for (int kb = 0; kb < w_blocks; ++kb) {
       const int s = kb % STAGES;
       reinterpret_cast<Barrier&>(sm.empty[s]).wait(((kb / STAGES) & 1) ^ 1);
       if (t == 0) {
@@ -131,12 +171,14 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
         cp_async16(sm.a[s] + swz<BK>(t / 8 + 16 * i, chunk), ok ? x + static_cast<std::int64_t>(tok[i]) * p.k + col : x,
                    ok);
       }
-      cp_async_commit();
-      if (kb > 0) {
-        cp_async_wait<1>();
-        cutlass::arch::fence_view_async_shared();
-        reinterpret_cast<Barrier&>(sm.full[(kb - 1) % STAGES]).arrive();
-      }
+      issued(kb);
+    }
+    if constexpr (LORA) {
+      const int s = w_blocks % STAGES;
+      reinterpret_cast<Barrier&>(sm.empty[s]).wait(((w_blocks / STAGES) & 1) ^ 1);
+      if (t == 0) reinterpret_cast<Barrier&>(sm.full[s]).arrive();  // no TMA in this stage
+      load_lora_block<T, SWIGLU>(p, sm.a[s], sm.b[s], e, t);
+      issued(w_blocks);
     }
     cp_async_wait<0>();
     cutlass::arch::fence_view_async_shared();
@@ -189,30 +231,20 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
     const std::int64_t row = m0 + r;
     const int col = nt * kTileN + c;
     if (row >= m_end || col >= p.n) continue;
-    // Two adjacent values of out (+ what it holds when accumulating), rounded as stored.
-    const auto result = [&](T* dst, float v0, float v1) {
-      if (p.accumulate) {
-        const std::uint32_t old = *reinterpret_cast<const std::uint32_t*>(dst);
-        v0 += to_f32(reinterpret_cast<const T*>(&old)[0]);
-        v1 += to_f32(reinterpret_cast<const T*>(&old)[1]);
-      }
-      return pack2<T>(v0, v1);
-    };
     if constexpr (SWIGLU) {
       // a from the rounded h, as a recomputation from the saved h gives.
-      T* h = out + row * 2 * p.n + col;
-      const std::uint32_t g2 = result(h, acc(i), acc(i + 1)), u2 = result(h + p.n, acc(i + 64), acc(i + 65));
+      const std::uint32_t g2 = pack2<T>(acc(i), acc(i + 1)), u2 = pack2<T>(acc(i + 64), acc(i + 65));
       const T* g = reinterpret_cast<const T*>(&g2);
       const T* u = reinterpret_cast<const T*>(&u2);
       float a[2];
 #pragma unroll
       for (int j = 0; j < 2; ++j) a[j] = to_f32(g[j]) * sigmoid(to_f32(g[j])) * to_f32(u[j]);
+      T* h = out + row * 2 * p.n + col;
       *reinterpret_cast<std::uint32_t*>(h) = g2;
       *reinterpret_cast<std::uint32_t*>(h + p.n) = u2;
       *reinterpret_cast<std::uint32_t*>(static_cast<T*>(p.act) + row * p.n + col) = pack2<T>(a[0], a[1]);
     } else {
-      T* o = out + row * p.n + col;
-      *reinterpret_cast<std::uint32_t*>(o) = result(o, acc(i), acc(i + 1));
+      *reinterpret_cast<std::uint32_t*>(out + row * p.n + col) = pack2<T>(acc(i), acc(i + 1));
     }
   }
 }
@@ -247,14 +279,15 @@ CUtensorMap weight_map(const Sm90GatherGemm& g, DType dtype) {
   return map;
 }
 
-template <class T, bool SWIGLU>
+template <class T, bool SWIGLU, bool LORA>
 void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   const std::int64_t n_tiles = ceil_div<std::int64_t>(g.n, SWIGLU ? BN / 2 : BN);
   const std::int64_t blocks = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
   if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
   const CUtensorMap map = weight_map(g, dtype);
-  const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts, g.n, g.k, g.accumulate};
-  auto kernel = gather_gemm<T, SWIGLU>;
+  const Args args{g.x,       g.out,     g.act,   g.pairs, g.offsets, g.tile_offsets, g.top_k,
+                  g.experts, g.n, g.k, g.lora_u, g.lora_b, g.rank};
+  auto kernel = gather_gemm<T, SWIGLU, LORA>;
   set_smem_limit(kernel, kSmemBytes);
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(map, args);
   MOEFUSE_CUDA_LAUNCH_CHECK();
@@ -263,14 +296,17 @@ void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
 }  // namespace
 
 void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
+  if (g.lora_u && !g.act) throw Error("moefuse: the gather GEMM takes a LoRA k-block only with SwiGLU");
   if (g.rows == 0 || g.experts == 0) return;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      if (g.act)
-        launch<T, true>(g, dtype, stream);
+      if (g.lora_u)
+        launch<T, true, true>(g, dtype, stream);
+      else if (g.act)
+        launch<T, true, false>(g, dtype, stream);
       else
-        launch<T, false>(g, dtype, stream);
+        launch<T, false, false>(g, dtype, stream);
     }
   });
 }

@@ -148,11 +148,12 @@ bool use_hopper_gather(const TensorView& weight, std::int64_t out_cols, std::ini
          all_aligned(ptrs);
 }
 
-// Runs it: out (plain) or h and act (SwiGLU, act set), added to what out holds when accumulating; placeholder rows
-// are left unwritten.
+// Runs it: out (plain) or h and act (SwiGLU, act set), with a LoRA adapter's k-block when lora_u is given; placeholder
+// rows are left unwritten.
 template <class T>
 void run_hopper_gather(const Plan& plan, const TensorView& x, const TensorView& weight, const TensorView& out,
-                       const TensorView& act, const TensorView& tiles, bool accumulate, cudaStream_t s) {
+                       const TensorView& act, const TensorView& tiles, const TensorView& lora_u,
+                       const TensorView& lora_b, cudaStream_t s) {
   expert_tile_offsets<<<1, 1024, 0, s>>>(plan.offsets.ptr<int>(), plan.experts, kSm90GatherTileM, tiles.ptr<int>());
   MOEFUSE_CUDA_LAUNCH_CHECK();
   Sm90GatherGemm g;
@@ -168,7 +169,9 @@ void run_hopper_gather(const Plan& plan, const TensorView& x, const TensorView& 
   g.rows = plan.tokens * plan.top_k;
   g.n = static_cast<int>(act.defined() ? weight.shape[1] / 2 : weight.shape[1]);
   g.k = static_cast<int>(weight.shape[2]);
-  g.accumulate = accumulate;
+  g.lora_u = lora_u.data;
+  g.lora_b = lora_b.data;
+  g.rank = lora_u.defined() ? static_cast<int>(lora_u.shape[1]) : 0;
   run_gather_gemm_sm90(g, weight.dtype, s);
 }
 
@@ -226,7 +229,7 @@ void forward_impl(const Plan& plan, const TensorView& x, const TensorView& weigh
   const TensorView& rows = combine ? ws.rows : out;
 
   if (gather && use_hopper_gather(weight, n, {x.data, weight.data, rows.data})) {
-    run_hopper_gather<T>(plan, x, weight, rows, TensorView{}, ws.tiles, false, s);
+    run_hopper_gather<T>(plan, x, weight, rows, TensorView{}, ws.tiles, TensorView{}, TensorView{}, s);
   } else if (!gather && use_hopper(weight, {x.data, weight.data, rows.data, workspace.data})) {
     const Sm90Gemm g{GemmKind::fwd, x.data, weight.data, rows.data, plan.offsets.ptr<int>(), plan.experts, 0,
                      static_cast<int>(n), static_cast<int>(k)};
@@ -374,23 +377,28 @@ void moe_linear_forward(const Plan& plan, const TensorView& x, const TensorView&
   });
 }
 
-// With an adapter, its rows go to h first (lora.h) and the Hopper kernel adds its product to them.
+// With an adapter of rank a multiple of 8 up to 64, u = s * x . A[e]^T is formed first (lora.h) and the Hopper kernel
+// takes [u | B[e]] as one more k-block.
 void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
                                const TensorView& h, const TensorView& a, const TensorView& workspace, void* stream) {
-  if (!use_hopper_gather(weight, a.shape[1], {x.data, weight.data, h.data, a.data})) {
+  const std::int64_t r = lora.defined() ? lora.a.shape[1] : 0;
+  if (r % 8 != 0 || r > 64 ||
+      !use_hopper_gather(weight, a.shape[1], {x.data, weight.data, h.data, a.data, lora.a.data, lora.b.data})) {
     cuda::moe_linear_forward(plan, x, weight, true, TensorView{}, h, workspace, stream);
     if (lora.defined()) cuda::moe_lora_forward_add(plan, x, lora, true, TensorView{}, h, workspace, stream);
     return cuda::swiglu_forward(h, a, stream);
   }
   DeviceGuard guard(plan.counts.device);
-  if (lora.defined()) lora_gather_rows(plan, x, lora, h, workspace, as_stream(stream));
-  detail::Carver c(workspace);  // the adapter's workspace is free again: stream order
+  const cudaStream_t s = as_stream(stream);
+  detail::Carver c(workspace);  // tiles, then u: the layout of moe_lora_workspace_bytes(gather, no combine)
   const ForwardWorkspace ws = carve_forward(c, plan, weight, true, false);
+  const TensorView u = r ? c.take(weight.dtype, {plan.tokens * plan.top_k, r}) : TensorView{};
+  if (r) lora_project_rows(plan, x, lora, true, lora.scale, u, ws.tiles, s);
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    run_hopper_gather<T>(plan, x, weight, h, a, ws.tiles, lora.defined(), as_stream(stream));
-    launch_zero_placeholders<T>(h, plan, as_stream(stream));
-    launch_zero_placeholders<T>(a, plan, as_stream(stream));
+    run_hopper_gather<T>(plan, x, weight, h, a, ws.tiles, u, lora.b, s);
+    launch_zero_placeholders<T>(h, plan, s);
+    launch_zero_placeholders<T>(a, plan, s);
   });
 }
 

@@ -73,12 +73,11 @@ unsigned blocks(std::int64_t n, std::int64_t per_block) {
   return static_cast<unsigned>(ceil_div<std::int64_t>(n, per_block));
 }
 
-// dst += scale * low . F[e] (dst = ... when overwrite) with F = B [E, out, r] (fwd GEMM, K = r) or A [E, r, in] (dgrad
-// GEMM, K = r); dst in token order goes through `rows` and the weighted per-token sum (weights cw, absent: 1).
+// dst (+)= scale * low . F[e] with F = B [E, out, r] (fwd GEMM, K = r) or A [E, r, in] (dgrad GEMM, K = r); dst in
+// token order goes through `rows` and the weighted per-token sum (weights cw, absent: 1).
 template <class T>
 void add_lowrank(const Plan& plan, const Workspace& ws, const TensorView& low, const TensorView& factor, bool is_b,
-                 bool token_order, const float* cw, float scale, const TensorView& dst, bool tc, cudaStream_t s,
-                 bool overwrite = false) {
+                 bool token_order, const float* cw, float scale, const TensorView& dst, bool tc, cudaStream_t s) {
   const std::int64_t m = plan.tokens * plan.top_k, r = low.shape[1];
   const std::int64_t n = is_b ? factor.shape[1] : factor.shape[2];
   const TensorView& out = token_order ? ws.rows : dst;
@@ -90,7 +89,7 @@ void add_lowrank(const Plan& plan, const Workspace& ws, const TensorView& low, c
   p.epi.out = out.data;
   p.epi.ldo = n;
   p.epi.alpha = token_order ? 1.f : scale;
-  p.epi.accumulate = !token_order && !overwrite;
+  p.epi.accumulate = !token_order;
   if (is_b)
     run_grouped_gemm<T, GemmKind::fwd>(p, m, tc, s);
   else
@@ -98,18 +97,19 @@ void add_lowrank(const Plan& plan, const Workspace& ws, const TensorView& low, c
   if (token_order) launch_gather_sum<T>(ws.rows, plan, cw, scale, true, dst, s);
 }
 
-// u [M, r] = rows(x) . A[e]^T.
+// u [M, r] = alpha * rows(x) . A[e]^T.
 template <class T>
-void project_a(const Plan& plan, const Workspace& ws, const TensorView& x, bool gather, const Lora& lora, bool tc,
-               cudaStream_t s) {
+void project_a(const Plan& plan, const TensorView& tiles, const TensorView& x, bool gather, const Lora& lora,
+               float alpha, const TensorView& u, bool tc, cudaStream_t s) {
   const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2];
-  GemmParams p = plan_params(plan, ws.tiles);
+  GemmParams p = plan_params(plan, tiles);
   p.a = {x.data, in, 0, gather};
   p.b = {lora.a.data, in, r * in, false};
   p.n = static_cast<int>(r);
   p.k = static_cast<int>(in);
-  p.epi.out = ws.u.data;
+  p.epi.out = u.data;
   p.epi.ldo = r;
+  p.epi.alpha = alpha;
   run_grouped_gemm<T, GemmKind::fwd>(p, plan.tokens * plan.top_k, tc, s);
 }
 
@@ -130,13 +130,13 @@ void grad_factor(const Plan& plan, GemmOperand a, GemmOperand b, std::int64_t ro
 
 template <class T>
 void forward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, const TensorView& cw,
-                  const TensorView& out, const TensorView& workspace, bool overwrite, cudaStream_t s) {
+                  const TensorView& out, const TensorView& workspace, cudaStream_t s) {
   detail::Carver c(workspace);
   const Workspace ws = carve(c, plan, lora, gather, cw.defined(), false);
   const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, lora.b.data, out.data});
-  project_a<T>(plan, ws, x, gather, lora, tc, s);
+  project_a<T>(plan, ws.tiles, x, gather, lora, 1.f, ws.u, tc, s);
   add_lowrank<T>(plan, ws, ws.u, lora.b, true, cw.defined(), cw.defined() ? cw.ptr<float>() : nullptr, lora.scale,
-                 out, tc, s, overwrite);
+                 out, tc, s);
 }
 
 // See the CPU backend for the algebra: du = scale * w * g.B, grad_B[e] = g^T . (scale * w * u), grad_A[e] = du^T . x,
@@ -152,7 +152,7 @@ void backward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool
   const bool tc = use_tensor_cores(
       lora, {x.data, lora.a.data, lora.b.data, grad_out.data, grad_x.data, grad_lora.a.data, grad_lora.b.data});
 
-  project_a<T>(plan, ws, x, gather, lora, tc, s);
+  project_a<T>(plan, ws.tiles, x, gather, lora, 1.f, ws.u, tc, s);
   GemmParams p = plan_params(plan, ws.tiles);  // gb = g . B[e]
   p.a = {grad_out.data, out, 0, combine};
   p.b = {lora.b.data, r, out * r, false};
@@ -209,15 +209,7 @@ void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, 
   const std::int64_t m = plan.tokens * plan.top_k, r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
   const bool tc = use_tensor_cores(lora, {g.data, wa.data, lora.a.data, grad_lora.a.data, grad_lora.b.data});
   if (grad_lora.b.defined()) {
-    GemmParams p = plan_params(plan, ws.tiles);  // uw = s * wa . A[e]^T
-    p.a = {wa.data, in, 0, false};
-    p.b = {lora.a.data, in, r * in, false};
-    p.n = static_cast<int>(r);
-    p.k = static_cast<int>(in);
-    p.epi.out = ws.uw.data;
-    p.epi.ldo = r;
-    p.epi.alpha = lora.scale;
-    run_grouped_gemm<T, GemmKind::fwd>(p, m, tc, s);
+    project_a<T>(plan, ws.tiles, wa, false, lora, lora.scale, ws.uw, tc, s);  // uw = s * wa . A[e]^T
     grad_factor<T>(plan, {g.data, out, 0, false}, {ws.uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
   }
   if (grad_lora.a.defined())
@@ -238,7 +230,7 @@ void moe_lora_forward_add(const Plan& plan, const TensorView& x, const Lora& lor
                           void* stream) {
   DeviceGuard guard(plan.counts.device);
   dispatch_float(lora.a.dtype, [&](auto tag) {
-    forward_impl<decltype(tag)>(plan, x, lora, gather, combine_weights, out, workspace, false, as_stream(stream));
+    forward_impl<decltype(tag)>(plan, x, lora, gather, combine_weights, out, workspace, as_stream(stream));
   });
 }
 
@@ -260,10 +252,11 @@ void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lo
   });
 }
 
-void lora_gather_rows(const Plan& plan, const TensorView& x, const Lora& lora, const TensorView& out,
-                      const TensorView& workspace, cudaStream_t stream) {
+void lora_project_rows(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, float alpha,
+                       const TensorView& u, const TensorView& tiles, cudaStream_t stream) {
   dispatch_float(lora.a.dtype, [&](auto tag) {
-    forward_impl<decltype(tag)>(plan, x, lora, true, TensorView{}, out, workspace, true, stream);
+    using T = decltype(tag);
+    project_a<T>(plan, tiles, x, gather, lora, alpha, u, use_tensor_cores(lora, {x.data, lora.a.data, u.data}), stream);
   });
 }
 

@@ -1,7 +1,7 @@
 // LoRA inside the fused Hopper forms of linear.cu.
 //
-// lora_gather_rows (moe_linear_swiglu_forward): out [M, n] = s * (x[src(s)] . A[e]^T) . B[e]^T, sorted rows written (not
-// added), which the gather GEMM then adds its product to. Workspace: moe_lora_workspace_bytes(plan, x, lora, true, {}).
+// lora_project_rows (moe_linear_swiglu_forward): u [M, r] = alpha * x[src(s)] . A[e]^T, the adapter's first GEMM; the
+// Hopper gather GEMM takes [u | B[e]] as one more k-block. tiles: E+1 ints of workspace.
 //
 // On the down projection inside swiglu_linear_backward, every operand in sorted order: g = the gathered grad_out rows
 // [M, out], rows = the dgrad rows [M, in] before the row pass, and wa = w * a [M, in], which the row pass leaves in
@@ -20,8 +20,8 @@
 
 namespace moefuse::cuda {
 
-void lora_gather_rows(const Plan& plan, const TensorView& x, const Lora& lora, const TensorView& out,
-                      const TensorView& workspace, cudaStream_t stream);
+void lora_project_rows(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, float alpha,
+                       const TensorView& u, const TensorView& tiles, cudaStream_t stream);
 
 std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora);
 void lora_sorted_dgrad(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& rows,
