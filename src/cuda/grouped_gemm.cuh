@@ -140,6 +140,18 @@ struct EpilogueRow {
     }
     store2(out + col, v0, v1, two);
   }
+  // The tensor-core epilogue's form: out[col], out[col + 1] = scale * v (+ held, the pair out held, read beforehand).
+  __device__ __forceinline__ void put_pair(int col, float v0, float v1, std::uint32_t held) const {
+    if (accumulate) {
+      const T* h = reinterpret_cast<const T*>(&held);
+      v0 = scale * v0 + to_f32(h[0]);
+      v1 = scale * v1 + to_f32(h[1]);
+    } else {
+      v0 *= scale;
+      v1 *= scale;
+    }
+    store2(out + col, v0, v1, true);
+  }
 };
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -307,8 +319,10 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
     const int stage = kt % STAGES;
     const T* sA = sa + stage * A_STAGE;
     const T* sB = sb + stage * B_STAGE;
+    const int k_left = tl.k_end - tl.k0 - kt * BK;  // past it the tile holds zeros: K = r skips 3 of 4 slices
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
+      if (kk * 16 >= k_left) break;
       std::uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
@@ -376,13 +390,21 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
         float dot = 0.f;
         if (row_ok) {
           const EpilogueRow<T> er(p, row);
+          std::uint32_t held[NI] = {};  // accumulating: the row's pairs, all loads issued before any store
+          if (er.accumulate) {
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+              const int col = tl.n0 + wn * WN + ni * 8 + t4 * 2;
+              if (col < p.n) held[ni] = *reinterpret_cast<const std::uint32_t*>(er.out + col);
+            }
+          }
 #pragma unroll
           for (int ni = 0; ni < NI; ++ni) {
             const int col = tl.n0 + wn * WN + ni * 8 + t4 * 2;
             if (col >= p.n) continue;
             const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
             if (er.x) dot += v0 * to_f32(er.x[col]) + v1 * to_f32(er.x[col + 1]);
-            if (er.out) er.put(col, v0, v1, true);
+            if (er.out) er.put_pair(col, v0, v1, held[ni]);
           }
         }
         if (p.epi.partial) {  // the 4 lanes of a row hold its WN columns of this warp
