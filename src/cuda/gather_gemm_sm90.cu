@@ -5,8 +5,9 @@
 //   - warpgroup 0 loads: every thread cp.asyncs 8 of the tile's gathered x rows (16 bytes each) into 128-byte
 //     swizzled shared memory, and thread 0 brings the weight tile with one TMA load;
 //   - warpgroups 1 and 2 run wgmma 64x256x16 on rows [0, 64) and [64, 128) of the tile, fp32 accumulators in registers.
-// A 4-stage ring of full/empty mbarriers connects them; consumers keep one k-block of wgmma in flight. cp.async writes go through the generic proxy and wgmma reads
-// through the async one, so the loader waits for its copies one stage late, fences, then arrives on the full barrier.
+// A 4-stage ring of full/empty mbarriers connects them; consumers keep one k-block of wgmma in flight. cp.async writes
+// go through the generic proxy and wgmma reads through the async one, so the loader waits for its copies one stage
+// late, fences, then arrives on the full barrier.
 // With SwiGLU the weight is [gate; up] (2n rows) and a tile's 256 columns are gate columns [j, j+128) followed by the
 // same up columns: every thread holds each gate value and its up partner, so h and a = silu(gate) * up are written
 // from registers. A LoRA adapter (LORA) is one more k-block after W's, [s.u | B[e]] loaded by the loaders' cp.async,
@@ -93,7 +94,8 @@ using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 template <class T, bool SWIGLU>
 __device__ __forceinline__ void load_lora_block(const Args& p, T* sa, T* sb, int e, int t) {
   constexpr int kHalfRows = SWIGLU ? BN / 2 : BN;
-  const int n_tiles = (p.n + kHalfRows - 1) / kHalfRows, mt = blockIdx.x / n_tiles, col0 = blockIdx.x % n_tiles * kHalfRows;
+  const int n_tiles = (p.n + kHalfRows - 1) / kHalfRows, mt = blockIdx.x / n_tiles;
+  const int col0 = blockIdx.x % n_tiles * kHalfRows;
   const int m0 = p.offsets[e] + (mt - p.tile_offsets[e]) * BM, m_end = p.offsets[e + 1];
   const T* u = static_cast<const T*>(p.lora_u);
   const T* b = static_cast<const T*>(p.lora_b) + static_cast<std::int64_t>(e) * (SWIGLU ? 2 : 1) * p.n * p.rank;

@@ -552,7 +552,8 @@ inline GemmParams plan_params(const Plan& plan, const TensorView& tiles) {
 }
 
 // tile_offsets[e] = sum over e' < e of ceil(count[e'] / bm).
-static __global__ void expert_tile_offsets(const int* __restrict__ offsets, int experts, int bm, int* __restrict__ tiles) {
+static __global__ void expert_tile_offsets(const int* __restrict__ offsets, int experts, int bm,
+                                           int* __restrict__ tiles) {
   const int total = block_exclusive_scan<1024>(
       experts, [&](int e) { return (offsets[e + 1] - offsets[e] + bm - 1) / bm; },
       [&](int e, int prefix) { tiles[e] = prefix; });

@@ -90,7 +90,8 @@ __global__ void swiglu_dgrad_rows(T* __restrict__ rows, const T* __restrict__ h,
     if (grad_cw && lane == 0) grad_cw[pair] = 0.f;
     if (grad_h) {
       const float zero[VEC] = {};
-      for (std::int64_t c = lane * VEC; c < 2 * inter; c += 32 * VEC) store_vec<T, VEC>(grad_h + pos * 2 * inter + c, zero);
+      for (std::int64_t c = lane * VEC; c < 2 * inter; c += 32 * VEC)
+        store_vec<T, VEC>(grad_h + pos * 2 * inter + c, zero);
     }
     return;
   }
@@ -336,7 +337,8 @@ void backward_impl(const Plan& plan, const TensorView& x, const TensorView& weig
         launch_zero_placeholders<T>(grad_x, plan, s);
     }
     if (grad_cw.defined() && m > 0) {
-      const int slots = tensor_cores ? dot_partial_slots(in_f) : static_cast<int>(ceil_div<std::int64_t>(in_f, simt::BN));
+      const int slots =
+          tensor_cores ? dot_partial_slots(in_f) : static_cast<int>(ceil_div<std::int64_t>(in_f, simt::BN));
       reduce_row_dots<<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kThreads)), kThreads, 0, s>>>(
           ws.partial.ptr<float>(), dot_partial_slots(in_f), slots, plan.pair_positions.ptr<int>(),
           plan.offsets.ptr<int>(), plan.experts, m, grad_cw.ptr<float>());

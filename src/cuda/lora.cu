@@ -97,20 +97,21 @@ void add_lowrank(const Plan& plan, const Workspace& ws, const TensorView& low, c
   if (token_order) launch_gather_sum<T>(ws.rows, plan, cw, scale, true, dst, s);
 }
 
-// u [M, r] = alpha * rows(x) . A[e]^T.
-template <class T>
-void project_a(const Plan& plan, const TensorView& tiles, const TensorView& x, bool gather, const Lora& lora,
-               float alpha, const TensorView& u, bool tc, cudaStream_t s) {
-  const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2];
+// low [M, r] = alpha * rows(src) . F on the rank side: F = A[e]^T (fwd GEMM; A [E, r, in], src [., in]) or B[e]
+// (dgrad GEMM; B [E, out, r], src [., out]); src rows gathered from token order when `gather`.
+template <class T, GemmKind KIND>
+void to_rank(const Plan& plan, const TensorView& tiles, const TensorView& src, bool gather, const TensorView& factor,
+             float alpha, const TensorView& low, bool tc, cudaStream_t s) {
+  const std::int64_t r = low.shape[1], k = src.shape[1];
   GemmParams p = plan_params(plan, tiles);
-  p.a = {x.data, in, 0, gather};
-  p.b = {lora.a.data, in, r * in, false};
+  p.a = {src.data, k, 0, gather};
+  p.b = {factor.data, KIND == GemmKind::fwd ? k : r, r * k, false};
   p.n = static_cast<int>(r);
-  p.k = static_cast<int>(in);
-  p.epi.out = u.data;
+  p.k = static_cast<int>(k);
+  p.epi.out = low.data;
   p.epi.ldo = r;
   p.epi.alpha = alpha;
-  run_grouped_gemm<T, GemmKind::fwd>(p, plan.tokens * plan.top_k, tc, s);
+  run_grouped_gemm<T, KIND>(p, plan.tokens * plan.top_k, tc, s);
 }
 
 // grad[e] [rows, cols] = sum over e's sorted rows of a_row^T . b_row (experts without rows get zeros).
@@ -134,7 +135,7 @@ void forward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool 
   detail::Carver c(workspace);
   const Workspace ws = carve(c, plan, lora, gather, cw.defined(), false);
   const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, lora.b.data, out.data});
-  project_a<T>(plan, ws.tiles, x, gather, lora, 1.f, ws.u, tc, s);
+  to_rank<T, GemmKind::fwd>(plan, ws.tiles, x, gather, lora.a, 1.f, ws.u, tc, s);
   add_lowrank<T>(plan, ws, ws.u, lora.b, true, cw.defined(), cw.defined() ? cw.ptr<float>() : nullptr, lora.scale,
                  out, tc, s);
 }
@@ -152,15 +153,8 @@ void backward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool
   const bool tc = use_tensor_cores(
       lora, {x.data, lora.a.data, lora.b.data, grad_out.data, grad_x.data, grad_lora.a.data, grad_lora.b.data});
 
-  project_a<T>(plan, ws.tiles, x, gather, lora, 1.f, ws.u, tc, s);
-  GemmParams p = plan_params(plan, ws.tiles);  // gb = g . B[e]
-  p.a = {grad_out.data, out, 0, combine};
-  p.b = {lora.b.data, r, out * r, false};
-  p.n = static_cast<int>(r);
-  p.k = static_cast<int>(out);
-  p.epi.out = ws.gb.data;
-  p.epi.ldo = r;
-  run_grouped_gemm<T, GemmKind::dgrad>(p, m, tc, s);
+  to_rank<T, GemmKind::fwd>(plan, ws.tiles, x, gather, lora.a, 1.f, ws.u, tc, s);
+  to_rank<T, GemmKind::dgrad>(plan, ws.tiles, grad_out, combine, lora.b, 1.f, ws.gb, tc, s);
   if (m > 0) {
     lora_rows<T><<<blocks(m, kWarps), kThreads, 0, s>>>(
         ws.u.ptr<T>(), ws.gb.ptr<T>(), static_cast<int>(r), plan.offsets.ptr<int>(), plan.experts,
@@ -188,17 +182,8 @@ SortedWorkspace carve_sorted(detail::Carver& c, const Plan& plan, const Lora& lo
 template <class T>
 void sorted_dgrad_impl(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& rows,
                        const SortedWorkspace& ws, cudaStream_t s) {
-  const std::int64_t m = plan.tokens * plan.top_k, r = lora.a.shape[1], out = lora.b.shape[1];
   const bool tc = use_tensor_cores(lora, {g.data, rows.data, lora.a.data, lora.b.data});
-  GemmParams p = plan_params(plan, ws.tiles);  // gb = s * g . B[e]
-  p.a = {g.data, out, 0, false};
-  p.b = {lora.b.data, r, out * r, false};
-  p.n = static_cast<int>(r);
-  p.k = static_cast<int>(out);
-  p.epi.out = ws.gb.data;
-  p.epi.ldo = r;
-  p.epi.alpha = lora.scale;
-  run_grouped_gemm<T, GemmKind::dgrad>(p, m, tc, s);
+  to_rank<T, GemmKind::dgrad>(plan, ws.tiles, g, false, lora.b, lora.scale, ws.gb, tc, s);
   const Workspace lw{ws.tiles, TensorView{}, TensorView{}, TensorView{}};
   add_lowrank<T>(plan, lw, ws.gb, lora.a, false, false, nullptr, 1.f, rows, tc, s);  // rows += gb . A[e]
 }
@@ -206,10 +191,10 @@ void sorted_dgrad_impl(const Plan& plan, const Lora& lora, const TensorView& g, 
 template <class T>
 void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& wa,
                        const LoraGrads& grad_lora, const SortedWorkspace& ws, cudaStream_t s) {
-  const std::int64_t m = plan.tokens * plan.top_k, r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
+  const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
   const bool tc = use_tensor_cores(lora, {g.data, wa.data, lora.a.data, grad_lora.a.data, grad_lora.b.data});
   if (grad_lora.b.defined()) {
-    project_a<T>(plan, ws.tiles, wa, false, lora, lora.scale, ws.uw, tc, s);  // uw = s * wa . A[e]^T
+    to_rank<T, GemmKind::fwd>(plan, ws.tiles, wa, false, lora.a, lora.scale, ws.uw, tc, s);  // uw = s * wa . A[e]^T
     grad_factor<T>(plan, {g.data, out, 0, false}, {ws.uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
   }
   if (grad_lora.a.defined())
@@ -256,7 +241,8 @@ void lora_project_rows(const Plan& plan, const TensorView& x, const Lora& lora, 
                        const TensorView& u, const TensorView& tiles, cudaStream_t stream) {
   dispatch_float(lora.a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    project_a<T>(plan, tiles, x, gather, lora, alpha, u, use_tensor_cores(lora, {x.data, lora.a.data, u.data}), stream);
+    const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, u.data});
+    to_rank<T, GemmKind::fwd>(plan, tiles, x, gather, lora.a, alpha, u, tc, stream);
   });
 }
 
