@@ -122,7 +122,7 @@ void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* s
 void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, TensorView h, TensorView a,
                                TensorView workspace, void* stream = nullptr);
 // The same with a LoRA adapter on the weight; workspace: moe_linear_workspace_bytes(plan, x, weight, lora, true, {}).
-// On Hopper the adapter's rows are written to h first and the kernel adds its product to them before SwiGLU.
+// On Hopper, u = scale * x . A[e]^T comes first and the kernel takes [u | B[e]] as one more k-block before SwiGLU.
 void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, TensorView h,
                                TensorView a, TensorView workspace, void* stream = nullptr);
 

@@ -193,6 +193,21 @@ std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weig
   expect_same_device(op, "lora.b", lora.b, weight.device);
   return r;
 }
+
+// The adapter gradients asked for, against the adapter (already checked): none without one.
+void check_lora_grads(const char* op, const Lora& lora, const TensorView& weight, const LoraGrads& grad_lora) {
+  if (!lora.defined()) {
+    MOEFUSE_CHECK(!grad_lora.a.defined() && !grad_lora.b.defined(), op, "grad_lora given without a lora");
+    return;
+  }
+  const std::int64_t r = lora.a.shape[1];
+  expect_optional(op, "grad_lora.a", grad_lora.a, {weight.shape[0], r, weight.shape[2]}, kFloatTypes);
+  expect_optional(op, "grad_lora.b", grad_lora.b, {weight.shape[0], weight.shape[1], r}, kFloatTypes);
+  for (auto [name, t] : {std::pair{"grad_lora.a", grad_lora.a}, {"grad_lora.b", grad_lora.b}}) {
+    expect_same_dtype(op, name, t, weight.dtype);
+    expect_same_device(op, name, t, weight.device);
+  }
+}
 }  // namespace
 
 std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, const Lora& lora,
@@ -235,18 +250,10 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, cons
   // The base part writes grad_x and grad_combine_weights; the adapter's part is added to them.
   moe_linear_backward(plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{}, grad_combine_weights,
                       workspace, stream);
-  if (!lora.defined()) {
-    MOEFUSE_CHECK(!grad_lora.a.defined() && !grad_lora.b.defined(), op, "grad_lora given without a lora");
-    return;
-  }
-  const std::int64_t r = check_lora(op, lora, weight);
+  if (lora.defined()) check_lora(op, lora, weight);
+  check_lora_grads(op, lora, weight, grad_lora);
+  if (!lora.defined()) return;
   const Device d = plan.counts.device;
-  expect_optional(op, "grad_lora.a", grad_lora.a, {weight.shape[0], r, weight.shape[2]}, kFloatTypes);
-  expect_optional(op, "grad_lora.b", grad_lora.b, {weight.shape[0], weight.shape[1], r}, kFloatTypes);
-  expect_same_dtype(op, "grad_lora.a", grad_lora.a, weight.dtype);
-  expect_same_dtype(op, "grad_lora.b", grad_lora.b, weight.dtype);
-  expect_same_device(op, "grad_lora.a", grad_lora.a, d);
-  expect_same_device(op, "grad_lora.b", grad_lora.b, d);
   expect_workspace(op, workspace,
                    BACKEND(op, d, moe_lora_backward_workspace_bytes, plan, x, lora, gather, combine_weights), d);
   BACKEND(op, d, moe_lora_backward_add, plan, x, lora, gather, combine_weights, grad_out, grad_x, grad_lora,
@@ -346,15 +353,7 @@ void swiglu_linear_bwd(const char* op, const Plan& plan, const TensorView& h, co
     expect_same_device(op, name, t, d);
   }
   expect_same_device(op, "grad_combine_weights", grad_combine_weights, d);
-  if (lora.defined()) {
-    const std::int64_t r = lora.a.shape[1];
-    expect_optional(op, "grad_lora.a", grad_lora.a, {weight.shape[0], r, weight.shape[2]}, kFloatTypes);
-    expect_optional(op, "grad_lora.b", grad_lora.b, {weight.shape[0], weight.shape[1], r}, kFloatTypes);
-    for (auto [name, t] : {std::pair{"grad_lora.a", grad_lora.a}, {"grad_lora.b", grad_lora.b}}) {
-      expect_same_dtype(op, name, t, dt);
-      expect_same_device(op, name, t, d);
-    }
-  }
+  check_lora_grads(op, lora, weight, grad_lora);
   expect_workspace(op, workspace, swiglu_linear_bytes(op, plan, h, weight, lora, combine_weights), d);
   if (BACKEND(op, d, swiglu_linear_backward_fused, plan, h, weight, lora, combine_weights, grad_out, grad_h,
               grad_weight, grad_lora, grad_combine_weights, workspace, stream))
@@ -394,11 +393,8 @@ void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, c
                             TensorView combine_weights, TensorView grad_out, TensorView grad_h,
                             const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
                             void* stream) {
-  const char* op = "swiglu_linear_backward";
-  MOEFUSE_CHECK(lora.defined() || (!grad_lora.a.defined() && !grad_lora.b.defined()), op,
-                "grad_lora given without a lora");
-  swiglu_linear_bwd(op, plan, h, weight, lora, combine_weights, grad_out, grad_h, TensorView{}, grad_lora,
-                    grad_combine_weights, workspace, stream);
+  swiglu_linear_bwd("swiglu_linear_backward", plan, h, weight, lora, combine_weights, grad_out, grad_h, TensorView{},
+                    grad_lora, grad_combine_weights, workspace, stream);
 }
 
 void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* stream) {
