@@ -66,7 +66,7 @@ class ParamWrapper(peft_layer.ParamWrapper):
             return
         (a, b), scale = stacked_from_param_wrapper(self, name)
         dtype = self.get_param().dtype  # PEFT may keep adapters in f32 over bf16 weights; it casts the same way
-        handed = experts.__dict__.setdefault(LORA_ATTR, {})
+        handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: torch.compile traces item writes, not setdefault
         handed[self.parameter_name] = (a.to(dtype), b.to(dtype), scale)
         try:
             yield
@@ -100,4 +100,5 @@ def use_moefuse_lora(model: torch.nn.Module) -> torch.nn.Module:
         _adapter(w, w.active_adapters)
     for w in wrappers:
         w.__class__ = ParamWrapper
+        setattr(w.get_base_layer(), LORA_ATTR, {})
     return model
