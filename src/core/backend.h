@@ -40,6 +40,12 @@
   void moe_lora_forward_add(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,                  \
                             const TensorView& combine_weights, const TensorView& out, const TensorView& workspace, \
                             void* stream);                                                                          \
+  /* moe_linear_forward with an adapter in one fused form, when this backend has one for these arguments and the   \
+     workspace (sized by moe_linear_workspace_bytes with lora) holds it; false: nothing was done and the core runs  \
+     moe_linear_forward, then moe_lora_forward_add. */                                                              \
+  bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,  \
+                                bool gather, const TensorView& combine_weights, const TensorView& out,             \
+                                const TensorView& workspace, void* stream);                                         \
   std::size_t moe_lora_backward_workspace_bytes(const Plan& plan, const TensorView& x, const Lora& lora,           \
                                                 bool gather, const TensorView& combine_weights);                   \
   void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,                 \

@@ -127,14 +127,21 @@ std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorVie
   return BACKEND(op, plan.counts.device, moe_linear_workspace_bytes, plan, x, weight, gather, combine_weights);
 }
 
+namespace {
+void check_linear_forward(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight,
+                          bool gather, const TensorView& combine_weights, const TensorView& out) {
+  const std::int64_t n = check_linear(op, plan, x, weight, gather, combine_weights);
+  expect(op, "out", out, {combine_weights.defined() ? plan.tokens : plan.tokens * plan.top_k, n}, kFloatTypes);
+  expect_same_dtype(op, "out", out, weight.dtype);
+  expect_same_device(op, "out", out, plan.counts.device);
+}
+}  // namespace
+
 void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
                         TensorView out, TensorView workspace, void* stream) {
   const char* op = "moe_linear_forward";
-  const std::int64_t n = check_linear(op, plan, x, weight, gather, combine_weights);
+  check_linear_forward(op, plan, x, weight, gather, combine_weights, out);
   const Device d = plan.counts.device;
-  expect(op, "out", out, {combine_weights.defined() ? plan.tokens : plan.tokens * plan.top_k, n}, kFloatTypes);
-  expect_same_dtype(op, "out", out, weight.dtype);
-  expect_same_device(op, "out", out, d);
   expect_workspace(op, workspace, BACKEND(op, d, moe_linear_workspace_bytes, plan, x, weight, gather, combine_weights),
                    d);
   BACKEND(op, d, moe_linear_forward, plan, x, weight, gather, combine_weights, out, workspace, stream);
@@ -222,13 +229,15 @@ std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorVie
 
 void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, bool gather,
                         TensorView combine_weights, TensorView out, TensorView workspace, void* stream) {
-  moe_linear_forward(plan, x, weight, gather, combine_weights, out, workspace, stream);
-  if (!lora.defined()) return;
+  if (!lora.defined()) return moe_linear_forward(plan, x, weight, gather, combine_weights, out, workspace, stream);
   const char* op = "moe_linear_forward";
+  check_linear_forward(op, plan, x, weight, gather, combine_weights, out);
   check_lora(op, lora, weight);
   const Device d = plan.counts.device;
-  expect_workspace(op, workspace, BACKEND(op, d, moe_lora_workspace_bytes, plan, x, lora, gather, combine_weights),
-                   d);
+  expect_workspace(op, workspace, moe_linear_workspace_bytes(plan, x, weight, lora, gather, combine_weights), d);
+  if (BACKEND(op, d, moe_linear_forward_fused, plan, x, weight, lora, gather, combine_weights, out, workspace, stream))
+    return;
+  BACKEND(op, d, moe_linear_forward, plan, x, weight, gather, combine_weights, out, workspace, stream);
   BACKEND(op, d, moe_lora_forward_add, plan, x, lora, gather, combine_weights, out, workspace, stream);
 }
 

@@ -48,6 +48,11 @@ void moe_lora_forward_add(const Plan& plan, const TensorView& x, const Lora& lor
   write_rows(s.y, lora.b.size(1), r, combine_weights, combine_weights.defined(), true, out);
 }
 
+bool moe_linear_forward_fused(const Plan&, const TensorView&, const TensorView&, const Lora&, bool, const TensorView&,
+                              const TensorView&, const TensorView&, void*) {
+  return false;
+}
+
 std::size_t moe_lora_backward_workspace_bytes(const Plan& plan, const TensorView& x, const Lora& lora, bool,
                                               const TensorView&) {
   detail::Carver c(Device::cpu());

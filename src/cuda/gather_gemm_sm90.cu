@@ -1,5 +1,5 @@
-// Hopper forward grouped GEMM with the token gather in its loads and, optionally, SwiGLU in its epilogue
-// (grouped_gemm_sm90.h: run_gather_gemm_sm90). Compiled for sm_90a only.
+// Hopper forward grouped GEMM with the token gather in its loads (or rows already sorted) and, optionally, SwiGLU in
+// its epilogue (grouped_gemm_sm90.h: run_gather_gemm_sm90). Compiled for sm_90a only.
 //
 // One 128x256 output tile per block, three warpgroups:
 //   - warpgroup 0 loads: every thread cp.asyncs 8 of the tile's gathered x rows (16 bytes each) into 128-byte
@@ -11,7 +11,7 @@
 // With SwiGLU the weight is [gate; up] (2n rows) and a tile's 256 columns are gate columns [j, j+128) followed by the
 // same up columns: every thread holds each gate value and its up partner, so h and a = silu(gate) * up are written
 // from registers. A LoRA adapter (LORA) is one more k-block after W's, [s.u | B[e]] loaded by the loaders' cp.async,
-// so its product reaches the activation without a pass over h.
+// so its product reaches the epilogue (the activation, or the plain rows) without a pass over the output.
 #include <cudaTypedefs.h>
 
 #include <cute/arch/mma_sm90_gmma.hpp>
@@ -68,7 +68,7 @@ struct Args {
   const void* x;
   void* out;  // plain: [M, n]; SwiGLU: h [M, 2n]
   void* act;  // SwiGLU: a [M, n]
-  const int* pairs;
+  const int* pairs;  // null: x is in sorted order
   const int* offsets;
   const int* tile_offsets;
   int top_k, experts, n, k;
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   }
   if (threadIdx.x < BM) {
     const int s = m0 + threadIdx.x;
-    sm.tokens[threadIdx.x] = s < m_end ? p.pairs[s] / p.top_k : -1;
+    sm.tokens[threadIdx.x] = s >= m_end ? -1 : p.pairs ? p.pairs[s] / p.top_k : s;
   }
   __syncthreads();
 
@@ -299,17 +299,14 @@ void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
 }  // namespace
 
 void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
-  if (g.lora_u && !g.act) throw Error("moefuse: the gather GEMM takes a LoRA k-block only with SwiGLU");
   if (g.rows == 0 || g.experts == 0) return;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      if (g.lora_u)
-        launch<T, true, true>(g, dtype, stream);
-      else if (g.act)
-        launch<T, true, false>(g, dtype, stream);
+      if (g.act)
+        g.lora_u ? launch<T, true, true>(g, dtype, stream) : launch<T, true, false>(g, dtype, stream);
       else
-        launch<T, false, false>(g, dtype, stream);
+        g.lora_u ? launch<T, false, true>(g, dtype, stream) : launch<T, false, false>(g, dtype, stream);
     }
   });
 }

@@ -1,7 +1,7 @@
 // moe_linear forward and backward: grouped GEMMs over the plan's sorted rows plus the deterministic per-token
 // gather-sums (combine in forward, grad_x with gather in backward) and row-dot reductions.
-// On Hopper (sizes multiples of 8) the forward with gather is our TMA + cp.async + wgmma kernel with the gather in its
-// loads (gather_gemm_sm90.cu, bf16/f16), and the other GEMMs are CUTLASS's TMA + wgmma kernels
+// On Hopper (sizes multiples of 8) the forward with gather, and any forward with a LoRA adapter, is our TMA + cp.async
+// + wgmma kernel with the gather in its loads (gather_gemm_sm90.cu, bf16/f16), and the other GEMMs are CUTLASS's TMA + wgmma kernels
 // (grouped_gemm_sm90.h, bf16), which take dense operands: their gathered operands are first copied into sorted
 // order in workspace, and the dgrad row scale and row dots run as a row kernel after the GEMM. Elsewhere the
 // portable kernel fuses both.
@@ -149,11 +149,11 @@ bool use_hopper_gather(const TensorView& weight, std::int64_t out_cols, std::ini
          all_aligned(ptrs);
 }
 
-// Runs it: out (plain) or h and act (SwiGLU, act set), with a LoRA adapter's k-block when lora_u is given; placeholder
-// rows are left unwritten.
+// Runs it: out (plain) or h and act (SwiGLU, act set), x in token order (gather) or sorted, with a LoRA adapter's
+// k-block when lora_u is given; placeholder rows are left unwritten.
 template <class T>
-void run_hopper_gather(const Plan& plan, const TensorView& x, const TensorView& weight, const TensorView& out,
-                       const TensorView& act, const TensorView& tiles, const TensorView& lora_u,
+void run_hopper_gather(const Plan& plan, const TensorView& x, bool gather, const TensorView& weight,
+                       const TensorView& out, const TensorView& act, const TensorView& tiles, const TensorView& lora_u,
                        const TensorView& lora_b, cudaStream_t s) {
   expert_tile_offsets<<<1, 1024, 0, s>>>(plan.offsets.ptr<int>(), plan.experts, kSm90GatherTileM, tiles.ptr<int>());
   MOEFUSE_CUDA_LAUNCH_CHECK();
@@ -162,7 +162,7 @@ void run_hopper_gather(const Plan& plan, const TensorView& x, const TensorView& 
   g.w = weight.data;
   g.out = out.data;
   g.act = act.data;
-  g.pairs = plan.sorted_pairs.ptr<int>();
+  g.pairs = gather ? plan.sorted_pairs.ptr<int>() : nullptr;
   g.offsets = plan.offsets.ptr<int>();
   g.tile_offsets = tiles.ptr<int>();
   g.top_k = plan.top_k;
@@ -230,7 +230,7 @@ void forward_impl(const Plan& plan, const TensorView& x, const TensorView& weigh
   const TensorView& rows = combine ? ws.rows : out;
 
   if (gather && use_hopper_gather(weight, n, {x.data, weight.data, rows.data})) {
-    run_hopper_gather<T>(plan, x, weight, rows, TensorView{}, ws.tiles, TensorView{}, TensorView{}, s);
+    run_hopper_gather<T>(plan, x, true, weight, rows, TensorView{}, ws.tiles, TensorView{}, TensorView{}, s);
   } else if (!gather && use_hopper(weight, {x.data, weight.data, rows.data, workspace.data})) {
     const Sm90Gemm g{GemmKind::fwd, x.data, weight.data, rows.data, plan.offsets.ptr<int>(), plan.experts, 0,
                      static_cast<int>(n), static_cast<int>(k)};
@@ -379,12 +379,48 @@ void moe_linear_forward(const Plan& plan, const TensorView& x, const TensorView&
   });
 }
 
+// The adapter's k-block fits the Hopper gather kernel for ranks that are multiples of 8 up to 64.
+bool lora_k_block(const Lora& lora) {
+  const std::int64_t r = lora.a.shape[1];
+  return r % 8 == 0 && r <= 64;
+}
+
+// With an adapter the Hopper gather kernel serves the rows in sorted order too (the down projection): u = s * x .
+// A[e]^T first (lora.h), then W's k-blocks and [u | B[e]] into the same rows, so the low-rank part costs neither an
+// expansion into [M, out] rows nor a second per-token sum. Workspace: tiles, u, and the rows with combine, the layout
+// of moe_lora_workspace_bytes.
+bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
+                              bool gather, const TensorView& combine_weights, const TensorView& out,
+                              const TensorView& workspace, void* stream) {
+  const std::int64_t m = plan.tokens * plan.top_k, n = weight.shape[1];
+  const bool combine = combine_weights.defined();
+  detail::Carver c(workspace);
+  const TensorView tiles = c.take(DType::i32, {plan.experts + 1});
+  const TensorView u = c.take(weight.dtype, {m, lora.a.shape[1]});
+  const TensorView rows = combine ? c.take(weight.dtype, {m, n}) : out;
+  if (c.bytes() > workspace.nbytes() || !lora_k_block(lora) ||
+      !use_hopper_gather(weight, n, {x.data, weight.data, rows.data, u.data, lora.a.data, lora.b.data}))
+    return false;
+  DeviceGuard guard(plan.counts.device);
+  const cudaStream_t s = as_stream(stream);
+  lora_project_rows(plan, x, lora, gather, lora.scale, u, tiles, s);
+  dispatch_float(weight.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, tiles, u, lora.b, s);
+    if (combine)
+      launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), 1.f, false, out, s);
+    else
+      launch_zero_placeholders<T>(out, plan, s);
+  });
+  return true;
+}
+
 // With an adapter of rank a multiple of 8 up to 64, u = s * x . A[e]^T is formed first (lora.h) and the Hopper kernel
 // takes [u | B[e]] as one more k-block.
 void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
                                const TensorView& h, const TensorView& a, const TensorView& workspace, void* stream) {
   const std::int64_t r = lora.defined() ? lora.a.shape[1] : 0;
-  if (r % 8 != 0 || r > 64 ||
+  if ((r && !lora_k_block(lora)) ||
       !use_hopper_gather(weight, a.shape[1], {x.data, weight.data, h.data, a.data, lora.a.data, lora.b.data})) {
     cuda::moe_linear_forward(plan, x, weight, true, TensorView{}, h, workspace, stream);
     if (lora.defined()) cuda::moe_lora_forward_add(plan, x, lora, true, TensorView{}, h, workspace, stream);
@@ -398,7 +434,7 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
   if (r) lora_project_rows(plan, x, lora, true, lora.scale, u, ws.tiles, s);
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    run_hopper_gather<T>(plan, x, weight, h, a, ws.tiles, u, lora.b, s);
+    run_hopper_gather<T>(plan, x, true, weight, h, a, ws.tiles, u, lora.b, s);
     launch_zero_placeholders<T>(h, plan, s);
     launch_zero_placeholders<T>(a, plan, s);
   });
