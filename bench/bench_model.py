@@ -77,6 +77,8 @@ def main():
         for impl in a.impls.split(","):
             r = dict(impl=impl, mode=mode, layers=a.layers, compiled=a.compile)
             try:
+                if a.compile:  # each model compiles from scratch: no recompile limit reached through another's frames
+                    torch._dynamo.reset()
                 m = model(impl, mode, a.layers, a.seq, shape, device)
                 ids = torch.randint(0, shape["vocab_size"], (a.batch, a.seq), device=device)
                 step = step_fn(m, ids, a.compile)

@@ -44,9 +44,9 @@ for s in "${stages[@]}"; do
     sanitize)
       step "compute-sanitizer memcheck, racecheck"
       # racecheck is ~50x slower than memcheck: it gets the block (both GEMM paths at bf16) and the gather GEMM with
-      # its LoRA k-block (SwigluForward), but not the linear sweep.
+      # its LoRA k-block (SwigluForward, Lora), but not the linear sweep.
       filter='CudaRouter.*:CudaPlan.*:CudaSwiglu.*:CudaBlock.SmallShapesMatchCpu:CudaBlock.StepReplaysFromACudaGraph'
-      filter+=':CudaLinear.SwigluForwardMatchesCpu'
+      filter+=':CudaLinear.SwigluForwardMatchesCpu:CudaLinear.LoraMatchesCpu'
       for tool in ${SANITIZERS:-memcheck racecheck}; do
         timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 build/dev/tests/cuda/test_cuda \
           --gtest_filter="$([ $tool = memcheck ] && echo "$filter:CudaLinear.*" || echo "$filter")" \
