@@ -48,6 +48,12 @@
                                 const TensorView& workspace, void* stream);                                         \
   std::size_t moe_lora_backward_workspace_bytes(const Plan& plan, const TensorView& x, const Lora& lora,           \
                                                 bool gather, const TensorView& combine_weights);                   \
+  /* moe_linear_backward with an adapter in one fused form, as moe_linear_forward_fused. */                        \
+  bool moe_linear_backward_fused(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora, \
+                                 bool gather, const TensorView& combine_weights, const TensorView& grad_out,       \
+                                 const TensorView& grad_x, const LoraGrads& grad_lora,                              \
+                                 const TensorView& grad_combine_weights, const TensorView& workspace,              \
+                                 void* stream);                                                                     \
   void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,                 \
                              const TensorView& combine_weights, const TensorView& grad_out,                        \
                              const TensorView& grad_x, const LoraGrads& grad_lora,                                  \

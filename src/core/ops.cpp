@@ -155,10 +155,11 @@ std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, 
                  combine_weights);
 }
 
-void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
-                         TensorView grad_out, TensorView grad_x, TensorView grad_weight,
-                         TensorView grad_combine_weights, TensorView workspace, void* stream) {
-  const char* op = "moe_linear_backward";
+namespace {
+void check_linear_backward(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight,
+                           bool gather, const TensorView& combine_weights, const TensorView& grad_out,
+                           const TensorView& grad_x, const TensorView& grad_weight,
+                           const TensorView& grad_combine_weights) {
   const std::int64_t n = check_linear(op, plan, x, weight, gather, combine_weights);
   const Device d = plan.counts.device;
   const DType dt = weight.dtype;
@@ -176,6 +177,16 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool
   expect_same_device(op, "grad_x", grad_x, d);
   expect_same_device(op, "grad_weight", grad_weight, d);
   expect_same_device(op, "grad_combine_weights", grad_combine_weights, d);
+}
+}  // namespace
+
+void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
+                         TensorView grad_out, TensorView grad_x, TensorView grad_weight,
+                         TensorView grad_combine_weights, TensorView workspace, void* stream) {
+  const char* op = "moe_linear_backward";
+  check_linear_backward(op, plan, x, weight, gather, combine_weights, grad_out, grad_x, grad_weight,
+                        grad_combine_weights);
+  const Device d = plan.counts.device;
   expect_workspace(
       op, workspace,
       BACKEND(op, d, moe_linear_backward_workspace_bytes, plan, x, weight, gather, combine_weights), d);
@@ -255,16 +266,25 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, cons
                          TensorView combine_weights, TensorView grad_out, TensorView grad_x,
                          const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
                          void* stream) {
+  if (!lora.defined()) {
+    check_lora_grads("moe_linear_backward", lora, weight, grad_lora);
+    return moe_linear_backward(plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{},
+                               grad_combine_weights, workspace, stream);
+  }
   const char* op = "moe_linear_backward";
-  // The base part writes grad_x and grad_combine_weights; the adapter's part is added to them.
-  moe_linear_backward(plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{}, grad_combine_weights,
-                      workspace, stream);
-  if (lora.defined()) check_lora(op, lora, weight);
+  check_linear_backward(op, plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{},
+                        grad_combine_weights);
+  check_lora(op, lora, weight);
   check_lora_grads(op, lora, weight, grad_lora);
-  if (!lora.defined()) return;
   const Device d = plan.counts.device;
   expect_workspace(op, workspace,
-                   BACKEND(op, d, moe_lora_backward_workspace_bytes, plan, x, lora, gather, combine_weights), d);
+                   moe_linear_backward_workspace_bytes(plan, x, weight, lora, gather, combine_weights), d);
+  if (BACKEND(op, d, moe_linear_backward_fused, plan, x, weight, lora, gather, combine_weights, grad_out, grad_x,
+              grad_lora, grad_combine_weights, workspace, stream))
+    return;
+  // The base part writes grad_x and grad_combine_weights; the adapter's part is added to them.
+  BACKEND(op, d, moe_linear_backward, plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{},
+          grad_combine_weights, workspace, stream);
   BACKEND(op, d, moe_lora_backward_add, plan, x, lora, gather, combine_weights, grad_out, grad_x, grad_lora,
           grad_combine_weights, workspace, stream);
 }

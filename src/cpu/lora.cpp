@@ -53,6 +53,12 @@ bool moe_linear_forward_fused(const Plan&, const TensorView&, const TensorView&,
   return false;
 }
 
+bool moe_linear_backward_fused(const Plan&, const TensorView&, const TensorView&, const Lora&, bool, const TensorView&,
+                               const TensorView&, const TensorView&, const LoraGrads&, const TensorView&,
+                               const TensorView&, void*) {
+  return false;
+}
+
 std::size_t moe_lora_backward_workspace_bytes(const Plan& plan, const TensorView& x, const Lora& lora, bool,
                                               const TensorView&) {
   detail::Carver c(Device::cpu());

@@ -8,6 +8,8 @@
 // A 4-stage ring of full/empty mbarriers connects them; consumers keep one k-block of wgmma in flight. cp.async writes
 // go through the generic proxy and wgmma reads through the async one, so the loader waits for its copies one stage
 // late, fences, then arrives on the full barrier.
+// DGRAD reads the weight as [k, n] (the backward's grad_in = grad_out . W[e]): its tile is n-major in shared memory,
+// 64-column chunks of 64 k-rows each, one TMA load per chunk, and wgmma takes it MN-major.
 // With SwiGLU the weight is [gate; up] (2n rows) and a tile's 256 columns are gate columns [j, j+128) followed by the
 // same up columns: every thread holds each gate value and its up partner, so h and a = silu(gate) * up are written
 // from registers. A LoRA adapter (LORA) is one more k-block after W's, [s.u | B[e]] loaded by the loaders' cp.async,
@@ -33,27 +35,34 @@ constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4;
 constexpr int kThreads = 384;
 constexpr int kConsumerWarps = 8;
 
-template <class T>
+template <class T, GMMA::Major MAJOR_B>
 struct Gmma;
-template <>
-struct Gmma<__nv_bfloat16> {
+template <GMMA::Major MAJOR_B>
+struct Gmma<__nv_bfloat16, MAJOR_B> {
   using Element = cutlass::bfloat16_t;
-  using Op = SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, GMMA::Major::K>;
+  using Op = SM90_64x256x16_F32BF16BF16_SS<GMMA::Major::K, MAJOR_B>;
 };
-template <>
-struct Gmma<__half> {
+template <GMMA::Major MAJOR_B>
+struct Gmma<__half, MAJOR_B> {
   using Element = cutlass::half_t;
-  using Op = SM90_64x256x16_F32F16F16_SS<GMMA::Major::K, GMMA::Major::K>;
+  using Op = SM90_64x256x16_F32F16F16_SS<GMMA::Major::K, MAJOR_B>;
 };
 
-template <class T>
+template <class T, bool DGRAD>
 struct Tiles {
-  using E = typename Gmma<T>::Element;
+  static constexpr GMMA::Major kMajorB = DGRAD ? GMMA::Major::MN : GMMA::Major::K;
+  using E = typename Gmma<T, kMajorB>::Element;
   // Rows of 64 k-elements, 8-row atoms of 1024 bytes: the layout TMA's SWIZZLE_128B writes and swz<64> computes.
   using LayoutA = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<BM>, Int<BK>, Int<STAGES>>{}));
-  using LayoutB = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<BN>, Int<BK>, Int<STAGES>>{}));
-  using Mma = decltype(make_tiled_mma(typename Gmma<T>::Op{}, Layout<Shape<_2, _1, _1>>{}));
+  // DGRAD: rows of 64 n-elements, the 64 k-rows of a 64-column chunk contiguous (8 KB), chunks after one another.
+  using LayoutB = std::conditional_t<
+      DGRAD,
+      decltype(tile_to_shape(GMMA::Layout_MN_SW128_Atom<E>{}, Shape<Int<BN>, Int<BK>, Int<STAGES>>{},
+                             Step<_2, _1, _3>{})),
+      decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<BN>, Int<BK>, Int<STAGES>>{}))>;
+  using Mma = decltype(make_tiled_mma(typename Gmma<T, kMajorB>::Op{}, Layout<Shape<_2, _1, _1>>{}));
 };
+constexpr int kChunkN = 64;  // DGRAD: columns of one TMA box / one 8 KB chunk of the B tile
 
 template <class T>
 struct alignas(1024) Smem {
@@ -73,7 +82,7 @@ struct Args {
   const int* tile_offsets;
   int top_k, experts, n, k;
   const void* lora_u;  // LoRA: sorted rows [M, rank] = scale * x[src] . A[e]^T; null without an adapter
-  const void* lora_b;  // LoRA: B [E, rows of W, rank]
+  const void* lora_b;  // LoRA: B [E, rows of W, rank]; DGRAD: the factor [E, rank, n]
   int rank;
 };
 
@@ -90,8 +99,9 @@ using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 
 // The LoRA k-block, by the 128 loader threads: A = the tile's sorted rows of u, B = the tile's rows of B[e] (gate
-// rows then up rows with SwiGLU), each row's rank elements followed by zeros up to BK.
-template <class T, bool SWIGLU>
+// rows then up rows with SwiGLU), each row's rank elements followed by zeros up to BK; DGRAD: B = the factor's
+// rank rows [e][q][col0, col0 + BN) in the n-major chunks, zero rows from rank to BK.
+template <class T, bool SWIGLU, bool DGRAD>
 __device__ __forceinline__ void load_lora_block(const Args& p, T* sa, T* sb, int e, int t) {
   constexpr int kHalfRows = SWIGLU ? BN / 2 : BN;
   // The tile's coordinates again rather than kept live over the k loop: the loader runs in 40 registers.
@@ -108,17 +118,29 @@ __device__ __forceinline__ void load_lora_block(const Args& p, T* sa, T* sb, int
     const bool ok = k_ok && row < m_end;
     cp_async16(sa + swz<BK>(r, chunk), ok ? u + static_cast<std::int64_t>(row) * p.rank + chunk * 8 : u, ok);
   }
+  if constexpr (DGRAD) {
+    constexpr int kPieces = BN / 8;  // 16-byte pieces of one factor row in the tile
 #pragma unroll 1
-  for (int i = 0; i < BN / 16; ++i) {
-    const int r = t / 8 + 16 * i, j = col0 + r % kHalfRows;  // smem row r: half r / kHalfRows, column j
-    const bool ok = k_ok && j < p.n;
-    const std::int64_t wrow = (r / kHalfRows) * static_cast<std::int64_t>(p.n) + j;
-    cp_async16(sb + swz<BK>(r, chunk), ok ? b + wrow * p.rank + chunk * 8 : b, ok);
+    for (int i = t; i < BK * kPieces; i += 128) {
+      const int q = i / kPieces, piece = i % kPieces, j = col0 + piece * 8;
+      const bool ok = q < p.rank && j < p.n;
+      cp_async16(sb + piece / 8 * (kChunkN * BK) + swz<BK>(q, piece % 8),
+                 ok ? b + static_cast<std::int64_t>(q) * p.n + j : b, ok);
+    }
+  } else {
+#pragma unroll 1
+    for (int i = 0; i < BN / 16; ++i) {
+      const int r = t / 8 + 16 * i, j = col0 + r % kHalfRows;  // smem row r: half r / kHalfRows, column j
+      const bool ok = k_ok && j < p.n;
+      const std::int64_t wrow = (r / kHalfRows) * static_cast<std::int64_t>(p.n) + j;
+      cp_async16(sb + swz<BK>(r, chunk), ok ? b + wrow * p.rank + chunk * 8 : b, ok);
+    }
   }
 }
 
-template <class T, bool SWIGLU, bool LORA>
+template <class T, bool SWIGLU, bool LORA, bool DGRAD>
 __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant__ CUtensorMap wmap, const Args p) {
+  static_assert(!(SWIGLU && DGRAD));
   constexpr int kTileN = SWIGLU ? BN / 2 : BN;  // output columns per tile
   const int n_tiles = (p.n + kTileN - 1) / kTileN;
   const int nt = blockIdx.x % n_tiles, mt = blockIdx.x / n_tiles;
@@ -165,7 +187,13 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       reinterpret_cast<Barrier&>(sm.empty[s]).wait(((kb / STAGES) & 1) ^ 1);
       if (t == 0) {
         reinterpret_cast<TxBarrier&>(sm.full[s]).arrive_and_expect_tx(BN * BK * sizeof(T));
-        tma_load_4d(&wmap, &sm.full[s], sm.b[s], kb * BK, nt * kTileN, 0, e);
+        if constexpr (DGRAD) {
+#pragma unroll
+          for (int c = 0; c < BN / kChunkN; ++c)
+            tma_load_4d(&wmap, &sm.full[s], sm.b[s] + c * kChunkN * BK, nt * BN + c * kChunkN, kb * BK, 0, e);
+        } else {
+          tma_load_4d(&wmap, &sm.full[s], sm.b[s], kb * BK, nt * kTileN, 0, e);
+        }
       }
       const int col = kb * BK + chunk * 8;
 #pragma unroll
@@ -180,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       const int s = w_blocks % STAGES;
       reinterpret_cast<Barrier&>(sm.empty[s]).wait(((w_blocks / STAGES) & 1) ^ 1);
       if (t == 0) reinterpret_cast<Barrier&>(sm.full[s]).arrive();  // no TMA in this stage
-      load_lora_block<T, SWIGLU>(p, sm.a[s], sm.b[s], e, t);
+      load_lora_block<T, SWIGLU, DGRAD>(p, sm.a[s], sm.b[s], e, t);
       issued(w_blocks);
     }
     cp_async_wait<0>();
@@ -190,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   }
 
   cutlass::arch::warpgroup_reg_alloc<232>();
-  using TL = Tiles<T>;
+  using TL = Tiles<T, DGRAD>;
   using E = typename TL::E;
   typename TL::Mma mma;
   const int ct = threadIdx.x - 128;
@@ -264,13 +292,16 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
 }
 
 // The weight [E, halves * rows, k] as (k, rows, halves, E), read in boxes of (BK, BN / halves, halves, 1): one box is
-// a tile's 256 weight rows, plain or gate-then-up.
+// a tile's 256 weight rows, plain or gate-then-up. DGRAD: the weight [E, k, n] as (n, k, 1, E) in boxes of
+// (64, BK, 1, 1), one 64-column chunk of the tile.
 CUtensorMap weight_map(const Sm90GatherGemm& g, DType dtype) {
   const int halves = g.act ? 2 : 1;
-  const cuuint64_t es = 2, k = static_cast<cuuint64_t>(g.k), rows = static_cast<cuuint64_t>(g.n);
-  const cuuint64_t dims[4] = {k, rows, static_cast<cuuint64_t>(halves), static_cast<cuuint64_t>(g.experts)};
-  const cuuint64_t strides[3] = {k * es, rows * k * es, halves * rows * k * es};
-  const cuuint32_t box[4] = {BK, static_cast<cuuint32_t>(BN / halves), static_cast<cuuint32_t>(halves), 1};
+  const cuuint64_t es = 2, k = static_cast<cuuint64_t>(g.k), n = static_cast<cuuint64_t>(g.n);
+  const cuuint64_t e = static_cast<cuuint64_t>(g.experts);
+  const cuuint64_t dims[4] = {g.dgrad ? n : k, g.dgrad ? k : n, static_cast<cuuint64_t>(halves), e};
+  const cuuint64_t strides[3] = {dims[0] * es, n * k * es, halves * n * k * es};
+  const cuuint32_t box[4] = {g.dgrad ? kChunkN : BK, static_cast<cuuint32_t>(g.dgrad ? BK : BN / halves),
+                             static_cast<cuuint32_t>(halves), 1};
   const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
   const CUresult r = encode_tiled()(
@@ -282,7 +313,7 @@ CUtensorMap weight_map(const Sm90GatherGemm& g, DType dtype) {
   return map;
 }
 
-template <class T, bool SWIGLU, bool LORA>
+template <class T, bool SWIGLU, bool LORA, bool DGRAD = false>
 void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   const std::int64_t n_tiles = ceil_div<std::int64_t>(g.n, SWIGLU ? BN / 2 : BN);
   const std::int64_t blocks = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
@@ -290,7 +321,7 @@ void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   const CUtensorMap map = weight_map(g, dtype);
   const Args args{g.x,       g.out,     g.act,   g.pairs, g.offsets, g.tile_offsets, g.top_k,
                   g.experts, g.n, g.k, g.lora_u, g.lora_b, g.rank};
-  auto kernel = gather_gemm<T, SWIGLU, LORA>;
+  auto kernel = gather_gemm<T, SWIGLU, LORA, DGRAD>;
   set_smem_limit(kernel, kSmemBytes);
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(map, args);
   MOEFUSE_CUDA_LAUNCH_CHECK();
@@ -299,11 +330,15 @@ void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
 }  // namespace
 
 void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
+  if (g.dgrad && (g.act || !g.lora_u))
+    throw Error("moefuse: the gather GEMM's dgrad form runs only plain, with a LoRA k-block");
   if (g.rows == 0 || g.experts == 0) return;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      if (g.act)
+      if (g.dgrad)  // only with an adapter: without one CUTLASS's dgrad is faster
+        launch<T, false, true, true>(g, dtype, stream);
+      else if (g.act)
         g.lora_u ? launch<T, true, true>(g, dtype, stream) : launch<T, true, false>(g, dtype, stream);
       else
         g.lora_u ? launch<T, false, true>(g, dtype, stream) : launch<T, false, false>(g, dtype, stream);

@@ -35,9 +35,11 @@ struct Sm90Gemm {
 //   plain:  out[s, :] = x[src(s)] . W[e]^T                              W [E, n, k], out [M, n]
 //   SwiGLU: (act set) h = out [M, 2n] as plain with W [E, 2n, k] = [gate; up], and
 //           act[s, j] = silu(h[s, j]) h[s, n + j]
+//   dgrad:  (dgrad set) out[s, :] = x[src(s)] . W[e]                    W [E, k, n], out [M, n]; plain only
 // src(s) = pairs[s] / top_k (x in token order), or s itself when pairs is null (x already in sorted order).
 // With lora_u set (a LoRA adapter, rank a multiple of 8 up to 64) every row also gets lora_u[s] . lora_b[e]^T,
-// before the activation: lora_u [M, rank] sorted rows (scale folded in), lora_b [E, rows of W, rank].
+// before the activation: lora_u [M, rank] sorted rows (scale folded in), lora_b [E, rows of W, rank]; dgrad:
+// lora_u[s] . lora_b[e] with lora_b [E, rank, n]. The dgrad form runs only with an adapter.
 // bf16 or f16; k and n multiples of 8, x, W, out and act 16-byte aligned. tile_offsets: M-tiles of 128 rows before
 // each expert (expert_tile_offsets with bm = 128).
 struct Sm90GatherGemm {
@@ -54,6 +56,7 @@ struct Sm90GatherGemm {
   const void* lora_u = nullptr;
   const void* lora_b = nullptr;
   int rank = 0;
+  bool dgrad = false;
 };
 constexpr int kSm90GatherTileM = 128;
 

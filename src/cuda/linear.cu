@@ -150,11 +150,12 @@ bool use_hopper_gather(const TensorView& weight, std::int64_t out_cols, std::ini
 }
 
 // Runs it: out (plain) or h and act (SwiGLU, act set), x in token order (gather) or sorted, with a LoRA adapter's
-// k-block when lora_u is given; placeholder rows are left unwritten.
+// k-block when lora_u is given; dgrad: out = x . W[e] (weight [E, k, n], with an adapter only). Placeholder rows are
+// left unwritten.
 template <class T>
 void run_hopper_gather(const Plan& plan, const TensorView& x, bool gather, const TensorView& weight,
                        const TensorView& out, const TensorView& act, const TensorView& tiles, const TensorView& lora_u,
-                       const TensorView& lora_b, cudaStream_t s) {
+                       const TensorView& lora_b, cudaStream_t s, bool dgrad = false) {
   expert_tile_offsets<<<1, 1024, 0, s>>>(plan.offsets.ptr<int>(), plan.experts, kSm90GatherTileM, tiles.ptr<int>());
   MOEFUSE_CUDA_LAUNCH_CHECK();
   Sm90GatherGemm g;
@@ -168,8 +169,9 @@ void run_hopper_gather(const Plan& plan, const TensorView& x, bool gather, const
   g.top_k = plan.top_k;
   g.experts = plan.experts;
   g.rows = plan.tokens * plan.top_k;
-  g.n = static_cast<int>(act.defined() ? weight.shape[1] / 2 : weight.shape[1]);
-  g.k = static_cast<int>(weight.shape[2]);
+  g.n = static_cast<int>(dgrad ? weight.shape[2] : act.defined() ? weight.shape[1] / 2 : weight.shape[1]);
+  g.k = static_cast<int>(dgrad ? weight.shape[1] : weight.shape[2]);
+  g.dgrad = dgrad;
   g.lora_u = lora_u.data;
   g.lora_b = lora_b.data;
   g.rank = lora_u.defined() ? static_cast<int>(lora_u.shape[1]) : 0;
@@ -458,16 +460,47 @@ void moe_linear_backward(const Plan& plan, const TensorView& x, const TensorView
   });
 }
 
+// The up projection's backward with an adapter (no combine) on Hopper: the adapter's factors first (lora.h), then
+// one dgrad GEMM over W's k-blocks and [gb | A[e]] into the grad_x rows, so its K = r product needs no expansion into
+// [M, in] rows nor a second per-token sum. Workspace: moe_lora_backward_workspace_bytes's layout.
+bool moe_linear_backward_fused(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
+                               bool gather, const TensorView& combine_weights, const TensorView& grad_out,
+                               const TensorView& grad_x, const LoraGrads& grad_lora,
+                               const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
+  if (combine_weights.defined() || grad_combine_weights.defined() || !grad_x.defined() || !lora_k_block(lora) ||
+      !use_hopper_gather(weight, weight.shape[1], {x.data, weight.data, grad_out.data, grad_x.data, lora.a.data,
+                                                   lora.b.data, workspace.data}) ||
+      moe_lora_backward_workspace_bytes(plan, x, lora, gather, combine_weights) > workspace.nbytes())
+    return false;
+  DeviceGuard guard(plan.counts.device);
+  const cudaStream_t s = as_stream(stream);
+  const LoraBackwardRows lw = lora_backward_factors(plan, x, lora, gather, grad_out, grad_lora, workspace, s);
+  dispatch_float(weight.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const TensorView& rows = gather ? lw.rows : grad_x;
+    run_hopper_gather<T>(plan, grad_out, false, weight, rows, TensorView{}, lw.tiles, lw.gb, lora.a, s, true);
+    if (gather)
+      launch_gather_sum<T>(rows, plan, nullptr, 1.f, false, grad_x, s);
+    else
+      launch_zero_placeholders<T>(grad_x, plan, s);
+  });
+  return true;
+}
+
 // The Hopper form: gather grad_out once, dgrad into rows [M, I], one row pass (swiglu_dgrad_rows), and the wgrad
-// from the same gathered grad_out and the scaled a rows, so grad_out is gathered once and a never stored. A LoRA
-// adapter adds its low-rank dgrad to the rows before the row pass and takes its gradients from the rows after it
-// (lora.h).
+// from the same gathered grad_out and the scaled a rows, so grad_out is gathered once and a never stored. With a LoRA
+// adapter the dgrad is the gather kernel instead, with grad_out gathered in its loads and [gb | A[e]] as one more
+// k-block (lora.h), so no copy of grad_out is made; the adapter's gradients come from the rows after the row pass.
 bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight, const Lora& lora,
                                   const TensorView& combine_weights, const TensorView& grad_out,
                                   const TensorView& grad_h, const TensorView& grad_weight, const LoraGrads& grad_lora,
                                   const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
   const std::int64_t m = plan.tokens * plan.top_k, out_f = weight.shape[1], in_f = weight.shape[2];
   if (!use_hopper(weight, {h.data, weight.data, grad_out.data, grad_h.data, grad_weight.data, workspace.data}))
+    return false;
+  if (lora.defined() && (!lora_k_block(lora) ||
+                         !use_hopper_gather(weight, out_f, {h.data, weight.data, grad_out.data, lora.a.data,
+                                                            lora.b.data, workspace.data})))
     return false;
   const bool lora_grads = grad_lora.a.defined() || grad_lora.b.defined();
   detail::Carver c(workspace.device);
@@ -489,11 +522,17 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   const int* offsets = plan.offsets.ptr<int>();
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_gather_sorted<T>(grad_out, plan, nullptr, ws.gathered, s);
-    run_grouped_gemm_sm90({GemmKind::dgrad, ws.gathered.data, weight.data, ws.rows.data, offsets, plan.experts, 0,
-                           static_cast<int>(in_f), static_cast<int>(out_f)},
-                          weight.device, ws.sm90.data, s);
-    if (lora.defined()) lora_sorted_dgrad(plan, lora, ws.gathered, ws.rows, ws.lora, s);
+    if (lora.defined()) {
+      const TensorView gb = lora_sorted_project(plan, lora, grad_out, true, ws.lora, s);
+      // The gathered copy's region is free with an adapter: it holds the kernel's tile schedule.
+      const TensorView tiles = view(ws.gathered.data, DType::i32, weight.device, {plan.experts + 1});
+      run_hopper_gather<T>(plan, grad_out, true, weight, ws.rows, TensorView{}, tiles, gb, lora.a, s, true);
+    } else {
+      launch_gather_sorted<T>(grad_out, plan, nullptr, ws.gathered, s);
+      run_grouped_gemm_sm90({GemmKind::dgrad, ws.gathered.data, weight.data, ws.rows.data, offsets, plan.experts, 0,
+                             static_cast<int>(in_f), static_cast<int>(out_f)},
+                            weight.device, ws.sm90.data, s);
+    }
     if (m > 0) {
       constexpr int kWarpsPerBlock = kThreads / 32;
       swiglu_dgrad_rows<T><<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kWarpsPerBlock)), kThreads, 0, s>>>(
@@ -503,11 +542,11 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
           grad_weight.defined() || lora_grads);
       MOEFUSE_CUDA_LAUNCH_CHECK();
     }
-    if (grad_weight.defined())
+    if (grad_weight.defined())  // never with an adapter (it freezes the weight)
       run_grouped_gemm_sm90({GemmKind::wgrad, ws.gathered.data, ws.rows.data, grad_weight.data, offsets, plan.experts,
                              static_cast<int>(out_f), static_cast<int>(in_f), 0},
                             weight.device, ws.sm90.data, s);
-    if (lora_grads) lora_sorted_grads(plan, lora, ws.gathered, ws.rows, grad_lora, ws.lora, s);
+    if (lora_grads) lora_sorted_grads(plan, lora, grad_out, true, ws.rows, grad_lora, ws.lora, s);
   });
   return true;
 }

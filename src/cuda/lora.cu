@@ -10,6 +10,7 @@
 //             grad_x += gb . A[e]        dgrad GEMM, K = r, accumulating epilogue
 // A result in token order (forward with combine, grad_x with gather) is written as sorted rows into workspace first,
 // then summed per token (rows.cuh), which keeps every sum in a fixed order. u and gb are stored in the weight dtype.
+// On Hopper the K = r GEMMs run instead as one more k-block of the base GEMM (linear.cu, lora.h).
 #include "core/backend.h"
 #include "core/workspace.h"
 #include "cuda/common.cuh"
@@ -141,18 +142,14 @@ void forward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool 
 }
 
 // See the CPU backend for the algebra: du = scale * w * g.B, grad_B[e] = g^T . (scale * w * u), grad_A[e] = du^T . x,
-// grad_x rows += du . A[e], grad_cw += scale * <g.B, u>.
+// grad_x rows += du . A[e], grad_cw += scale * <g.B, u>. backward_factors does all but grad_x's part and leaves u
+// and gb (= du after lora_rows) in the workspace.
 template <class T>
-void backward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, const TensorView& cw,
-                   const TensorView& grad_out, const TensorView& grad_x, const LoraGrads& grad_lora,
-                   const TensorView& grad_cw, const TensorView& workspace, cudaStream_t s) {
-  detail::Carver c(workspace);
+void backward_factors(const Plan& plan, const Workspace& ws, const TensorView& x, const Lora& lora, bool gather,
+                      const TensorView& cw, const TensorView& grad_out, const LoraGrads& grad_lora,
+                      const TensorView& grad_cw, bool tc, cudaStream_t s) {
   const bool combine = cw.defined();
-  const Workspace ws = carve(c, plan, lora, gather, combine, true);
   const std::int64_t m = plan.tokens * plan.top_k, r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
-  const bool tc = use_tensor_cores(
-      lora, {x.data, lora.a.data, lora.b.data, grad_out.data, grad_x.data, grad_lora.a.data, grad_lora.b.data});
-
   to_rank<T, GemmKind::fwd>(plan, ws.tiles, x, gather, lora.a, 1.f, ws.u, tc, s);
   to_rank<T, GemmKind::dgrad>(plan, ws.tiles, grad_out, combine, lora.b, 1.f, ws.gb, tc, s);
   if (m > 0) {
@@ -166,6 +163,17 @@ void backward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool
     grad_factor<T>(plan, {grad_out.data, out, 0, combine}, {ws.u.data, r, 0, false}, out, r, grad_lora.b, tc, s);
   if (grad_lora.a.defined())
     grad_factor<T>(plan, {ws.gb.data, r, 0, false}, {x.data, in, 0, gather}, r, in, grad_lora.a, tc, s);
+}
+
+template <class T>
+void backward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, const TensorView& cw,
+                   const TensorView& grad_out, const TensorView& grad_x, const LoraGrads& grad_lora,
+                   const TensorView& grad_cw, const TensorView& workspace, cudaStream_t s) {
+  detail::Carver c(workspace);
+  const Workspace ws = carve(c, plan, lora, gather, cw.defined(), true);
+  const bool tc = use_tensor_cores(
+      lora, {x.data, lora.a.data, lora.b.data, grad_out.data, grad_x.data, grad_lora.a.data, grad_lora.b.data});
+  backward_factors<T>(plan, ws, x, lora, gather, cw, grad_out, grad_lora, grad_cw, tc, s);
   if (grad_x.defined()) add_lowrank<T>(plan, ws, ws.gb, lora.a, false, gather, nullptr, 1.f, grad_x, tc, s);
 }
 
@@ -180,22 +188,13 @@ SortedWorkspace carve_sorted(detail::Carver& c, const Plan& plan, const Lora& lo
 }
 
 template <class T>
-void sorted_dgrad_impl(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& rows,
-                       const SortedWorkspace& ws, cudaStream_t s) {
-  const bool tc = use_tensor_cores(lora, {g.data, rows.data, lora.a.data, lora.b.data});
-  to_rank<T, GemmKind::dgrad>(plan, ws.tiles, g, false, lora.b, lora.scale, ws.gb, tc, s);
-  const Workspace lw{ws.tiles, TensorView{}, TensorView{}, TensorView{}};
-  add_lowrank<T>(plan, lw, ws.gb, lora.a, false, false, nullptr, 1.f, rows, tc, s);  // rows += gb . A[e]
-}
-
-template <class T>
-void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& wa,
+void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
                        const LoraGrads& grad_lora, const SortedWorkspace& ws, cudaStream_t s) {
   const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
   const bool tc = use_tensor_cores(lora, {g.data, wa.data, lora.a.data, grad_lora.a.data, grad_lora.b.data});
   if (grad_lora.b.defined()) {
     to_rank<T, GemmKind::fwd>(plan, ws.tiles, wa, false, lora.a, lora.scale, ws.uw, tc, s);  // uw = s * wa . A[e]^T
-    grad_factor<T>(plan, {g.data, out, 0, false}, {ws.uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
+    grad_factor<T>(plan, {g.data, out, 0, gather_g}, {ws.uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
   }
   if (grad_lora.a.defined())
     grad_factor<T>(plan, {ws.gb.data, r, 0, false}, {wa.data, in, 0, false}, r, in, grad_lora.a, tc, s);
@@ -252,20 +251,38 @@ std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora) {
   return c.bytes();
 }
 
-void lora_sorted_dgrad(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& rows,
-                       const TensorView& workspace, cudaStream_t stream) {
+LoraBackwardRows lora_backward_factors(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
+                                       const TensorView& grad_out, const LoraGrads& grad_lora,
+                                       const TensorView& workspace, cudaStream_t stream) {
   detail::Carver c(workspace);
-  const SortedWorkspace ws = carve_sorted(c, plan, lora);
-  dispatch_float(lora.a.dtype,
-                 [&](auto tag) { sorted_dgrad_impl<decltype(tag)>(plan, lora, g, rows, ws, stream); });
+  const Workspace ws = carve(c, plan, lora, gather, false, true);
+  dispatch_float(lora.a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const bool tc = use_tensor_cores(
+        lora, {x.data, lora.a.data, lora.b.data, grad_out.data, grad_lora.a.data, grad_lora.b.data});
+    backward_factors<T>(plan, ws, x, lora, gather, TensorView{}, grad_out, grad_lora, TensorView{}, tc, stream);
+  });
+  return {ws.tiles, ws.gb, ws.rows};
 }
 
-void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& wa,
+TensorView lora_sorted_project(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g,
+                               const TensorView& workspace, cudaStream_t stream) {
+  detail::Carver c(workspace);
+  const SortedWorkspace ws = carve_sorted(c, plan, lora);
+  dispatch_float(lora.a.dtype, [&](auto tag) {
+    const bool tc = use_tensor_cores(lora, {g.data, lora.b.data, ws.gb.data});
+    to_rank<decltype(tag), GemmKind::dgrad>(plan, ws.tiles, g, gather_g, lora.b, lora.scale, ws.gb, tc, stream);
+  });
+  return ws.gb;
+}
+
+void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
                        const LoraGrads& grad_lora, const TensorView& workspace, cudaStream_t stream) {
   detail::Carver c(workspace);
   const SortedWorkspace ws = carve_sorted(c, plan, lora);
-  dispatch_float(lora.a.dtype,
-                 [&](auto tag) { sorted_grads_impl<decltype(tag)>(plan, lora, g, wa, grad_lora, ws, stream); });
+  dispatch_float(lora.a.dtype, [&](auto tag) {
+    sorted_grads_impl<decltype(tag)>(plan, lora, g, gather_g, wa, grad_lora, ws, stream);
+  });
 }
 
 }  // namespace moefuse::cuda

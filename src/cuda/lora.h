@@ -1,13 +1,18 @@
-// LoRA inside the fused Hopper forms of linear.cu.
+// LoRA inside the fused Hopper forms of linear.cu, whose gather kernel takes the adapter's K = r product as one more
+// k-block [low | F[e]] after W's (s = the adapter's scale, w = routing weights).
 //
-// lora_project_rows (moe_linear_swiglu_forward): u [M, r] = alpha * x[src(s)] . A[e]^T, the adapter's first GEMM; the
-// Hopper gather GEMM takes [u | B[e]] as one more k-block. tiles: E+1 ints of workspace.
+// lora_project_rows (the forwards): u [M, r] = alpha * x[src(s)] . A[e]^T, the adapter's first GEMM; the k-block is
+// [u | B[e]]. tiles: E+1 ints of workspace.
 //
-// On the down projection inside swiglu_linear_backward, every operand in sorted order: g = the gathered grad_out rows
-// [M, out], rows = the dgrad rows [M, in] before the row pass, and wa = w * a [M, in], which the row pass leaves in
-// rows. With s the adapter's scale:
-//   lora_sorted_dgrad (before the row pass):  gb = s * g . B[e];  rows += gb . A[e]
-//   lora_sorted_grads (after it):             grad B[e] = g^T . (s * wa . A[e]^T);  grad A[e] = gb^T . wa
+// lora_backward_factors (moe_linear_backward without combine, i.e. the up projection): moe_lora_backward_add but its
+// grad_x part, in its workspace layout; returns gb = s * grad_out . B[e] [M, r], the dgrad k-block [gb | A[e]], and
+// the workspace's rows [M, in] (with gather).
+//
+// On the down projection inside swiglu_linear_backward, every operand in sorted order but g = grad_out (token order
+// when gather_g): rows = the dgrad rows [M, in] before the row pass, and wa = w * a [M, in], which the row pass leaves
+// in rows.
+//   lora_sorted_project (before the dgrad):  gb = s * g . B[e], the dgrad k-block [gb | A[e]]
+//   lora_sorted_grads (after the row pass):  grad B[e] = g^T . (s * wa . A[e]^T);  grad A[e] = gb^T . wa
 // The row pass then gives the adapter's share of grad_h and of the combine-weight gradient (<rows, a>) with the
 // base's. Both calls take the same workspace (lora_sorted_workspace_bytes), which carries gb from one to the other.
 #pragma once
@@ -23,10 +28,17 @@ namespace moefuse::cuda {
 void lora_project_rows(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, float alpha,
                        const TensorView& u, const TensorView& tiles, cudaStream_t stream);
 
+struct LoraBackwardRows {
+  TensorView tiles, gb, rows;
+};
+LoraBackwardRows lora_backward_factors(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
+                                       const TensorView& grad_out, const LoraGrads& grad_lora,
+                                       const TensorView& workspace, cudaStream_t stream);
+
 std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora);
-void lora_sorted_dgrad(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& rows,
-                       const TensorView& workspace, cudaStream_t stream);
-void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, const TensorView& wa,
+TensorView lora_sorted_project(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g,
+                               const TensorView& workspace, cudaStream_t stream);
+void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
                        const LoraGrads& grad_lora, const TensorView& workspace, cudaStream_t stream);
 
 }  // namespace moefuse::cuda
