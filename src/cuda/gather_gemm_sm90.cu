@@ -330,14 +330,13 @@ void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
 }  // namespace
 
 void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
-  if (g.dgrad && (g.act || !g.lora_u))
-    throw Error("moefuse: the gather GEMM's dgrad form runs only plain, with a LoRA k-block");
+  if (g.dgrad && g.act) throw Error("moefuse: the gather GEMM's dgrad form runs only plain");
   if (g.rows == 0 || g.experts == 0) return;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      if (g.dgrad)  // only with an adapter: without one CUTLASS's dgrad is faster
-        launch<T, false, true, true>(g, dtype, stream);
+      if (g.dgrad)
+        g.lora_u ? launch<T, false, true, true>(g, dtype, stream) : launch<T, false, false, true>(g, dtype, stream);
       else if (g.act)
         g.lora_u ? launch<T, true, true>(g, dtype, stream) : launch<T, true, false>(g, dtype, stream);
       else

@@ -39,7 +39,7 @@ struct Sm90Gemm {
 // src(s) = pairs[s] / top_k (x in token order), or s itself when pairs is null (x already in sorted order).
 // With lora_u set (a LoRA adapter, rank a multiple of 8 up to 64) every row also gets lora_u[s] . lora_b[e]^T,
 // before the activation: lora_u [M, rank] sorted rows (scale folded in), lora_b [E, rows of W, rank]; dgrad:
-// lora_u[s] . lora_b[e] with lora_b [E, rank, n]. The dgrad form runs only with an adapter.
+// lora_u[s] . lora_b[e] with lora_b [E, rank, n].
 // bf16 or f16; k and n multiples of 8, x, W, out and act 16-byte aligned. tile_offsets: M-tiles of 128 rows before
 // each expert (expert_tile_offsets with bm = 128).
 struct Sm90GatherGemm {

@@ -488,9 +488,10 @@ bool moe_linear_backward_fused(const Plan& plan, const TensorView& x, const Tens
 }
 
 // The Hopper form: gather grad_out once, dgrad into rows [M, I], one row pass (swiglu_dgrad_rows), and the wgrad
-// from the same gathered grad_out and the scaled a rows, so grad_out is gathered once and a never stored. With a LoRA
-// adapter the dgrad is the gather kernel instead, with grad_out gathered in its loads and [gb | A[e]] as one more
-// k-block (lora.h), so no copy of grad_out is made; the adapter's gradients come from the rows after the row pass.
+// from the same gathered grad_out and the scaled a rows, so grad_out is gathered once and a never stored. Without a
+// weight gradient (frozen, or with a LoRA adapter) the dgrad is the gather kernel instead, with grad_out gathered in
+// its loads and an adapter's [gb | A[e]] as one more k-block (lora.h), so no copy of grad_out is made; the adapter's
+// gradients come from the rows after the row pass.
 bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight, const Lora& lora,
                                   const TensorView& combine_weights, const TensorView& grad_out,
                                   const TensorView& grad_h, const TensorView& grad_weight, const LoraGrads& grad_lora,
@@ -498,10 +499,12 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   const std::int64_t m = plan.tokens * plan.top_k, out_f = weight.shape[1], in_f = weight.shape[2];
   if (!use_hopper(weight, {h.data, weight.data, grad_out.data, grad_h.data, grad_weight.data, workspace.data}))
     return false;
-  if (lora.defined() && (!lora_k_block(lora) ||
-                         !use_hopper_gather(weight, out_f, {h.data, weight.data, grad_out.data, lora.a.data,
-                                                            lora.b.data, workspace.data})))
-    return false;
+  if (lora.defined() && !lora_k_block(lora)) return false;
+  // Without a weight gradient (frozen or adapted) the dgrad gathers grad_out in its loads: no copy of it is needed.
+  const bool gather_dgrad = !grad_weight.defined() &&
+                            use_hopper_gather(weight, out_f, {h.data, weight.data, grad_out.data, lora.a.data,
+                                                              lora.b.data, workspace.data});
+  if (lora.defined() && !gather_dgrad) return false;
   const bool lora_grads = grad_lora.a.defined() || grad_lora.b.defined();
   detail::Carver c(workspace.device);
   const auto carve = [&](detail::Carver& cv) {
@@ -522,9 +525,9 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   const int* offsets = plan.offsets.ptr<int>();
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (lora.defined()) {
-      const TensorView gb = lora_sorted_project(plan, lora, grad_out, true, ws.lora, s);
-      // The gathered copy's region is free with an adapter: it holds the kernel's tile schedule.
+    if (gather_dgrad) {
+      const TensorView gb = lora.defined() ? lora_sorted_project(plan, lora, grad_out, true, ws.lora, s) : TensorView{};
+      // The gathered copy's region is free here: it holds the kernel's tile schedule.
       const TensorView tiles = view(ws.gathered.data, DType::i32, weight.device, {plan.experts + 1});
       run_hopper_gather<T>(plan, grad_out, true, weight, ws.rows, TensorView{}, tiles, gb, lora.a, s, true);
     } else {
@@ -542,7 +545,7 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
           grad_weight.defined() || lora_grads);
       MOEFUSE_CUDA_LAUNCH_CHECK();
     }
-    if (grad_weight.defined())  // never with an adapter (it freezes the weight)
+    if (grad_weight.defined())  // never with an adapter (it freezes the weight), so grad_out was gathered above
       run_grouped_gemm_sm90({GemmKind::wgrad, ws.gathered.data, ws.rows.data, grad_weight.data, offsets, plan.experts,
                              static_cast<int>(out_f), static_cast<int>(in_f), 0},
                             weight.device, ws.sm90.data, s);
