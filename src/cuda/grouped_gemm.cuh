@@ -99,20 +99,20 @@ __device__ __forceinline__ bool decode_tile(const GemmParams& p, Tile& t) {
   return true;
 }
 
+// dst[0], dst[1] = v0, v1; for 16-bit types one 4-byte store (columns are even and rows a multiple of 8 elements
+// wherever the pair form runs).
 template <class T>
-__device__ __forceinline__ void store2(T* dst, float v0, float v1, bool two) {
+__device__ __forceinline__ void store2(T* dst, float v0, float v1) {
   if constexpr (sizeof(T) == 2) {
-    if (two) {  // columns are even and rows a multiple of 8 elements here: 4-byte aligned
-      using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-      T2 v;
-      v.x = from_f32<T>(v0);
-      v.y = from_f32<T>(v1);
-      *reinterpret_cast<T2*>(dst) = v;
-      return;
-    }
+    using T2 = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+    T2 v;
+    v.x = from_f32<T>(v0);
+    v.y = from_f32<T>(v1);
+    *reinterpret_cast<T2*>(dst) = v;
+  } else {
+    dst[0] = from_f32<T>(v0);
+    dst[1] = from_f32<T>(v1);
   }
-  dst[0] = from_f32<T>(v0);
-  if (two) dst[1] = from_f32<T>(v1);
 }
 
 // Row-wise part of the fwd/dgrad epilogue for sorted row s.
@@ -130,15 +130,11 @@ struct EpilogueRow {
     scale = ep.alpha * (ep.row_scale ? ep.row_scale[p.pairs[s]] : 1.f);
     accumulate = ep.accumulate;
   }
-  // out[col] (and out[col + 1] when two) (+)= scale * v.
-  __device__ __forceinline__ void put(int col, float v0, float v1, bool two) const {
-    v0 *= scale;
-    v1 *= scale;
-    if (accumulate) {
-      v0 += to_f32(out[col]);
-      if (two) v1 += to_f32(out[col + 1]);
-    }
-    store2(out + col, v0, v1, two);
+  // The SIMT epilogue's form: out[col] (+)= scale * v.
+  __device__ __forceinline__ void put(int col, float v) const {
+    v *= scale;
+    if (accumulate) v += to_f32(out[col]);
+    out[col] = from_f32<T>(v);
   }
   // The tensor-core epilogue's form: out[col], out[col + 1] = scale * v (+ held, the pair out held, read beforehand).
   __device__ __forceinline__ void put_pair(int col, float v0, float v1, std::uint32_t held) const {
@@ -150,7 +146,7 @@ struct EpilogueRow {
       v0 *= scale;
       v1 *= scale;
     }
-    store2(out + col, v0, v1, true);
+    store2(out + col, v0, v1);
   }
 };
 
@@ -384,7 +380,7 @@ __global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p
 #pragma unroll
         for (int ni = 0; ni < NI; ++ni) {
           const int col = tl.n0 + wn * WN + ni * 8 + t4 * 2;
-          if (col < p.n) store2(out + col, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], true);
+          if (col < p.n) store2(out + col, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
         }
       } else {
         float dot = 0.f;
@@ -503,7 +499,7 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_simt(const GemmParams p)
           const int col = tl.n0 + tx * 4 + j;
           if (col >= p.n) continue;
           if (er.x) dot += acc[i][j] * to_f32(er.x[col]);
-          if (er.out) er.put(col, acc[i][j], 0.f, false);
+          if (er.out) er.put(col, acc[i][j]);
         }
       }
     }
