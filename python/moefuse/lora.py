@@ -66,7 +66,7 @@ class ParamWrapper(peft_layer.ParamWrapper):
             return
         (a, b), scale = stacked_from_param_wrapper(self, name)
         dtype = self.get_param().dtype  # PEFT may keep adapters in f32 over bf16 weights; it casts the same way
-        handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: torch.compile traces item writes, not setdefault
+        handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: compile traces item writes, not setdefault
         handed[self.parameter_name] = (a.to(dtype), b.to(dtype), scale)
         try:
             yield

@@ -1,7 +1,8 @@
 // moe_linear forward and backward: grouped GEMMs over the plan's sorted rows plus the deterministic per-token
 // gather-sums (combine in forward, grad_x with gather in backward) and row-dot reductions.
-// On Hopper (sizes multiples of 8) the forward with gather, and any forward with a LoRA adapter, is our TMA + cp.async
-// + wgmma kernel with the gather in its loads (gather_gemm_sm90.cu, bf16/f16), and the other GEMMs are CUTLASS's TMA + wgmma kernels
+// On Hopper (sizes multiples of 8) our TMA + cp.async + wgmma kernel with the gather in its loads (gather_gemm_sm90.cu,
+// bf16/f16) runs the forward with gather, every form with a LoRA adapter (its K = r product as one more k-block) and
+// the down projection's dgrad without a weight gradient. The other GEMMs are CUTLASS's TMA + wgmma kernels
 // (grouped_gemm_sm90.h, bf16), which take dense operands: their gathered operands are first copied into sorted
 // order in workspace, and the dgrad row scale and row dots run as a row kernel after the GEMM. Elsewhere the
 // portable kernel fuses both.
@@ -150,8 +151,7 @@ bool use_hopper_gather(const TensorView& weight, std::int64_t out_cols, std::ini
 }
 
 // Runs it: out (plain) or h and act (SwiGLU, act set), x in token order (gather) or sorted, with a LoRA adapter's
-// k-block when lora_u is given; dgrad: out = x . W[e] (weight [E, k, n], with an adapter only). Placeholder rows are
-// left unwritten.
+// k-block when lora_u is given; dgrad: out = x . W[e] (weight [E, k, n]). Placeholder rows are left unwritten.
 template <class T>
 void run_hopper_gather(const Plan& plan, const TensorView& x, bool gather, const TensorView& weight,
                        const TensorView& out, const TensorView& act, const TensorView& tiles, const TensorView& lora_u,
