@@ -389,26 +389,23 @@ bool lora_k_block(const Lora& lora) {
 
 // With an adapter the Hopper gather kernel serves the rows in sorted order too (the down projection): u = s * x .
 // A[e]^T first (lora.h), then W's k-blocks and [u | B[e]] into the same rows, so the low-rank part costs neither an
-// expansion into [M, out] rows nor a second per-token sum. Workspace: tiles, u, and the rows with combine, the layout
-// of moe_lora_workspace_bytes.
+// expansion into [M, out] rows nor a second per-token sum. The workspace is moe_lora_workspace_bytes' layout, which the
+// core's check covers.
 bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
                               bool gather, const TensorView& combine_weights, const TensorView& out,
                               const TensorView& workspace, void* stream) {
-  const std::int64_t m = plan.tokens * plan.top_k, n = weight.shape[1];
   const bool combine = combine_weights.defined();
-  detail::Carver c(workspace);
-  const TensorView tiles = c.take(DType::i32, {plan.experts + 1});
-  const TensorView u = c.take(weight.dtype, {m, lora.a.shape[1]});
-  const TensorView rows = combine ? c.take(weight.dtype, {m, n}) : out;
-  if (c.bytes() > workspace.nbytes() || !lora_k_block(lora) ||
-      !use_hopper_gather(weight, n, {x.data, weight.data, rows.data, u.data, lora.a.data, lora.b.data}))
+  if (!lora_k_block(lora) ||
+      !use_hopper_gather(weight, weight.shape[1], {x.data, weight.data, out.data, lora.a.data, lora.b.data,
+                                                   workspace.data}))
     return false;
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
-  lora_project_rows(plan, x, lora, gather, lora.scale, u, tiles, s);
+  const LoraRows lw = lora_forward_rows(plan, x, lora, gather, combine, workspace, s);
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, tiles, u, lora.b, s);
+    const TensorView& rows = combine ? lw.rows : out;
+    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, lw.tiles, lw.low, lora.b, s);
     if (combine)
       launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), 1.f, false, out, s);
     else
@@ -430,13 +427,12 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
   }
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
-  detail::Carver c(workspace);  // tiles, then u: the layout of moe_lora_workspace_bytes(gather, no combine)
-  const ForwardWorkspace ws = carve_forward(c, plan, weight, true, false);
-  const TensorView u = r ? c.take(weight.dtype, {plan.tokens * plan.top_k, r}) : TensorView{};
-  if (r) lora_project_rows(plan, x, lora, true, lora.scale, u, ws.tiles, s);
+  detail::Carver c(workspace);
+  const LoraRows lw = r ? lora_forward_rows(plan, x, lora, true, false, workspace, s)
+                        : LoraRows{carve_forward(c, plan, weight, true, false).tiles, {}, {}};
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    run_hopper_gather<T>(plan, x, true, weight, h, a, ws.tiles, u, lora.b, s);
+    run_hopper_gather<T>(plan, x, true, weight, h, a, lw.tiles, lw.low, lora.b, s);
     launch_zero_placeholders<T>(h, plan, s);
     launch_zero_placeholders<T>(a, plan, s);
   });
@@ -462,23 +458,22 @@ void moe_linear_backward(const Plan& plan, const TensorView& x, const TensorView
 
 // The up projection's backward with an adapter (no combine) on Hopper: the adapter's factors first (lora.h), then
 // one dgrad GEMM over W's k-blocks and [gb | A[e]] into the grad_x rows, so its K = r product needs no expansion into
-// [M, in] rows nor a second per-token sum. Workspace: moe_lora_backward_workspace_bytes's layout.
+// [M, in] rows nor a second per-token sum. Workspace: moe_lora_backward_workspace_bytes' layout.
 bool moe_linear_backward_fused(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
                                bool gather, const TensorView& combine_weights, const TensorView& grad_out,
                                const TensorView& grad_x, const LoraGrads& grad_lora,
                                const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
   if (combine_weights.defined() || grad_combine_weights.defined() || !grad_x.defined() || !lora_k_block(lora) ||
       !use_hopper_gather(weight, weight.shape[1], {x.data, weight.data, grad_out.data, grad_x.data, lora.a.data,
-                                                   lora.b.data, workspace.data}) ||
-      moe_lora_backward_workspace_bytes(plan, x, lora, gather, combine_weights) > workspace.nbytes())
+                                                   lora.b.data, workspace.data}))
     return false;
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
-  const LoraBackwardRows lw = lora_backward_factors(plan, x, lora, gather, grad_out, grad_lora, workspace, s);
+  const LoraRows lw = lora_backward_factors(plan, x, lora, gather, grad_out, grad_lora, workspace, s);
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     const TensorView& rows = gather ? lw.rows : grad_x;
-    run_hopper_gather<T>(plan, grad_out, false, weight, rows, TensorView{}, lw.tiles, lw.gb, lora.a, s, true);
+    run_hopper_gather<T>(plan, grad_out, false, weight, rows, TensorView{}, lw.tiles, lw.low, lora.a, s, true);
     if (gather)
       launch_gather_sum<T>(rows, plan, nullptr, 1.f, false, grad_x, s);
     else
@@ -509,11 +504,12 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   detail::Carver c(workspace.device);
   const auto carve = [&](detail::Carver& cv) {
     struct {
-      TensorView gathered, rows, sm90, lora;
+      TensorView gathered, rows, sm90, lora, tiles;  // tiles: the gather kernel's schedule
     } w{cv.take(weight.dtype, {m, out_f}), cv.take(weight.dtype, {m, in_f}),
         cv.take_bytes(std::max(sm90_workspace_bytes(GemmKind::dgrad, plan.experts, weight.device),
                                sm90_workspace_bytes(GemmKind::wgrad, plan.experts, weight.device))),
-        cv.take_bytes(lora.defined() ? lora_sorted_workspace_bytes(plan, lora) : 0)};
+        cv.take_bytes(lora.defined() ? lora_sorted_workspace_bytes(plan, lora) : 0),
+        cv.take(DType::i32, {plan.experts + 1})};
     return w;
   };
   carve(c);
@@ -526,10 +522,9 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (gather_dgrad) {
-      const TensorView gb = lora.defined() ? lora_sorted_project(plan, lora, grad_out, true, ws.lora, s) : TensorView{};
-      // The gathered copy's region is free here: it holds the kernel's tile schedule.
-      const TensorView tiles = view(ws.gathered.data, DType::i32, weight.device, {plan.experts + 1});
-      run_hopper_gather<T>(plan, grad_out, true, weight, ws.rows, TensorView{}, tiles, gb, lora.a, s, true);
+      const TensorView gb = lora.defined() ? lora_sorted_project(plan, lora, grad_out, true, ws.lora, s)
+                                           : TensorView{};
+      run_hopper_gather<T>(plan, grad_out, true, weight, ws.rows, TensorView{}, ws.tiles, gb, lora.a, s, true);
     } else {
       launch_gather_sorted<T>(grad_out, plan, nullptr, ws.gathered, s);
       run_grouped_gemm_sm90({GemmKind::dgrad, ws.gathered.data, weight.data, ws.rows.data, offsets, plan.experts, 0,

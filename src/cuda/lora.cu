@@ -236,13 +236,15 @@ void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lo
   });
 }
 
-void lora_project_rows(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, float alpha,
-                       const TensorView& u, const TensorView& tiles, cudaStream_t stream) {
+LoraRows lora_forward_rows(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, bool combine,
+                           const TensorView& workspace, cudaStream_t stream) {
+  detail::Carver c(workspace);
+  const Workspace ws = carve(c, plan, lora, gather, combine, false);
   dispatch_float(lora.a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, u.data});
-    to_rank<T, GemmKind::fwd>(plan, tiles, x, gather, lora.a, alpha, u, tc, stream);
+    const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, ws.u.data});
+    to_rank<decltype(tag), GemmKind::fwd>(plan, ws.tiles, x, gather, lora.a, lora.scale, ws.u, tc, stream);
   });
+  return {ws.tiles, ws.u, ws.rows};
 }
 
 std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora) {
@@ -251,9 +253,9 @@ std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora) {
   return c.bytes();
 }
 
-LoraBackwardRows lora_backward_factors(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
-                                       const TensorView& grad_out, const LoraGrads& grad_lora,
-                                       const TensorView& workspace, cudaStream_t stream) {
+LoraRows lora_backward_factors(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
+                               const TensorView& grad_out, const LoraGrads& grad_lora, const TensorView& workspace,
+                               cudaStream_t stream) {
   detail::Carver c(workspace);
   const Workspace ws = carve(c, plan, lora, gather, false, true);
   dispatch_float(lora.a.dtype, [&](auto tag) {

@@ -1,12 +1,12 @@
 // LoRA inside the fused Hopper forms of linear.cu, whose gather kernel takes the adapter's K = r product as one more
 // k-block [low | F[e]] after W's (s = the adapter's scale, w = routing weights).
 //
-// lora_project_rows (the forwards): u [M, r] = alpha * x[src(s)] . A[e]^T, the adapter's first GEMM; the k-block is
-// [u | B[e]]. tiles: E+1 ints of workspace.
-//
-// lora_backward_factors (moe_linear_backward without combine, i.e. the up projection): moe_lora_backward_add but its
-// grad_x part, in its workspace layout; returns gb = s * grad_out . B[e] [M, r], the dgrad k-block [gb | A[e]], and
-// the workspace's rows [M, in] (with gather).
+// Both below lay out moe_lora_{,backward_}workspace_bytes' workspace and return its pieces (LoraRows): the tile
+// schedule (E+1 ints), the k-block's low-rank rows [M, r], and the rows [M, n] for a result in token order (forward
+// with combine, backward with gather; else undefined).
+//   lora_forward_rows (the forwards):  low = u = s * x[src(s)] . A[e]^T, the k-block [u | B[e]]
+//   lora_backward_factors (moe_linear_backward without combine, i.e. the up projection): moe_lora_backward_add but
+//     its grad_x part; low = gb = s * grad_out . B[e], the dgrad k-block [gb | A[e]]
 //
 // On the down projection inside swiglu_linear_backward, every operand in sorted order but g = grad_out (token order
 // when gather_g): rows = the dgrad rows [M, in] before the row pass, and wa = w * a [M, in], which the row pass leaves
@@ -25,15 +25,14 @@
 
 namespace moefuse::cuda {
 
-void lora_project_rows(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, float alpha,
-                       const TensorView& u, const TensorView& tiles, cudaStream_t stream);
-
-struct LoraBackwardRows {
-  TensorView tiles, gb, rows;
+struct LoraRows {
+  TensorView tiles, low, rows;
 };
-LoraBackwardRows lora_backward_factors(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
-                                       const TensorView& grad_out, const LoraGrads& grad_lora,
-                                       const TensorView& workspace, cudaStream_t stream);
+LoraRows lora_forward_rows(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, bool combine,
+                           const TensorView& workspace, cudaStream_t stream);
+LoraRows lora_backward_factors(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
+                               const TensorView& grad_out, const LoraGrads& grad_lora, const TensorView& workspace,
+                               cudaStream_t stream);
 
 std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora);
 TensorView lora_sorted_project(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g,
