@@ -286,54 +286,63 @@ TEST(CudaLinear, ForwardBackwardMatchCpu) {
         }
 }
 
+// moe_linear forward and backward with an adapter, gpu against cpu.
+void check_lora(const LinearCase& c, DType d, int rank, bool combine) {
+  const bool gather = !combine;  // the block's two uses
+  SCOPED_TRACE(linear_name(c, d, gather, combine) + " r" + std::to_string(rank));
+  mt::Rng rng(linear_name(c, d, gather, combine) + std::to_string(rank));
+  const std::int64_t M = c.T * c.k, rows_out = combine ? c.T : M;
+  BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
+  Both x = Both::random(rng, d, {gather ? c.T : M, c.in});
+  Both w = Both::random(rng, d, {c.E, c.out, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
+  Both la = Both::random(rng, d, {c.E, rank, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
+  Both lb = Both::random(rng, d, {c.E, c.out, rank}, 0.5);
+  Both cw;
+  if (combine) {
+    Vec v(static_cast<std::size_t>(M));
+    for (auto& e : v) e = rng.uniform(0.1, 1.0);
+    cw = Both(mt::make(DType::f32, {c.T, c.k}, v));
+  }
+  TensorView cwc = combine ? cw.c() : TensorView{}, cwg = combine ? cw.g() : TensorView{};
+  moefuse::Lora lc{la.c(), lb.c(), 2.0f}, lg{la.g(), lb.g(), 2.0f};
+  Both out = Both::poisoned(d, {rows_out, c.out});
+  Both ws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc),
+                      moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), lg, gather, cwg));
+  moefuse::moe_linear_forward(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc, out.c(), ws.c());
+  moefuse::moe_linear_forward(plan.gpu(), x.g(), w.g(), lg, gather, cwg, out.g(), ws.g());
+  EXPECT_MATCH(out, d);
+
+  Both gout = Both::random(rng, d, {rows_out, c.out});
+  Both gx = Both::poisoned(d, {gather ? c.T : M, c.in});
+  Both ga = Both::poisoned(d, {c.E, rank, c.in}), gb = Both::poisoned(d, {c.E, c.out, rank});
+  Both gcw = Both::poisoned(DType::f32, {c.T, c.k});
+  Both bws =
+      workspace(moefuse::moe_linear_backward_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc),
+                moefuse::moe_linear_backward_workspace_bytes(plan.gpu(), x.g(), w.g(), lg, gather, cwg));
+  moefuse::moe_linear_backward(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc, gout.c(), gx.c(),
+                               moefuse::LoraGrads{ga.c(), gb.c()}, combine ? gcw.c() : TensorView{}, bws.c());
+  moefuse::moe_linear_backward(plan.gpu(), x.g(), w.g(), lg, gather, cwg, gout.g(), gx.g(),
+                               moefuse::LoraGrads{ga.g(), gb.g()}, combine ? gcw.g() : TensorView{}, bws.g());
+  EXPECT_MATCH(gx, d);
+  EXPECT_MATCH(ga, d);
+  EXPECT_MATCH(gb, d);
+  if (combine) {
+    EXPECT_CLOSE(gcw.gpu.values(), gcw.cpu.values(), gpu_tol(d));
+  }
+}
+
 TEST(CudaLinear, LoraMatchesCpu) {
   REQUIRE_GPU();
   for (DType d : mt::kFloatTypes)
     for (const LinearCase& c : {kLinearCases[0], kLinearCases[1], kLinearCases[3], kLinearCases[4]})
       for (int rank : {16, 4, 40})  // narrow tiles (r <= 32), SIMT (r % 8 != 0), wide tiles
-        for (bool combine : {false, true}) {
-          const bool gather = !combine;  // the block's two uses
-          SCOPED_TRACE(linear_name(c, d, gather, combine) + " r" + std::to_string(rank));
-          mt::Rng rng(linear_name(c, d, gather, combine) + std::to_string(rank));
-          const std::int64_t M = c.T * c.k, rows_out = combine ? c.T : M;
-          BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
-          Both x = Both::random(rng, d, {gather ? c.T : M, c.in});
-          Both w = Both::random(rng, d, {c.E, c.out, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
-          Both la = Both::random(rng, d, {c.E, rank, c.in}, 1.0 / std::sqrt(static_cast<double>(c.in)));
-          Both lb = Both::random(rng, d, {c.E, c.out, rank}, 0.5);
-          Both cw;
-          if (combine) {
-            Vec v(static_cast<std::size_t>(M));
-            for (auto& e : v) e = rng.uniform(0.1, 1.0);
-            cw = Both(mt::make(DType::f32, {c.T, c.k}, v));
-          }
-          TensorView cwc = combine ? cw.c() : TensorView{}, cwg = combine ? cw.g() : TensorView{};
-          moefuse::Lora lc{la.c(), lb.c(), 2.0f}, lg{la.g(), lb.g(), 2.0f};
-          Both out = Both::poisoned(d, {rows_out, c.out});
-          Both ws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc),
-                              moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), lg, gather, cwg));
-          moefuse::moe_linear_forward(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc, out.c(), ws.c());
-          moefuse::moe_linear_forward(plan.gpu(), x.g(), w.g(), lg, gather, cwg, out.g(), ws.g());
-          EXPECT_MATCH(out, d);
+        for (bool combine : {false, true}) check_lora(c, d, rank, combine);
+}
 
-          Both gout = Both::random(rng, d, {rows_out, c.out});
-          Both gx = Both::poisoned(d, {gather ? c.T : M, c.in});
-          Both ga = Both::poisoned(d, {c.E, rank, c.in}), gb = Both::poisoned(d, {c.E, c.out, rank});
-          Both gcw = Both::poisoned(DType::f32, {c.T, c.k});
-          Both bws =
-              workspace(moefuse::moe_linear_backward_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc),
-                        moefuse::moe_linear_backward_workspace_bytes(plan.gpu(), x.g(), w.g(), lg, gather, cwg));
-          moefuse::moe_linear_backward(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc, gout.c(), gx.c(),
-                                       moefuse::LoraGrads{ga.c(), gb.c()}, combine ? gcw.c() : TensorView{}, bws.c());
-          moefuse::moe_linear_backward(plan.gpu(), x.g(), w.g(), lg, gather, cwg, gout.g(), gx.g(),
-                                       moefuse::LoraGrads{ga.g(), gb.g()}, combine ? gcw.g() : TensorView{}, bws.g());
-          EXPECT_MATCH(gx, d);
-          EXPECT_MATCH(ga, d);
-          EXPECT_MATCH(gb, d);
-          if (combine) {
-            EXPECT_CLOSE(gcw.gpu.values(), gcw.cpu.values(), gpu_tol(d));
-          }
-        }
+// ~256 Hopper tiles in the forward and in the dgrad: more tiles than SMs.
+TEST(CudaLinear, LoraManyTilesMatchesCpu) {
+  REQUIRE_GPU();
+  for (bool combine : {false, true}) check_lora({128, 8, 200, 264, 264}, DType::bf16, 16, combine);
 }
 
 // The up projection with its activation (one kernel on Hopper when I is a multiple of 8, else the two ops).
@@ -377,6 +386,7 @@ TEST(CudaLinear, SwigluBackwardMatchesCpu) {
       {3, 2, 7, 24, 40},        // in = I = 24
       {60, 8, 100, 96, 136},    // many experts, some empty
       {128, 8, 300, 136, 256},  // I = 136
+      {128, 8, 300, 264, 200},  // I = 264: ~256 dgrad tiles, more than SMs
       {1, 1, 7, 7, 13},         // odd dims: the three ops
       {3, 1, 0, 16, 16},        // no tokens
   };
