@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one call: tools/device.sh [stage ...] (default: all stages in order).
-# Stages: build ctest sanitize python pytest bench layer model finetune.
+# Stages: build ctest sanitize python pytest bench layer model finetune plot.
 # Environment: CTEST_ARGS (e.g. "-R Cuda"), SANITIZERS (default "memcheck racecheck").
 # That machine has no network and no BLAS or GoogleTest: the caller carries .deps/ (Debian's reference BLAS with
 # CBLAS, and GoogleTest's sources; see docs/device.md). Logs and JSON go to build/logs, packed into $OUT/logs.tgz
@@ -26,7 +26,7 @@ if [ -z "${MOEFUSE_CUTLASS_INCLUDE:-}" ] && ! python3 -c "import cutlass_library
 fi
 [ -n "${MOEFUSE_CUTLASS_INCLUDE:-}" ] && deps+=(-DMOEFUSE_CUTLASS_INCLUDE=$MOEFUSE_CUTLASS_INCLUDE)
 stages=("$@")
-((${#stages[@]})) || stages=(build ctest sanitize python pytest bench layer model finetune)
+((${#stages[@]})) || stages=(build ctest sanitize python pytest bench layer model finetune plot)
 
 step() { echo "=== $1 ($(date +%T))"; }
 
@@ -86,6 +86,10 @@ for s in "${stages[@]}"; do
       step "main job on the GPU"
       python3 examples/finetune_lora.py --out "$LOG/finetune" > "$LOG/finetune.txt" 2>&1
       tail -8 "$LOG/finetune.txt" ;;
+    plot)
+      step "plots of the benchmark JSON"
+      # That machine may lack matplotlib: plot.py then says so, and the JSON in logs.tgz plots here the same way.
+      python3 bench/plot.py "$LOG"/layer_*.json "$LOG"/model*.json -o "$OUT/bench.png" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
   tar czf "$OUT/logs.tgz" -C build logs  # after every stage: a call cut off by its time limit still returns them
