@@ -1,4 +1,5 @@
 """bench/plot.py: the benchmarks' JSON as bar charts, and a clear exit on what it cannot read."""
+# The numbers are made up: only the drawing is tested.
 import json
 import subprocess
 import sys
@@ -8,11 +9,11 @@ import pytest
 
 PLOT = Path(__file__).resolve().parents[2] / "bench" / "plot.py"
 LAYER = [dict(shape="30b", T=16384, mode=m, impl=i, fwd_ms=1.0, fwdbwd_ms=t)
-         for m, i, t in (("frozen", "dense", 3.5), ("frozen", "moefuse_experts", 6.0), ("lora", "moefuse_experts", 9.0),
-                         ("lora", "hf_grouped_mm", 25.9))]  # fmt: skip
+         for m, i, t in (("frozen", "dense", 1.0), ("frozen", "moefuse_experts", 2.0), ("lora", "moefuse_experts", 3.0),
+                         ("lora", "hf_grouped_mm", 4.0))]  # fmt: skip
 LAYER.append(dict(shape="30b", T=16384, mode="lora", impl="x", error="RuntimeError: left out"))
 MODEL = [dict(impl=i, mode="attn", layers=2, compiled=c, step_ms=1.0, tokens_per_s=v)
-         for i, c, v in (("moefuse", False, 242394.0), ("grouped_mm", False, 179792.0), ("moefuse", True, 283538.0))]
+         for i, c, v in (("moefuse", False, 2000.0), ("grouped_mm", False, 1000.0), ("moefuse", True, 3000.0))]
 
 
 def plot(tmp_path, *rows_per_file):
