@@ -1,0 +1,76 @@
+"""Several processes through torch.distributed, as Transformers runs them, with the moefuse experts:
+- expert parallelism: each rank holds half the experts; Transformers' router marks the other half's slots as
+  placeholder ids (>= the local expert count, which contribute nothing) and an all-reduce sums the ranks' outputs;
+- FSDP2: every parameter sharded over the ranks and gathered for the forward.
+Two processes on one batch must give the single process's loss, logits and every gradient. gloo on the CPU here;
+NCCL where two GPUs are present."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import batch, tiny_model
+
+WORLD = 2
+CONFIGS = {"expert_parallel": dict(tp_size=WORLD, tp_plan="auto", enable_expert_parallel=True),
+           "fsdp": dict(fsdp_size=WORLD)}  # fmt: skip
+
+
+def _run(model, inputs):
+    out = model(**inputs)
+    out.loss.backward()
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # DTensor -> the whole tensor
+    grads = {n: full(p.grad).detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return dict(loss=out.loss.detach().cpu(), logits=out.logits.detach().cpu(), grads=grads)
+
+
+def _worker(rank, port, path, device, config, inputs, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))  # fmt: skip
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD)
+    try:
+        import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
+        from transformers import AutoModelForCausalLM
+        from transformers.distributed import DistributedConfig
+
+        model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse",
+                                                     distributed_config=DistributedConfig(**CONFIGS[config]))  # fmt: skip
+        result = _run(model, {k: v.to(device) for k, v in inputs.items()})
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.device_count() < WORLD,
+                                                                   reason=f"needs {WORLD} GPUs"))]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_two_processes_match_one(tmp_path, config, device):
+    path = str(tmp_path / "model")
+    tiny_model().save_pretrained(path)
+    inputs = batch()
+    from transformers import AutoModelForCausalLM
+
+    ref = _run(AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse").to(device),
+               {k: v.to(device) for k, v in inputs.items()})  # fmt: skip
+    mp.spawn(_worker, args=(_free_port(), path, device, config, inputs, str(tmp_path)), nprocs=WORLD)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(got["loss"], ref["loss"], **tol)
+        torch.testing.assert_close(got["logits"], ref["logits"], **tol)
+        assert got["grads"].keys() == ref["grads"].keys()
+        for name, g in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][name], g, **tol, msg=lambda m: f"{name}: {m}")
