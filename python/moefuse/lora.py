@@ -10,6 +10,10 @@ The adapters stay PEFT's own parameters: the stacked tensors are converted from 
 forward (moefuse.convert, with autograd), so optimizers, save_pretrained, PeftModel.from_pretrained and
 merge_and_unload work as before. The wrappers stay ParamWrappers (a subclass that only replaces how the adapter is
 applied); after PeftModel.from_pretrained, call use_moefuse_lora again.
+
+Under Transformers' expert parallelism (DistributedConfig(enable_expert_parallel=True)) each rank runs only its own
+experts: it gets those experts' rows of the adapter, and the adapter's gradient is summed over the ranks, so every
+rank ends with the whole gradient (PEFT's own path cannot run there: its W + B.A has every expert).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from peft.tuners.lora import layer as peft_layer
 
 from ._ops import MoefuseError
-from .convert import stacked_from_param_wrapper
+from .convert import StackedLora, stacked_from_param_wrapper
 from .hf import LORA_ATTR, NAME, check_layout
 
 _PARAMS = ("gate_up_proj", "down_proj")
@@ -49,6 +53,32 @@ def _adapter(wrapper: peft_layer.ParamWrapper, active_adapters) -> str | None:
     return name
 
 
+class _SumGradOver(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over a process group."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _expert_parallel_rows(param: torch.Tensor, lora: StackedLora) -> StackedLora:
+    """The adapter rows of the experts this rank runs: all of them, unless `param` is sharded over its experts on a
+    1-D device mesh (Transformers' expert parallelism hands each rank its contiguous share as local tensors)."""
+    mesh, placements = getattr(param, "device_mesh", None), getattr(param, "placements", ())
+    if mesh is None or mesh.ndim != 1 or len(placements) != 1 or getattr(placements[0], "dim", None) != 0:
+        return lora
+    n = param.to_local().shape[0]
+    lo, group = mesh.get_local_rank() * n, mesh.get_group()
+    return StackedLora(*(_SumGradOver.apply(t, group)[lo : lo + n] for t in lora))
+
+
 # Named like PEFT's: PEFT tells nested wrappers apart by class name (e.g. when add_adapter wraps again).
 class ParamWrapper(peft_layer.ParamWrapper):
     """A PEFT ParamWrapper on a fused expert parameter whose adapter the "moefuse" experts function applies."""
@@ -64,8 +94,10 @@ class ParamWrapper(peft_layer.ParamWrapper):
         if name is None:
             yield
             return
-        (a, b), scale = stacked_from_param_wrapper(self, name)
-        dtype = self.get_param().dtype  # PEFT may keep adapters in f32 over bf16 weights; it casts the same way
+        lora, scale = stacked_from_param_wrapper(self, name)
+        param = self.get_param()
+        a, b = _expert_parallel_rows(param, lora)
+        dtype = param.dtype  # PEFT may keep adapters in f32 over bf16 weights; it casts the same way
         handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: compile traces item writes, not setdefault
         handed[self.parameter_name] = (a.to(dtype), b.to(dtype), scale)
         try:

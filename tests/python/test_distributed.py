@@ -2,8 +2,9 @@
 - expert parallelism: each rank holds half the experts; Transformers' router marks the other half's slots as
   placeholder ids (>= the local expert count, which contribute nothing) and an all-reduce sums the ranks' outputs;
 - FSDP2: every parameter sharded over the ranks and gathered for the forward.
-Two processes on one batch must give the single process's loss, logits and every gradient. gloo on the CPU here;
-NCCL where two GPUs are present."""
+Two processes on one batch must give the single process's loss, logits and every gradient, with the model trained
+whole or through PEFT LoRA (attention and both expert projections, the experts' adapters run by moefuse). gloo on the
+CPU here; NCCL where two GPUs are present."""
 import os
 import socket
 
@@ -18,6 +19,18 @@ CONFIGS = {"expert_parallel": dict(tp_size=WORLD, tp_plan="auto", enable_expert_
            "fsdp": dict(fsdp_size=WORLD)}  # fmt: skip
 
 
+def _prepare(model, lora):
+    if not lora:
+        return model
+    import moefuse
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)  # the same adapters in every process; B random too, so every factor gets a gradient
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                     target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])  # fmt: skip
+    return moefuse.use_moefuse_lora(get_peft_model(model, cfg))
+
+
 def _run(model, inputs):
     out = model(**inputs)
     out.loss.backward()
@@ -26,7 +39,7 @@ def _run(model, inputs):
     return dict(loss=out.loss.detach().cpu(), logits=out.logits.detach().cpu(), grads=grads)
 
 
-def _worker(rank, port, path, device, config, inputs, out_dir):
+def _worker(rank, port, path, device, config, lora, inputs, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))  # fmt: skip
     if device == "cuda":
@@ -37,9 +50,10 @@ def _worker(rank, port, path, device, config, inputs, out_dir):
         from transformers import AutoModelForCausalLM
         from transformers.distributed import DistributedConfig
 
+        dist_cfg = DistributedConfig(**CONFIGS[config])
         model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse",
-                                                     distributed_config=DistributedConfig(**CONFIGS[config]))  # fmt: skip
-        result = _run(model, {k: v.to(device) for k, v in inputs.items()})
+                                                     distributed_config=dist_cfg)  # fmt: skip
+        result = _run(_prepare(model, lora), {k: v.to(device) for k, v in inputs.items()})
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -56,16 +70,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.devic
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lora", [False, True], ids=["trained", "lora"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_two_processes_match_one(tmp_path, config, device):
+def test_two_processes_match_one(tmp_path, config, lora, device):
     path = str(tmp_path / "model")
     tiny_model().save_pretrained(path)
     inputs = batch()
     from transformers import AutoModelForCausalLM
 
-    ref = _run(AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse").to(device),
-               {k: v.to(device) for k, v in inputs.items()})  # fmt: skip
-    mp.spawn(_worker, args=(_free_port(), path, device, config, inputs, str(tmp_path)), nprocs=WORLD)
+    model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse").to(device)
+    ref = _run(_prepare(model, lora), {k: v.to(device) for k, v in inputs.items()})
+    mp.spawn(_worker, args=(_free_port(), path, device, config, lora, inputs, str(tmp_path)), nprocs=WORLD)
     tol = dict(rtol=1e-4, atol=1e-5)
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")
