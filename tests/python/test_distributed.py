@@ -1,7 +1,8 @@
 """Several processes through torch.distributed, as Transformers runs them, with the moefuse experts:
 - expert parallelism: each rank holds half the experts; Transformers' router marks the other half's slots as
   placeholder ids (>= the local expert count, which contribute nothing) and an all-reduce sums the ranks' outputs;
-- FSDP2: every parameter sharded over the ranks and gathered for the forward.
+- FSDP2: every parameter sharded over the ranks and gathered for the forward, either by Transformers at load time or
+  by torch's fully_shard applied to the decoder layers after PEFT (the order training libraries use).
 Two processes on one batch must give the single process's loss, logits and every gradient, with the model trained
 whole or through PEFT LoRA (attention and both expert projections, the experts' adapters run by moefuse). gloo on the
 CPU here; NCCL where two GPUs are present."""
@@ -15,8 +16,9 @@ import torch.multiprocessing as mp
 from conftest import batch, tiny_model
 
 WORLD = 2
+# Transformers' DistributedConfig at load time, or None: torch's fully_shard after PEFT.
 CONFIGS = {"expert_parallel": dict(tp_size=WORLD, tp_plan="auto", enable_expert_parallel=True),
-           "fsdp": dict(fsdp_size=WORLD)}  # fmt: skip
+           "fsdp": dict(fsdp_size=WORLD), "fully_shard": None}  # fmt: skip
 
 
 def _prepare(model, lora):
@@ -50,10 +52,16 @@ def _worker(rank, port, path, device, config, lora, inputs, out_dir):
         from transformers import AutoModelForCausalLM
         from transformers.distributed import DistributedConfig
 
-        dist_cfg = DistributedConfig(**CONFIGS[config])
-        model = AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse",
-                                                     distributed_config=dist_cfg)  # fmt: skip
-        result = _run(_prepare(model, lora), {k: v.to(device) for k, v in inputs.items()})
+        kw = {} if CONFIGS[config] is None else dict(distributed_config=DistributedConfig(**CONFIGS[config]))
+        model = _prepare(AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse", **kw), lora)
+        if CONFIGS[config] is None:
+            from torch.distributed.fsdp import fully_shard
+
+            model.to(device)
+            for layer in [m for m in model.modules() if type(m).__name__ == "Qwen3MoeDecoderLayer"]:
+                fully_shard(layer)
+            fully_shard(model)
+        result = _run(model, {k: v.to(device) for k, v in inputs.items()})
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
