@@ -72,8 +72,11 @@ def _expert_parallel_rows(param: torch.Tensor, lora: StackedLora) -> StackedLora
     """The adapter rows of the experts this rank runs: all of them, unless `param` is sharded over its experts on a
     1-D device mesh (Transformers' expert parallelism hands each rank its contiguous share as local tensors)."""
     mesh, placements = getattr(param, "device_mesh", None), getattr(param, "placements", ())
-    if mesh is None or mesh.ndim != 1 or len(placements) != 1 or getattr(placements[0], "dim", None) != 0:
+    if mesh is None or not any(getattr(p, "dim", None) == 0 for p in placements):
         return lora
+    if mesh.ndim != 1:
+        raise MoefuseError(f"moefuse: LoRA on experts sharded over a {mesh.ndim}-D device mesh is not supported; "
+                           "expert parallelism on a 1-D mesh is")  # fmt: skip
     n = param.to_local().shape[0]
     lo, group = mesh.get_local_rank() * n, mesh.get_group()
     return StackedLora(*(_SumGradOver.apply(t, group)[lo : lo + n] for t in lora))

@@ -13,6 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+import moefuse
 from conftest import batch, tiny_model
 
 WORLD = 2
@@ -24,7 +26,6 @@ CONFIGS = {"expert_parallel": dict(tp_size=WORLD, tp_plan="auto", enable_expert_
 def _prepare(model, lora):
     if not lora:
         return model
-    import moefuse
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(1)  # the same adapters in every process; B random too, so every factor gets a gradient
@@ -48,7 +49,6 @@ def _worker(rank, port, path, device, config, lora, inputs, out_dir):
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD)
     try:
-        import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
         from transformers import AutoModelForCausalLM
         from transformers.distributed import DistributedConfig
 
@@ -114,3 +114,17 @@ def test_expert_parallel_example_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     diff = re.search(r"logits differ by at most (\S+)", r.stdout)
     assert diff and float(diff.group(1)) < 1e-4, r.stdout[-2000:]
+
+
+def test_experts_sharded_over_a_2d_mesh_raise():
+    """Only a 1-D expert-parallel mesh tells which adapter rows a rank runs; anything else is refused clearly."""
+    from types import SimpleNamespace
+
+    from moefuse.convert import StackedLora
+    from moefuse.lora import _expert_parallel_rows
+
+    lora = StackedLora(torch.zeros(4, 2, 3), torch.zeros(4, 5, 2))
+    assert _expert_parallel_rows(torch.zeros(4, 5, 3), lora) is lora  # not sharded: every row
+    param = SimpleNamespace(device_mesh=SimpleNamespace(ndim=2), placements=(SimpleNamespace(dim=0), object()))
+    with pytest.raises(moefuse.MoefuseError, match="2-D device mesh is not supported"):
+        _expert_parallel_rows(param, lora)
