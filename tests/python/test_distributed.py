@@ -84,7 +84,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.devic
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lora", [False, True], ids=["trained", "lora"])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_two_processes_match_one(tmp_path, config, lora, device):
+def test_two_processes_match_one(tmp_path, monkeypatch, config, lora, device):
+    if device == "cpu":  # else Transformers would put each rank on a GPU, where a machine has any
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     path = str(tmp_path / "model")
     tiny_model().save_pretrained(path)
     inputs = batch()
@@ -118,7 +120,8 @@ def test_expert_parallel_example_runs(tmp_path):
     script = Path(__file__).resolve().parents[2] / "examples" / "finetune_lora_ep.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={_free_port()}",
            str(script), "--steps", "6", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # the CPU run, on a machine with GPUs too
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     diff = re.search(r"logits differ by at most (\S+)", r.stdout)
     assert diff and float(diff.group(1)) < 1e-4, r.stdout[-2000:]
