@@ -88,17 +88,21 @@ def main():
     adapter = os.path.join(a.out, "adapter")
     model.save_pretrained(adapter, is_main_process=rank == 0)  # collective too (the base's sharded state)
     dist.barrier()
-    if rank == 0:
-        from peft import PeftModel
-        single = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
-            base, experts_implementation="moefuse", dtype=dtype).to(device), adapter).eval()  # fmt: skip
-        moefuse.use_moefuse_lora(single)
-        with torch.no_grad():
-            diff = (single(input_ids=probe).logits.float() - logits).abs().max().item()
-        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {a.steps} steps, {tokens / busy:,.0f} tokens/s on "
-              f"{world} ranks; adapter saved to {adapter}; one process with it: logits differ by at most {diff:.2e}")
-        assert losses[-1] < losses[0], "the loss did not go down"
-    dist.destroy_process_group()
+    try:
+        if rank == 0:
+            from peft import PeftModel
+            single = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+                base, experts_implementation="moefuse", dtype=dtype).to(device), adapter).eval()  # fmt: skip
+            moefuse.use_moefuse_lora(single)
+            with torch.no_grad():
+                diff = (single(input_ids=probe).logits.float() - logits).abs().max().item()
+            print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {a.steps} steps, {tokens / busy:,.0f} tokens/s on "
+                  f"{world} ranks; adapter saved to {adapter}; one process with it: logits differ by at most "
+                  f"{diff:.2e}")  # fmt: skip
+            assert losses[-1] < losses[0], "the loss did not go down"
+    finally:
+        dist.barrier()  # rank 0's check done, or failed, before any rank tears its connections down
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

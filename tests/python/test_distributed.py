@@ -8,6 +8,7 @@ through PEFT LoRA (attention and both expert projections, the experts' adapters 
 whole batch, except under fully_shard, which is tested as data parallelism: each rank takes its half of the batch,
 and FSDP's averaged gradients must equal one process's on the whole. gloo on the CPU here; NCCL where two GPUs are
 present."""
+import gc
 import os
 import socket
 
@@ -44,6 +45,23 @@ def _run(model, inputs):
     return dict(loss=out.loss.detach().cpu(), logits=out.logits.detach().cpu(), grads=grads)
 
 
+def _distributed_result(rank, path, device, config, lora, inputs):
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    kw = {} if CONFIGS[config] is None else dict(distributed_config=DistributedConfig(**CONFIGS[config]))
+    model = _prepare(AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse", **kw), lora)
+    if CONFIGS[config] is None:  # fully_shard after PEFT, as data parallelism: this rank's half of the batch
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(device)
+        for layer in [m for m in model.modules() if type(m).__name__ == "Qwen3MoeDecoderLayer"]:
+            fully_shard(layer)
+        fully_shard(model)
+        inputs = {k: v.chunk(WORLD)[rank] for k, v in inputs.items()}
+    return _run(model, {k: v.to(device) for k, v in inputs.items()})
+
+
 def _worker(rank, port, path, device, config, lora, inputs, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))  # fmt: skip
@@ -51,22 +69,11 @@ def _worker(rank, port, path, device, config, lora, inputs, out_dir):
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=WORLD)
     try:
-        from transformers import AutoModelForCausalLM
-        from transformers.distributed import DistributedConfig
-
-        kw = {} if CONFIGS[config] is None else dict(distributed_config=DistributedConfig(**CONFIGS[config]))
-        model = _prepare(AutoModelForCausalLM.from_pretrained(path, experts_implementation="moefuse", **kw), lora)
-        if CONFIGS[config] is None:
-            from torch.distributed.fsdp import fully_shard
-
-            model.to(device)
-            for layer in [m for m in model.modules() if type(m).__name__ == "Qwen3MoeDecoderLayer"]:
-                fully_shard(layer)
-            fully_shard(model)
-        if CONFIGS[config] is None:  # data parallel: this rank's half of the batch
-            inputs = {k: v.chunk(WORLD)[rank] for k, v in inputs.items()}
-        result = _run(model, {k: v.to(device) for k, v in inputs.items()})
+        # The model (and the sharding state that holds the process group) is gone before the group is destroyed.
+        result = _distributed_result(rank, path, device, config, lora, inputs)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        gc.collect()
+        dist.barrier()  # no rank tears its connections down while another still finishes a collective
     finally:
         dist.destroy_process_group()
 
