@@ -71,25 +71,30 @@ def batches(device, batch, seq, steps, seed):
         yield torch.stack([data[s:s + seq] for s in start.tolist()]).to(device)
 
 
-def train(impl, a, dtype):
-    model = lora(base_model(impl, a.device, dtype, a.seed), impl, a)
+def fit(model, a, device, desc, quiet=False):
+    """AdamW on the trainable parameters over the corpus batches, with a progress bar: (losses, tokens/s)."""
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
     losses, tokens, busy = [], 0, 0.0
-    bar = tqdm(batches(a.device, a.batch, a.seq, a.steps, a.seed), total=a.steps, desc=f"{impl:>8}", unit="step")
+    bar = tqdm(batches(device, a.batch, a.seq, a.steps, a.seed), total=a.steps, desc=desc, unit="step", disable=quiet)
     for ids in bar:
         t0 = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if a.device == "cuda":
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         busy += time.perf_counter() - t0
         tokens += ids.numel()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / busy:,.0f}")
-    return model, losses, tokens / busy
+    return losses, tokens / busy
+
+
+def train(impl, a, dtype):
+    model = lora(base_model(impl, a.device, dtype, a.seed), impl, a)
+    return (model, *fit(model, a, a.device, f"{impl:>8}"))
 
 
 def check_reload(model, impl, a, dtype, path):
@@ -145,7 +150,8 @@ def main():
     print(f"\n{'experts':>8} | {'first loss':>10} | {'last loss':>9} | {'tokens/s':>10} | speed vs {impls[-1]}")
     for impl, r in runs.items():
         speed = r["tokens_per_s"] / runs[impls[-1]]["tokens_per_s"]
-        print(f"{impl:>8} | {r['losses'][0]:10.4f} | {r['losses'][-1]:9.4f} | {r['tokens_per_s']:10,.0f} | {speed:.2f}x")
+        print(f"{impl:>8} | {r['losses'][0]:10.4f} | {r['losses'][-1]:9.4f} | {r['tokens_per_s']:10,.0f} | "
+              f"{speed:.2f}x")
     if len(runs) > 1:
         gap = max(abs(x - y) for x, y in zip(first["losses"], runs[impls[-1]]["losses"]))
         print(f"largest step-by-step loss difference between {impls[0]} and {impls[-1]}: {gap:.2e}")

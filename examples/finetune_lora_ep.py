@@ -10,12 +10,10 @@ model's logits with the expert-parallel one's.
 """
 import argparse
 import os
-import time
 
 import torch
 import torch.distributed as dist
-from finetune_lora import batches, tiny_config
-from tqdm import tqdm
+from finetune_lora import batches, fit, tiny_config
 
 import moefuse
 
@@ -64,22 +62,7 @@ def main():
     ep = DistributedConfig(tp_size=world, tp_plan="auto", enable_expert_parallel=True)
     model = with_lora(AutoModelForCausalLM.from_pretrained(base, experts_implementation="moefuse", dtype=dtype,
                                                            distributed_config=ep), a)  # fmt: skip
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
-    losses, tokens, busy = [], 0, 0.0
-    data = batches(device, a.batch, a.seq, a.steps, a.seed)
-    bar = tqdm(data, total=a.steps, desc=f"moefuse, {world} ranks", unit="step", disable=rank != 0)
-    for ids in bar:
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-        busy += time.perf_counter() - t0
-        tokens += ids.numel()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / busy:,.0f}")
+    losses, tokens_per_s = fit(model, a, device, f"moefuse, {world} ranks", quiet=rank != 0)
 
     model.eval()
     probe = next(batches(device, 2, a.seq, 1, a.seed + 1))
@@ -96,7 +79,7 @@ def main():
             moefuse.use_moefuse_lora(single)
             with torch.no_grad():
                 diff = (single(input_ids=probe).logits.float() - logits).abs().max().item()
-            print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {a.steps} steps, {tokens / busy:,.0f} tokens/s on "
+            print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {a.steps} steps, {tokens_per_s:,.0f} tokens/s on "
                   f"{world} ranks; adapter saved to {adapter}; one process with it: logits differ by at most "
                   f"{diff:.2e}")  # fmt: skip
             assert losses[-1] < losses[0], "the loss did not go down"
