@@ -42,9 +42,8 @@ def op_rows(device, dtype):
     ids = torch.stack([torch.randperm(E)[:k] for _ in range(TOKENS)]).to(device, torch.int32)
     w = torch.rand(TOKENS, k, device=device)
     gate_up, down = r(E, 2 * I, H), r(E, H, I)
-    adapters = [t.requires_grad_() for t in (r(E, RANK, H), r(E, 2 * I, RANK))], \
-               [t.requires_grad_() for t in (r(E, RANK, I), r(E, H, RANK))]  # fmt: skip
-    lora = (*adapters[0], 2.0, *adapters[1], 2.0)
+    a1, b1, a2, b2 = (t.requires_grad_() for t in (r(E, RANK, H), r(E, 2 * I, RANK), r(E, RANK, I), r(E, H, RANK)))
+    lora = (a1, b1, 2.0, a2, b2, 2.0)  # gate_up's adapter and scale, then down's
     for name, extra in (("experts op, frozen", ()), ("experts op, LoRA", lora)):
         fwd = lambda: torch.ops.moefuse.experts(x, ids, w, gate_up, down, *extra)[0]
         yield name, fwd, lambda: fwd().sum().backward()
