@@ -1,4 +1,6 @@
 """Timing and profiling shared by the benchmark scripts."""
+import os
+import re
 import time
 
 import torch
@@ -25,3 +27,28 @@ def profile(step, device, title):
     key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     print(f"## profile: {title}", flush=True)
     print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=90), flush=True)
+    if device == "cuda":
+        idle(prof)
+    if os.environ.get("MOEFUSE_TRACE_DIR"):  # a Chrome/Perfetto trace per profiled step
+        os.makedirs(os.environ["MOEFUSE_TRACE_DIR"], exist_ok=True)
+        prof.export_chrome_trace(os.path.join(os.environ["MOEFUSE_TRACE_DIR"], re.sub(r"\W+", "_", title) + ".json"))
+
+
+def idle(prof, top=8):
+    """The GPU's idle time between the step's first and last kernel, and its longest gaps with the kernels around
+    them: time the step spends waiting on the host rather than computing."""
+    from torch.autograd import DeviceType
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == DeviceType.CUDA)
+    if not ks:
+        return
+    gaps, end = [], ks[0][1]
+    for (s, e, name), prev in zip(ks[1:], ks):
+        if s > end:
+            gaps.append((s - end, prev[2], name))
+        end = max(end, e)
+    span = end - ks[0][0]
+    print(f"GPU idle: {sum(g for g, _, _ in gaps) / 1e3:.3f} ms of the {span / 1e3:.3f} ms from the first kernel to "
+          f"the last; longest gaps (µs, after -> before):")
+    for g, a, b in sorted(gaps, reverse=True)[:top]:
+        print(f"  {g:8.1f}  {a[:60]} -> {b[:60]}")

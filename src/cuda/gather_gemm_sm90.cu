@@ -252,16 +252,22 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
 
   // Epilogue. Accumulator i holds (row, col) = coords(i); i and i + 1 are adjacent columns of one row, and with
   // SwiGLU i + 64 is column col + 128 (wgmma's accumulator layout: 8-column groups are the slowest index).
+  // The tile goes through shared memory (the drained stages) so that the global stores are whole 16-byte chunks, a
+  // warp's 512 contiguous bytes of a row (measured: the down forward with LoRA 18 % faster than 4-byte stores
+  // straight from the accumulators). A staged row is [out's 256 columns | SwiGLU: a's 128], padded by 16 bytes so
+  // that a warp's 4-byte writes (8 rows, 4 column pairs) fall in distinct banks.
   Tensor coords = thr.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
-  T* out = static_cast<T*>(p.out);
   constexpr int kPairs = SWIGLU ? 32 : 64;
+  constexpr int kCols = BN + (SWIGLU ? BN / 2 : 0), kStride = kCols + 8, kChunks = kCols / 8;
+  static_assert(BM * kStride * sizeof(T) <= sizeof(sm.a) + sizeof(sm.b));
+  T* stage = reinterpret_cast<T*>(&sm.a[0][0]);
+  using Epi = cutlass::arch::NamedBarrier;
+  constexpr auto kEpi = cutlass::arch::ReservedNamedBarriers::EpilogueBarrier;
+  Epi::arrive_and_wait(256, kEpi);  // the other warpgroup's last wgmma may still read the stages
 #pragma unroll
   for (int i2 = 0; i2 < kPairs; ++i2) {
     const int i = 2 * i2;
-    const int r = get<0>(coords(i)), c = get<1>(coords(i));
-    const std::int64_t row = m0 + r;
-    const int col = nt * kTileN + c;
-    if (row >= m_end || col >= p.n) continue;
+    T* dst = stage + get<0>(coords(i)) * kStride + get<1>(coords(i));
     if constexpr (SWIGLU) {
       // a from the rounded h, as a recomputation from the saved h gives.
       const std::uint32_t g2 = pack2<T>(acc(i), acc(i + 1)), u2 = pack2<T>(acc(i + 64), acc(i + 65));
@@ -270,13 +276,26 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       float a[2];
 #pragma unroll
       for (int j = 0; j < 2; ++j) a[j] = to_f32(g[j]) * sigmoid(to_f32(g[j])) * to_f32(u[j]);
-      T* h = out + row * 2 * p.n + col;
-      *reinterpret_cast<std::uint32_t*>(h) = g2;
-      *reinterpret_cast<std::uint32_t*>(h + p.n) = u2;
-      *reinterpret_cast<std::uint32_t*>(static_cast<T*>(p.act) + row * p.n + col) = pack2<T>(a[0], a[1]);
+      *reinterpret_cast<std::uint32_t*>(dst) = g2;
+      *reinterpret_cast<std::uint32_t*>(dst + BN / 2) = u2;
+      *reinterpret_cast<std::uint32_t*>(dst + BN) = pack2<T>(a[0], a[1]);
     } else {
-      *reinterpret_cast<std::uint32_t*>(out + row * p.n + col) = pack2<T>(acc(i), acc(i + 1));
+      *reinterpret_cast<std::uint32_t*>(dst) = pack2<T>(acc(i), acc(i + 1));
     }
+  }
+  Epi::arrive_and_wait(256, kEpi);
+  T* out = static_cast<T*>(p.out);
+#pragma unroll 4
+  for (int f = ct; f < BM * kChunks; f += 256) {
+    const int r = f / kChunks, q = f % kChunks;
+    const std::int64_t row = m0 + r;
+    // SwiGLU chunks: gate columns, up columns (h), then a; each part kTileN wide.
+    const int part = SWIGLU ? q / (kTileN / 8) : 0, col = nt * kTileN + (q % (kTileN / 8)) * 8;
+    if (row >= m_end || col >= p.n) continue;
+    T* dst = !SWIGLU    ? out + row * p.n + col
+             : part == 2 ? static_cast<T*>(p.act) + row * p.n + col
+                         : out + row * 2 * p.n + part * p.n + col;
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(stage + r * kStride + q * 8);
   }
 }
 
