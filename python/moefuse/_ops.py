@@ -36,9 +36,9 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _aligned_empty(nbytes: int, device: torch.device, zero: bool = False) -> torch.Tensor:
+def _aligned_empty(nbytes: int, device: torch.device) -> torch.Tensor:
     """A u8 tensor of `nbytes` at a 256-byte aligned address, with storage offset 0 (fakes expect offset 0)."""
-    buf = (torch.zeros if zero else torch.empty)(nbytes + _ALIGN, dtype=torch.uint8, device=device)
+    buf = torch.empty(nbytes + _ALIGN, dtype=torch.uint8, device=device)
     off = -buf.data_ptr() % _ALIGN
     if off == 0:
         return buf[:nbytes]
@@ -279,8 +279,7 @@ def experts(
     gu_lora, dn_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale), _lora_arg(down_a, down_b, down_scale)
     cfg = _config(gate_up, ids.shape[1], False)
     out = torch.empty_like(x)
-    # Zeroed so that its padding is deterministic (opcheck compares outputs bit for bit).
-    saved = _aligned_empty(_experts_saved_bytes(x, w, gate_up), x.device, zero=True)
+    saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), False)
     with _on(x.device):
         ws = _workspace(_C.moe_experts_forward_workspace_bytes(cfg, x, gate_up, down, gu_lora, dn_lora), x.device)
         _C.moe_experts_forward(cfg, x, ids, w, gate_up, down, out, saved, ws, _stream(x.device), gu_lora, dn_lora)
@@ -389,6 +388,20 @@ def _saved_bytes(query, tokens, x, gate_up, top_k, renormalize):
     return per_token * tokens + fixed
 
 
+def _saved_empty(query, cfg, x, gate_up, top_k, renormalize) -> torch.Tensor:
+    """The saved state's buffer, zeroed where the op leaves it unwritten, so that its bytes are deterministic
+    (opcheck compares outputs bit for bit). h [T*k, 2I], by far its largest piece, is written whole and is the
+    layout's last piece (block.cpp), so only the pieces before it and the padding after it are zeroed: zeroing all
+    of it cost 0.12 ms of a 3 ms forward (30B layer, T = 16384, H100)."""
+    tokens = x.shape[0]
+    saved = _aligned_empty(_saved_bytes(query, tokens, x, gate_up, top_k, renormalize), x.device)
+    h_bytes = tokens * top_k * gate_up.shape[1] * x.element_size()
+    h_at = query(cfg, tokens, _dtype(x, "x")) - (h_bytes + _ALIGN - 1) // _ALIGN * _ALIGN
+    saved[:h_at].zero_()
+    saved[h_at + h_bytes :].zero_()
+    return saved
+
+
 @torch.library.custom_op("moefuse::moe_block", mutates_args=())
 def moe_block(
     x: torch.Tensor,
@@ -403,8 +416,7 @@ def moe_block(
     cfg = _config(gate_up, top_k, renormalize)
     out = torch.empty_like(x)
     logits = x.new_empty(x.shape[0], router_weight.shape[0])
-    # Zeroed so that its padding is deterministic (opcheck compares outputs bit for bit).
-    saved = _aligned_empty(_saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize), x.device, zero=True)
+    saved = _saved_empty(_C.moe_saved_bytes, cfg, x, gate_up, top_k, renormalize)
     with _on(x.device):
         ws = _workspace(_C.moe_forward_workspace_bytes(cfg, x, router_weight, gate_up, down), x.device)
         _C.moe_forward(cfg, x, router_weight, gate_up, down, out, logits, saved, ws, _stream(x.device))

@@ -56,6 +56,24 @@ def test_experts_opcheck():
     opcheck(ops.experts_backward, (*args, [True] + [False] * 7))
 
 
+def test_saved_state_bytes_do_not_depend_on_dirty_memory(monkeypatch):
+    """The ops zero only the parts of their saved state that they leave unwritten: over memory that held anything
+    before, every byte of it must come out the same."""
+    from moefuse import _ops
+
+    x, router_weight, gate_up, down = block_tensors()
+    ids, w = routing()
+    ids[1, 2] = E  # a placeholder: its rows of h are zeroed, not computed
+    clean = _ops._aligned_empty
+    saved = []
+    for poison in (0xA5, 0x5A):
+        monkeypatch.setattr(_ops, "_aligned_empty", lambda n, dev, p=poison: clean(n, dev).fill_(p))
+        block = ops.moe_block(x, router_weight, gate_up, down, K, True)
+        saved.append((ops.experts(x, ids, w, gate_up, down)[1], block[2]))
+    for a, b in zip(*saved):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_moe_block_opcheck(renormalize):
     args = block_tensors(requires_grad=True)
