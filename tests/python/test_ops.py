@@ -8,6 +8,7 @@ import moefuse
 from conftest import E, H, I, K, T, block_tensors, routing
 
 ops = torch.ops.moefuse
+CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and moefuse.has_cuda()), reason="needs a GPU and CUDA")
 
 
 def _plan(ids):
@@ -56,13 +57,14 @@ def test_experts_opcheck():
     opcheck(ops.experts_backward, (*args, [True] + [False] * 7))
 
 
-def test_saved_state_bytes_do_not_depend_on_dirty_memory(monkeypatch):
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=CUDA)])
+def test_saved_state_bytes_do_not_depend_on_dirty_memory(monkeypatch, device, dtype):
     """The ops zero only the parts of their saved state that they leave unwritten: over memory that held anything
     before, every byte of it must come out the same."""
     from moefuse import _ops
 
-    x, router_weight, gate_up, down = block_tensors()
-    ids, w = routing()
+    x, router_weight, gate_up, down = (t.to(device) for t in block_tensors(dtype=dtype))
+    ids, w = (t.to(device) for t in routing())
     ids[1, 2] = E  # a placeholder: its rows of h are zeroed, not computed
     clean = _ops._aligned_empty
     saved = []
