@@ -191,9 +191,10 @@ def _check_peft_shapes(lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: 
 
 
 def peft_to_stacked(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: tuple[int, int, int],
-                    layout: Optional[str] = None) -> StackedLora:  # fmt: skip
+                    layout: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> StackedLora:  # fmt: skip
     """Stacked adapter (a [E, r, d2], b [E, d1, r]) on a parameter [E, d1, d2] from a ParamWrapper's
-    lora_A.weight and lora_B.weight. layout: SWAPPED or POSITIONAL; None detects it from the shapes."""
+    lora_A.weight and lora_B.weight. layout: SWAPPED or POSITIONAL; None detects it from the shapes. dtype: cast in
+    the same copy as the relayout (default: theirs)."""
     e, d1, d2 = param_shape
     if layout is None:
         layout = detect_peft_layout(lora_a, lora_b, param_shape)
@@ -207,10 +208,10 @@ def peft_to_stacked(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: tup
                          f"[{n_out}, r*E]")  # fmt: skip
     a = lora_a.reshape(e, r, n_in)  # expert-major
     b = lora_b.reshape(n_out, r, e).permute(2, 0, 1)  # expert-minor -> [E, n_out, r]
-    if layout == SWAPPED:
-        return StackedLora(a.contiguous(), b.contiguous())
-    # delta[e] = (b[e] @ a[e])^T = a[e]^T @ b[e]^T
-    return StackedLora(b.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous())
+    if layout == POSITIONAL:  # delta[e] = (b[e] @ a[e])^T = a[e]^T @ b[e]^T
+        a, b = b.transpose(1, 2), a.transpose(1, 2)
+    # One copy each: a cast writes contiguous rows (to() returns the tensor itself when the dtype is unchanged).
+    return StackedLora(*(t.to(dtype or t.dtype, memory_format=torch.contiguous_format).contiguous() for t in (a, b)))
 
 
 def stacked_to_peft(lora: StackedLora, layout: str = SWAPPED) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,14 +231,16 @@ def param_wrapper_layout(module: torch.nn.Module) -> str:
     return SWAPPED if getattr(module, "_did_swap_in_out_features", False) else POSITIONAL
 
 
-def stacked_from_param_wrapper(module: torch.nn.Module, adapter_name: str = "default") -> tuple[StackedLora, float]:
-    """(stacked adapter, scale) of one adapter of a live 3-D PEFT ParamWrapper. The stacked tensors keep autograd
-    to lora_A.weight / lora_B.weight (moefuse.lora trains through them); detach them for a plain conversion."""
+def stacked_from_param_wrapper(module: torch.nn.Module, adapter_name: str = "default",
+                               dtype: Optional[torch.dtype] = None) -> tuple[StackedLora, float]:  # fmt: skip
+    """(stacked adapter, scale) of one adapter of a live 3-D PEFT ParamWrapper, cast to `dtype` if given. The
+    stacked tensors keep autograd to lora_A.weight / lora_B.weight (moefuse.lora trains through them); detach them
+    for a plain conversion."""
     param = module.get_param()
     if param.dim() != 3:
         raise ValueError(f"expected a ParamWrapper on a 3-D expert parameter, got {tuple(param.shape)}")
     lora = peft_to_stacked(module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight,
-                           tuple(param.shape), param_wrapper_layout(module))  # fmt: skip
+                           tuple(param.shape), param_wrapper_layout(module), dtype)  # fmt: skip
     return lora, float(module.scaling[adapter_name])
 
 

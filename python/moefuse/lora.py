@@ -97,12 +97,11 @@ class ParamWrapper(peft_layer.ParamWrapper):
         if name is None:
             yield
             return
-        lora, scale = stacked_from_param_wrapper(self, name)
         param = self.get_param()
-        a, b = _expert_parallel_rows(param, lora)
-        dtype = param.dtype  # PEFT may keep adapters in f32 over bf16 weights; it casts the same way
+        # PEFT may keep adapters in f32 over bf16 weights; it casts the same way (here in the relayout's copy).
+        lora, scale = stacked_from_param_wrapper(self, name, param.dtype)
         handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: compile traces item writes, not setdefault
-        handed[self.parameter_name] = (a.to(dtype), b.to(dtype), scale)
+        handed[self.parameter_name] = (*_expert_parallel_rows(param, lora), scale)
         try:
             yield
         finally:

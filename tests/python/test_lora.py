@@ -102,6 +102,28 @@ def test_logits_loss_and_every_lora_gradient_match_peft(targets, layout, kw):
         torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_bf16_model_with_f32_adapters_matches_peft():
+    """PEFT keeps adapters in f32 over a bf16 model; both paths cast them to bf16 for the product, and the adapters'
+    gradients come back in f32. PEFT rounds W + B.A to bf16, moefuse never forms it: a few % apart after 3 layers."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=R, lora_alpha=5, target_parameters=BOTH)
+    ref = get_peft_model(tiny_model("eager").to(torch.bfloat16), config)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    fused = copy.deepcopy(ref)
+    fused.base_model.model.set_experts_implementation("moefuse")
+    moefuse.use_moefuse_lora(fused)
+    (out_r, grads_r), (out_f, grads_f) = forward_backward(ref), forward_backward(fused)
+    torch.testing.assert_close(out_f.logits, out_r.logits, rtol=2e-2, atol=2e-2)
+    assert len(grads_r) == 2 * 3 * 2
+    for name, grad in grads_r.items():
+        assert grad.dtype == grads_f[name].dtype == torch.float32, name
+        assert (grads_f[name] - grad).norm() <= 5e-2 * grad.norm(), name
+
+
 def test_adamw_steps_track_peft():
     losses = {}
     for name, model in zip(("moefuse", "peft"), moefuse_and_peft()):
