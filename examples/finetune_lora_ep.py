@@ -81,7 +81,7 @@ def main():
                 diff = (single(input_ids=probe).logits.float() - logits).abs().max().item()
             print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {a.steps} steps, {tokens_per_s:,.0f} tokens/s on "
                   f"{world} ranks; adapter saved to {adapter}; one process with it: logits differ by at most "
-                  f"{diff:.2e}")  # fmt: skip
+                  f"{diff:.2e} (largest logit {logits.abs().max().item():.2f}, {dtype})")  # fmt: skip
             assert losses[-1] < losses[0], "the loss did not go down"
     finally:
         dist.barrier()  # rank 0's check done, or failed, before any rank tears its connections down
