@@ -78,10 +78,12 @@ def main():
                 base, experts_implementation="moefuse", dtype=dtype).to(device), adapter).eval()  # fmt: skip
             moefuse.use_moefuse_lora(single)
             with torch.no_grad():
-                diff = (single(input_ids=probe).logits.float() - logits).abs().max().item()
+                # per token: in bf16 a few tokens differ by far more than the rest (rounding, or a routing flip)
+                diff = (single(input_ids=probe).logits.float() - logits).abs().amax(-1).flatten()
             print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {a.steps} steps, {tokens_per_s:,.0f} tokens/s on "
                   f"{world} ranks; adapter saved to {adapter}; one process with it: logits differ by at most "
-                  f"{diff:.2e} (largest logit {logits.abs().max().item():.2f}, {dtype})")  # fmt: skip
+                  f"{diff.max().item():.2e}, {diff.median().item():.2e} for the median token (largest logit "
+                  f"{logits.abs().max().item():.2f}, {dtype})")  # fmt: skip
             assert losses[-1] < losses[0], "the loss did not go down"
     finally:
         dist.barrier()  # rank 0's check done, or failed, before any rank tears its connections down
