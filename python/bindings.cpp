@@ -20,8 +20,8 @@ namespace {
 
 using Array = nb::ndarray<>;
 using OptArray = std::optional<Array>;
-// A stacked LoRA adapter crosses as (a, b, scale); a or b left None is reported by the op.
-using OptLora = std::optional<std::tuple<OptArray, OptArray, float>>;
+// A stacked LoRA adapter crosses as (a, b, scale, u); a or b left None is reported by the op, u is optional.
+using OptLora = std::optional<std::tuple<OptArray, OptArray, float, OptArray>>;
 
 moefuse::DType to_dtype(nb::dlpack::dtype t, const char* name) {
   using Code = nb::dlpack::dtype_code;
@@ -66,7 +66,8 @@ TensorView to_view(const OptArray& a, const char* name) { return a ? to_view(*a,
 
 moefuse::Lora to_lora(const OptLora& l) {
   if (!l) return {};
-  return {to_view(std::get<0>(*l), "lora.a"), to_view(std::get<1>(*l), "lora.b"), std::get<2>(*l)};
+  return {to_view(std::get<0>(*l), "lora.a"), to_view(std::get<1>(*l), "lora.b"), std::get<2>(*l),
+          to_view(std::get<3>(*l), "lora.u")};
 }
 
 void* to_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }
@@ -187,7 +188,7 @@ NB_MODULE(_C, m) {
       },
       "plan"_a, "stream"_a = 0);
 
-  // Grouped expert linear; lora = (a, b, scale) selects the LoRA overloads (None: no adapter).
+  // Grouped expert linear; lora = (a, b, scale, u) selects the LoRA overloads (None: no adapter).
   m.def(
       "moe_linear_workspace_bytes",
       [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
@@ -261,7 +262,7 @@ NB_MODULE(_C, m) {
       },
       "h"_a, "grad_a"_a, "grad_h"_a, "stream"_a = 0, release);
 
-  // The experts alone (routing given from outside), each projection with an optional stacked LoRA (a, b, scale).
+  // The experts alone (routing given from outside), each projection with an optional stacked LoRA (a, b, scale, u).
   m.def("moe_experts_saved_bytes", &moefuse::moe_experts_saved_bytes, "cfg"_a, "tokens"_a, "dtype"_a);
   m.def(
       "moe_experts_forward_workspace_bytes",

@@ -85,10 +85,14 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool
 // Stacked LoRA on an expert projection (frozen base weight): row(s) += scale * (x[src(s)] . a[e]^T) . b[e]^T.
 // W + b.a is never formed: the low-rank product rides along the grouped GEMM.
 //   a [E, r, in]; b [E, out, r]; same dtype as the weight; scale = lora_alpha / r (or alpha / sqrt(r) for rsLoRA).
+//   u (optional) [M, r], the dtype of a: the rows scale * x[src(s)] . a[e]^T in the plan's sorted order (M = tokens *
+//   top_k). A forward given u writes it (placeholder rows zeroed); a backward given the same u reads it instead of
+//   recomputing it from x, so that x . a^T is computed once per step.
 struct Lora {
   TensorView a;
   TensorView b;
   float scale = 1.f;
+  TensorView u{};
   bool defined() const { return a.defined() || b.defined(); }
 };
 struct LoraGrads {

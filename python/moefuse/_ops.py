@@ -240,19 +240,45 @@ moe_fused_linear.register_autograd(_linear_backward, setup_context=_linear_setup
 # moe_experts_forward in include/moefuse/block.h. Returns the output and the opaque state backward needs (u8).
 # Optional stacked LoRA adapters (a [E, r, in], b [E, out, r], scale) on gate_up and/or down freeze that base weight:
 # the adapter rides along the grouped GEMM (W + b.a is never formed), and backward gives grads for x, the routing
-# weights and a, b.
+# weights and a, b. The saved state is the core's, then each adapter's rows u = scale * x . a[e]^T [T*k, r] (lora.u
+# in ops.h), which the forward writes and the backward reads instead of recomputing them.
 
 
-def _lora_arg(a, b, scale):
-    """The binding's (a, b, scale), or None for no adapter (a or b alone is reported by the op)."""
+def _lora_arg(a, b, scale, u=None):
+    """The binding's (a, b, scale, u), or None for no adapter (a or b alone is reported by the op)."""
     if a is None and b is None:
         return None
-    return (None if a is None else a.contiguous(), None if b is None else b.contiguous(), scale)
+    return (None if a is None else a.contiguous(), None if b is None else b.contiguous(), scale, u)
 
 
-def _experts_saved_bytes(x, topk_weights, gate_up):
+def _lora_rows_bytes(rows, dtype_size, *a):
+    """Bytes of the saved state past the core's: each adapter's u [rows, r], 256-byte aligned (a bound that is
+    linear in rows, as the fake needs)."""
+    return sum(rows * t.shape[1] * dtype_size + _ALIGN for t in a if t is not None) + _ALIGN
+
+
+def _lora_rows(saved, core_bytes, rows, dtype, *a):
+    """Views of each adapter's u [rows, r] in `saved` past `core_bytes` (None where an adapter has no a)."""
+    views, at = [], core_bytes
+    for t in a:
+        if t is None:
+            views.append(None)
+            continue
+        at = (at + _ALIGN - 1) // _ALIGN * _ALIGN
+        n = rows * t.shape[1] * dtype.itemsize
+        views.append(saved[at : at + n].view(dtype).view(rows, t.shape[1]))
+        at += n
+    return views
+
+
+def _experts_saved_bytes(x, topk_weights, gate_up, gate_up_a=None, down_a=None):
+    """(the core's part, the whole) of the experts op's saved state."""
     # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
-    return _saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, int(topk_weights.shape[1]), False)
+    k = int(topk_weights.shape[1])
+    core = _saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, k, False)
+    if gate_up_a is None and down_a is None:
+        return core, core
+    return core, core + _lora_rows_bytes(x.shape[0] * k, gate_up.element_size(), gate_up_a, down_a)
 
 
 @torch.library.custom_op("moefuse::experts", mutates_args=())
@@ -276,10 +302,13 @@ def experts(
     gate_up, down = gate_up.contiguous(), down.contiguous()
     if _DEBUG and ids.is_cuda and bool((ids < 0).any()):  # CUDA cannot raise on them without this sync
         raise MoefuseError("moefuse: topk_ids has negative expert ids")
-    gu_lora, dn_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale), _lora_arg(down_a, down_b, down_scale)
     cfg = _config(gate_up, ids.shape[1], False)
     out = torch.empty_like(x)
-    saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), False)
+    core, total = _experts_saved_bytes(x, w, gate_up, gate_up_a, down_a)
+    saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), False, total)
+    gu_u, dn_u = _lora_rows(saved, core, ids.numel(), gate_up.dtype, gate_up_a, down_a)
+    gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u)
+    dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u)
     with _on(x.device):
         ws = _workspace(_C.moe_experts_forward_workspace_bytes(cfg, x, gate_up, down, gu_lora, dn_lora), x.device)
         _C.moe_experts_forward(cfg, x, ids, w, gate_up, down, out, saved, ws, _stream(x.device), gu_lora, dn_lora)
@@ -287,8 +316,10 @@ def experts(
 
 
 @experts.register_fake
-def _(x, topk_ids, topk_weights, gate_up, down, *lora):
-    return torch.empty_like(x), x.new_empty(_experts_saved_bytes(x, topk_weights, gate_up), dtype=torch.uint8)
+def _(x, topk_ids, topk_weights, gate_up, down, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0, down_a=None,
+      down_b=None, down_scale=1.0):  # fmt: skip
+    total = _experts_saved_bytes(x, topk_weights, gate_up, gate_up_a, down_a)[1]
+    return torch.empty_like(x), x.new_empty(total, dtype=torch.uint8)
 
 
 def _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
@@ -316,14 +347,17 @@ def experts_backward(
     """(grad_x, grad_topk_weights, grad_gate_up, grad_down, grad_gate_up_a, grad_gate_up_b, grad_down_a,
     grad_down_b); each one not in `needs` comes back empty. A weight with an adapter is frozen (no gradient)."""
     grad_out, x, w = grad_out.contiguous(), x.contiguous(), topk_weights.contiguous()
-    gate_up, down = gate_up.contiguous(), down.contiguous()
-    gu_lora, dn_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale), _lora_arg(down_a, down_b, down_scale)
+    gate_up, down, saved = gate_up.contiguous(), down.contiguous(), _realigned(saved)
+    gu_u, dn_u = _lora_rows(saved, _experts_saved_bytes(x, w, gate_up)[0], x.shape[0] * w.shape[1], gate_up.dtype,
+                            gate_up_a, down_a)  # fmt: skip
+    gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u)
+    dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u)
     grads = _experts_grads_like(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
     cfg = _config(gate_up, w.shape[1], False)
     with _on(x.device):
         ws = _workspace(_C.moe_experts_backward_workspace_bytes(cfg, x, gate_up, down, gu_lora, dn_lora), x.device)
-        _C.moe_experts_backward(cfg, x, w, gate_up, down, _realigned(saved), grad_out, gx, ggu, gdown, gw, ws,
+        _C.moe_experts_backward(cfg, x, w, gate_up, down, saved, grad_out, gx, ggu, gdown, gw, ws,
                                 _stream(x.device), gu_lora, dn_lora, ggu_a, ggu_b, gdn_a, gdn_b)  # fmt: skip
     return grads
 
@@ -388,13 +422,16 @@ def _saved_bytes(query, tokens, x, gate_up, top_k, renormalize):
     return per_token * tokens + fixed
 
 
-def _saved_empty(query, cfg, x, gate_up, top_k, renormalize) -> torch.Tensor:
-    """The saved state's buffer, zeroed where the op leaves it unwritten, so that its bytes are deterministic
-    (opcheck compares outputs bit for bit). h [T*k, 2I], by far its largest piece, is written whole and is the
-    layout's last piece (block.cpp), so only the pieces before it and the padding after it are zeroed: zeroing all
-    of it cost 0.12 ms of a 3 ms forward (30B layer, T = 16384, H100)."""
+def _saved_empty(query, cfg, x, gate_up, top_k, renormalize, nbytes=None) -> torch.Tensor:
+    """The saved state's buffer (`nbytes`, default the core's bound), zeroed where the op leaves it unwritten, so that
+    its bytes are deterministic (opcheck compares outputs bit for bit). h [T*k, 2I], by far its largest piece, is
+    written whole and is the core layout's last piece (block.cpp), so only the pieces before it and everything after
+    it (the adapters' small u rows included) are zeroed: zeroing all of it cost 0.12 ms of a 3 ms forward (30B
+    layer, T = 16384, H100)."""
     tokens = x.shape[0]
-    saved = _aligned_empty(_saved_bytes(query, tokens, x, gate_up, top_k, renormalize), x.device)
+    if nbytes is None:
+        nbytes = _saved_bytes(query, tokens, x, gate_up, top_k, renormalize)
+    saved = _aligned_empty(nbytes, x.device)
     h_bytes = tokens * top_k * gate_up.shape[1] * x.element_size()
     h_at = query(cfg, tokens, _dtype(x, "x")) - (h_bytes + _ALIGN - 1) // _ALIGN * _ALIGN
     saved[:h_at].zero_()

@@ -196,8 +196,8 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool
 
 // ---------------------------------------------------------------------------------------------------------------------
 namespace {
-// Checks an adapter against its weight [E, out, in]; returns r.
-std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weight, bool data = true) {
+// Checks an adapter against its weight [E, out, in] and the plan's M rows; returns r.
+std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weight, std::int64_t m, bool data = true) {
   MOEFUSE_CHECK(lora.a.defined() && lora.b.defined(), op, "lora needs both a and b, got a ", describe(lora.a),
                 " and b ", describe(lora.b));
   const std::int64_t e = weight.shape[0], out = weight.shape[1], in = weight.shape[2];
@@ -209,6 +209,11 @@ std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weig
   expect_same_dtype(op, "lora.b", lora.b, weight.dtype);
   expect_same_device(op, "lora.a", lora.a, weight.device);
   expect_same_device(op, "lora.b", lora.b, weight.device);
+  if (lora.u.defined()) {
+    expect(op, "lora.u", lora.u, {m, r}, kFloatTypes, data);
+    expect_same_dtype(op, "lora.u", lora.u, weight.dtype);
+    expect_same_device(op, "lora.u", lora.u, weight.device);
+  }
   return r;
 }
 
@@ -233,7 +238,7 @@ std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorVie
   const char* op = "moe_linear_workspace_bytes";
   const std::size_t base = moe_linear_workspace_bytes(plan, x, weight, gather, combine_weights);
   if (!lora.defined()) return base;
-  check_lora(op, lora, weight, false);
+  check_lora(op, lora, weight, plan.tokens * plan.top_k, false);
   return std::max(base, BACKEND(op, plan.counts.device, moe_lora_workspace_bytes, plan, x, lora, gather,
                                 combine_weights));
 }
@@ -243,7 +248,7 @@ void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, const
   if (!lora.defined()) return moe_linear_forward(plan, x, weight, gather, combine_weights, out, workspace, stream);
   const char* op = "moe_linear_forward";
   check_linear_forward(op, plan, x, weight, gather, combine_weights, out);
-  check_lora(op, lora, weight);
+  check_lora(op, lora, weight, plan.tokens * plan.top_k);
   const Device d = plan.counts.device;
   expect_workspace(op, workspace, moe_linear_workspace_bytes(plan, x, weight, lora, gather, combine_weights), d);
   if (BACKEND(op, d, moe_linear_forward_fused, plan, x, weight, lora, gather, combine_weights, out, workspace, stream))
@@ -257,7 +262,7 @@ std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, 
   const char* op = "moe_linear_backward_workspace_bytes";
   const std::size_t base = moe_linear_backward_workspace_bytes(plan, x, weight, gather, combine_weights);
   if (!lora.defined()) return base;
-  check_lora(op, lora, weight, false);
+  check_lora(op, lora, weight, plan.tokens * plan.top_k, false);
   return std::max(base, BACKEND(op, plan.counts.device, moe_lora_backward_workspace_bytes, plan, x, lora, gather,
                                 combine_weights));
 }
@@ -274,7 +279,7 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, cons
   const char* op = "moe_linear_backward";
   check_linear_backward(op, plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{},
                         grad_combine_weights);
-  check_lora(op, lora, weight);
+  check_lora(op, lora, weight, plan.tokens * plan.top_k);
   check_lora_grads(op, lora, weight, grad_lora);
   const Device d = plan.counts.device;
   expect_workspace(op, workspace,
@@ -319,7 +324,7 @@ void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight
   check_swiglu(op, h, a, "a");
   expect_same_dtype(op, "h", h, weight.dtype);
   expect_same_device(op, "h", h, d);
-  if (lora.defined()) check_lora(op, lora, weight);
+  if (lora.defined()) check_lora(op, lora, weight, plan.tokens * plan.top_k);
   expect_workspace(op, workspace, moe_linear_workspace_bytes(plan, x, weight, lora, true, TensorView{}), d);
   BACKEND(op, d, moe_linear_swiglu_forward, plan, x, weight, lora, h, a, workspace, stream);
 }
@@ -354,7 +359,7 @@ void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, 
   expect_same_device(op, "h", h, d);
   expect_same_device(op, "weight", weight, d);
   expect_same_device(op, "combine_weights", combine_weights, d);
-  if (lora.defined()) check_lora(op, lora, weight, data);
+  if (lora.defined()) check_lora(op, lora, weight, m, data);
 }
 
 std::size_t swiglu_linear_bytes(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,

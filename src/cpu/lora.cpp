@@ -1,5 +1,6 @@
-// Stacked LoRA on the CPU (see grouped.h for how rows are staged and multiplied): u = x . A[e]^T, then
-// scale * u . B[e]^T, added to the base op's result. W + B.A is never formed.
+// Stacked LoRA on the CPU (see grouped.h for how rows are staged and multiplied): u = scale * x . A[e]^T, then
+// u . B[e]^T, added to the base op's result. W + B.A is never formed. u goes to lora.u when given, and the backward
+// reads it from there.
 #include <algorithm>
 
 #include "core/backend.h"
@@ -44,6 +45,7 @@ void moe_lora_forward_add(const Plan& plan, const TensorView& x, const Lora& lor
   stage_rows(s.x, x, x.size(1), r, gather);
   expert_matmul(r, s.x, lora.a, true, s.u, s.w);
   scale_rows(s.u, lora.a.size(1), r, TensorView{}, lora.scale);  // on [M, r], the narrowest place
+  if (lora.u.defined()) write_rows(s.u, lora.a.size(1), r, TensorView{}, false, false, lora.u);
   expert_matmul(r, s.u, lora.b, true, s.y, s.w);
   write_rows(s.y, lora.b.size(1), r, combine_weights, combine_weights.defined(), true, out);
 }
@@ -67,8 +69,8 @@ std::size_t moe_lora_backward_workspace_bytes(const Plan& plan, const TensorView
 }
 
 // With g = the unweighted rows of grad_out (gathered per pair when combining), w = the row's combine weight (1 when
-// absent), u = x.A[e]^T and gB = g.B[e]: grad_combine_weights += scale * rowdot(gB, u); du = scale * w * gB;
-// grad_B[e] = g^T . (scale * w * u); grad_A[e] = du^T . x; grad_x rows += du . A[e].
+// absent), u = scale * x.A[e]^T (lora.u when given) and gB = g.B[e]: grad_combine_weights += rowdot(gB, u);
+// du = scale * w * gB; grad_B[e] = g^T . (w * u); grad_A[e] = du^T . x; grad_x rows += du . A[e].
 void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
                            const TensorView& combine_weights, const TensorView& grad_out, const TensorView& grad_x,
                            const LoraGrads& grad_lora, const TensorView& grad_combine_weights,
@@ -81,10 +83,15 @@ void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lo
 
   stage_rows(s.x, x, in, r, gather);
   stage_rows(s.y, grad_out, out, r, cw.defined());
-  expert_matmul(r, s.x, lora.a, true, s.u, s.w);
+  if (lora.u.defined()) {
+    stage_rows(s.u, lora.u, rank, r, false);
+  } else {
+    expert_matmul(r, s.x, lora.a, true, s.u, s.w);
+    scale_rows(s.u, rank, r, TensorView{}, lora.scale);
+  }
   expert_matmul(r, s.y, lora.b, false, s.gb, s.w);
-  if (grad_combine_weights.defined()) pair_rowdot(s.gb, s.u, rank, r, lora.scale, true, grad_combine_weights);
-  scale_rows(s.u, rank, r, cw, lora.scale);
+  if (grad_combine_weights.defined()) pair_rowdot(s.gb, s.u, rank, r, 1.f, true, grad_combine_weights);
+  if (cw.defined()) scale_rows(s.u, rank, r, cw, 1.f);
   scale_rows(s.gb, rank, r, cw, lora.scale);  // now du
   if (grad_lora.b.defined()) expert_grad(r, s.y, s.u, grad_lora.b, s.w);
   if (grad_lora.a.defined()) expert_grad(r, s.gb, s.x, grad_lora.a, s.w);

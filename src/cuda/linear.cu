@@ -397,7 +397,7 @@ bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const Tenso
   const bool combine = combine_weights.defined();
   if (!lora_k_block(lora) ||
       !use_hopper_gather(weight, weight.shape[1], {x.data, weight.data, out.data, lora.a.data, lora.b.data,
-                                                   workspace.data}))
+                                                   lora.u.data, workspace.data}))
     return false;
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
@@ -420,7 +420,8 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
                                const TensorView& h, const TensorView& a, const TensorView& workspace, void* stream) {
   const std::int64_t r = lora.defined() ? lora.a.shape[1] : 0;
   if ((r && !lora_k_block(lora)) ||
-      !use_hopper_gather(weight, a.shape[1], {x.data, weight.data, h.data, a.data, lora.a.data, lora.b.data})) {
+      !use_hopper_gather(weight, a.shape[1],
+                         {x.data, weight.data, h.data, a.data, lora.a.data, lora.b.data, lora.u.data})) {
     cuda::moe_linear_forward(plan, x, weight, true, TensorView{}, h, workspace, stream);
     if (lora.defined()) cuda::moe_lora_forward_add(plan, x, lora, true, TensorView{}, h, workspace, stream);
     return cuda::swiglu_forward(h, a, stream);
@@ -544,7 +545,7 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
       run_grouped_gemm_sm90({GemmKind::wgrad, ws.gathered.data, ws.rows.data, grad_weight.data, offsets, plan.experts,
                              static_cast<int>(out_f), static_cast<int>(in_f), 0},
                             weight.device, ws.sm90.data, s);
-    if (lora_grads) lora_sorted_grads(plan, lora, grad_out, true, ws.rows, grad_lora, ws.lora, s);
+    if (lora_grads) lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, grad_lora, ws.lora, s);
   });
   return true;
 }

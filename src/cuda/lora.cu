@@ -1,11 +1,11 @@
 // Stacked LoRA on the CUDA backend: small grouped GEMMs over the plan's sorted rows, the rank being their narrow
 // dimension (grouped_gemm.cuh: the tensor-core kernel gathers token rows in its loads and keeps each expert's factor
 // tile in shared memory), and one row kernel. With s the adapter's scale and w the combine weights:
-//   u = x . A[e]^T                       fwd GEMM, N = r
-//   forward   out += s * u . B[e]^T      fwd GEMM, K = r, accumulating epilogue
+//   u = s * x . A[e]^T                   fwd GEMM, N = r (into lora.u when given; the backward then reads it)
+//   forward   out += u . B[e]^T          fwd GEMM, K = r, accumulating epilogue
 //   backward  gb = g . B[e]              dgrad GEMM, N = r
-//             lora_rows                  grad_cw += s * <gb, u>; then u, gb *= s * w
-//             dB[e] = g^T . u            wgrad GEMM (experts without rows get zeros)
+//             lora_rows                  grad_cw += <gb, u>; then uw = w * u, gb *= s * w
+//             dB[e] = g^T . uw           wgrad GEMM (experts without rows get zeros)
 //             dA[e] = gb^T . x           wgrad GEMM
 //             grad_x += gb . A[e]        dgrad GEMM, K = r, accumulating epilogue
 // A result in token order (forward with combine, grad_x with gather) is written as sorted rows into workspace first,
@@ -24,27 +24,28 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-// One warp per sorted row s: gcw[pair] += scale * <gb[s], u[s]>; then u[s] and gb[s] *= scale * cw[pair].
+// One warp per sorted row s, with u = s * x . A[e]^T and gb = g . B[e]: gcw[pair] += <gb[s], u[s]>; then
+// uw[s] = cw[pair] * u[s] and gb[s] *= scale * cw[pair], each where given (cw absent: weights of 1). uw may be u.
 template <class T>
-__global__ void lora_rows(T* __restrict__ u, T* __restrict__ gb, int rank, const int* __restrict__ offsets,
+__global__ void lora_rows(const T* u, T* uw, T* __restrict__ gb, int rank, const int* __restrict__ offsets,
                           int experts, const int* __restrict__ sorted_pairs, const float* __restrict__ cw,
                           float* __restrict__ gcw, float scale) {
   const std::int64_t s = static_cast<std::int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (s >= offsets[experts]) return;
   const int lane = threadIdx.x & 31, pair = sorted_pairs[s];
-  T* us = u + s * rank;
-  T* gs = gb + s * rank;
+  const T* us = u + s * rank;
+  T* gs = gb ? gb + s * rank : nullptr;
   if (gcw) {
     float dot = 0.f;
     for (int j = lane; j < rank; j += 32) dot += to_f32(gs[j]) * to_f32(us[j]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-    if (lane == 0) gcw[pair] += scale * dot;
+    if (lane == 0) gcw[pair] += dot;
   }
-  const float w = scale * (cw ? cw[pair] : 1.f);
+  const float w = cw ? cw[pair] : 1.f;
   for (int j = lane; j < rank; j += 32) {
-    us[j] = from_f32<T>(to_f32(us[j]) * w);
-    gs[j] = from_f32<T>(to_f32(gs[j]) * w);
+    if (uw) uw[s * rank + j] = from_f32<T>(to_f32(us[j]) * w);
+    if (gs) gs[j] = from_f32<T>(to_f32(gs[j]) * scale * w);
   }
 }
 
@@ -115,6 +116,29 @@ void to_rank(const Plan& plan, const TensorView& tiles, const TensorView& src, b
   run_grouped_gemm<T, KIND>(p, plan.tokens * plan.top_k, tc, s);
 }
 
+// u = s * rows(x) . A[e]^T, into lora.u when given (the backward reads it there; placeholder rows zeroed, as on the
+// CPU), else into the workspace.
+template <class T>
+TensorView project_u(const Plan& plan, const TensorView& tiles, const TensorView& x, bool gather, const Lora& lora,
+                     const TensorView& ws_u, bool tc, cudaStream_t s) {
+  const TensorView u = lora.u.defined() ? lora.u : ws_u;
+  to_rank<T, GemmKind::fwd>(plan, tiles, x, gather, lora.a, lora.scale, u, tc, s);
+  if (lora.u.defined()) launch_zero_placeholders<T>(u, plan, s);
+  return u;
+}
+
+template <class T>
+void launch_lora_rows(const Plan& plan, const TensorView& u, const TensorView& uw, const TensorView& gb,
+                      const TensorView& cw, const TensorView& gcw, float scale, cudaStream_t s) {
+  const std::int64_t m = plan.tokens * plan.top_k;
+  if (m == 0) return;
+  lora_rows<T><<<blocks(m, kWarps), kThreads, 0, s>>>(
+      u.ptr<T>(), uw.defined() ? uw.ptr<T>() : nullptr, gb.defined() ? gb.ptr<T>() : nullptr,
+      static_cast<int>(u.shape[1]), plan.offsets.ptr<int>(), plan.experts, plan.sorted_pairs.ptr<int>(),
+      cw.defined() ? cw.ptr<float>() : nullptr, gcw.defined() ? gcw.ptr<float>() : nullptr, scale);
+  MOEFUSE_CUDA_LAUNCH_CHECK();
+}
+
 // grad[e] [rows, cols] = sum over e's sorted rows of a_row^T . b_row (experts without rows get zeros).
 template <class T>
 void grad_factor(const Plan& plan, GemmOperand a, GemmOperand b, std::int64_t rows, std::int64_t cols,
@@ -135,32 +159,26 @@ void forward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool 
                   const TensorView& out, const TensorView& workspace, cudaStream_t s) {
   detail::Carver c(workspace);
   const Workspace ws = carve(c, plan, lora, gather, cw.defined(), false);
-  const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, lora.b.data, out.data});
-  to_rank<T, GemmKind::fwd>(plan, ws.tiles, x, gather, lora.a, 1.f, ws.u, tc, s);
-  add_lowrank<T>(plan, ws, ws.u, lora.b, true, cw.defined(), cw.defined() ? cw.ptr<float>() : nullptr, lora.scale,
-                 out, tc, s);
+  const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, lora.b.data, out.data, lora.u.data});
+  const TensorView u = project_u<T>(plan, ws.tiles, x, gather, lora, ws.u, tc, s);
+  add_lowrank<T>(plan, ws, u, lora.b, true, cw.defined(), cw.defined() ? cw.ptr<float>() : nullptr, 1.f, out, tc, s);
 }
 
-// See the CPU backend for the algebra: du = scale * w * g.B, grad_B[e] = g^T . (scale * w * u), grad_A[e] = du^T . x,
-// grad_x rows += du . A[e], grad_cw += scale * <g.B, u>. backward_factors does all but grad_x's part and leaves u
-// and gb (= du after lora_rows) in the workspace.
+// See the CPU backend for the algebra: u = s * x.A^T (lora.u when given), du = s * w * g.B, grad_B[e] = g^T . (w * u),
+// grad_A[e] = du^T . x, grad_x rows += du . A[e], grad_cw += <g.B, u>. backward_factors does all but grad_x's part and
+// leaves gb (= du after lora_rows) in the workspace.
 template <class T>
 void backward_factors(const Plan& plan, const Workspace& ws, const TensorView& x, const Lora& lora, bool gather,
                       const TensorView& cw, const TensorView& grad_out, const LoraGrads& grad_lora,
                       const TensorView& grad_cw, bool tc, cudaStream_t s) {
   const bool combine = cw.defined();
-  const std::int64_t m = plan.tokens * plan.top_k, r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
-  to_rank<T, GemmKind::fwd>(plan, ws.tiles, x, gather, lora.a, 1.f, ws.u, tc, s);
+  const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
+  const TensorView u = lora.u.defined() ? lora.u : project_u<T>(plan, ws.tiles, x, gather, lora, ws.u, tc, s);
   to_rank<T, GemmKind::dgrad>(plan, ws.tiles, grad_out, combine, lora.b, 1.f, ws.gb, tc, s);
-  if (m > 0) {
-    lora_rows<T><<<blocks(m, kWarps), kThreads, 0, s>>>(
-        ws.u.ptr<T>(), ws.gb.ptr<T>(), static_cast<int>(r), plan.offsets.ptr<int>(), plan.experts,
-        plan.sorted_pairs.ptr<int>(), combine ? cw.ptr<float>() : nullptr,
-        grad_cw.defined() ? grad_cw.ptr<float>() : nullptr, lora.scale);
-    MOEFUSE_CUDA_LAUNCH_CHECK();
-  }
+  const TensorView uw = combine ? ws.u : u;  // lora.u is the forward's: weighted into the workspace, not in place
+  launch_lora_rows<T>(plan, u, combine ? uw : TensorView{}, ws.gb, cw, grad_cw, lora.scale, s);
   if (grad_lora.b.defined())
-    grad_factor<T>(plan, {grad_out.data, out, 0, combine}, {ws.u.data, r, 0, false}, out, r, grad_lora.b, tc, s);
+    grad_factor<T>(plan, {grad_out.data, out, 0, combine}, {uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
   if (grad_lora.a.defined())
     grad_factor<T>(plan, {ws.gb.data, r, 0, false}, {x.data, in, 0, gather}, r, in, grad_lora.a, tc, s);
 }
@@ -171,8 +189,8 @@ void backward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool
                    const TensorView& grad_cw, const TensorView& workspace, cudaStream_t s) {
   detail::Carver c(workspace);
   const Workspace ws = carve(c, plan, lora, gather, cw.defined(), true);
-  const bool tc = use_tensor_cores(
-      lora, {x.data, lora.a.data, lora.b.data, grad_out.data, grad_x.data, grad_lora.a.data, grad_lora.b.data});
+  const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, lora.b.data, lora.u.data, grad_out.data, grad_x.data,
+                                          grad_lora.a.data, grad_lora.b.data});
   backward_factors<T>(plan, ws, x, lora, gather, cw, grad_out, grad_lora, grad_cw, tc, s);
   if (grad_x.defined()) add_lowrank<T>(plan, ws, ws.gb, lora.a, false, gather, nullptr, 1.f, grad_x, tc, s);
 }
@@ -189,11 +207,15 @@ SortedWorkspace carve_sorted(detail::Carver& c, const Plan& plan, const Lora& lo
 
 template <class T>
 void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
-                       const LoraGrads& grad_lora, const SortedWorkspace& ws, cudaStream_t s) {
+                       const TensorView& cw, const LoraGrads& grad_lora, const SortedWorkspace& ws, cudaStream_t s) {
   const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
   const bool tc = use_tensor_cores(lora, {g.data, wa.data, lora.a.data, grad_lora.a.data, grad_lora.b.data});
   if (grad_lora.b.defined()) {
-    to_rank<T, GemmKind::fwd>(plan, ws.tiles, wa, false, lora.a, lora.scale, ws.uw, tc, s);  // uw = s * wa . A[e]^T
+    // uw = s * wa . A[e]^T: the forward's u weighted, or from wa
+    if (lora.u.defined())
+      launch_lora_rows<T>(plan, lora.u, ws.uw, TensorView{}, cw, TensorView{}, 1.f, s);
+    else
+      to_rank<T, GemmKind::fwd>(plan, ws.tiles, wa, false, lora.a, lora.scale, ws.uw, tc, s);
     grad_factor<T>(plan, {g.data, out, 0, gather_g}, {ws.uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
   }
   if (grad_lora.a.defined())
@@ -240,11 +262,12 @@ LoraRows lora_forward_rows(const Plan& plan, const TensorView& x, const Lora& lo
                            const TensorView& workspace, cudaStream_t stream) {
   detail::Carver c(workspace);
   const Workspace ws = carve(c, plan, lora, gather, combine, false);
+  TensorView u;
   dispatch_float(lora.a.dtype, [&](auto tag) {
-    const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, ws.u.data});
-    to_rank<decltype(tag), GemmKind::fwd>(plan, ws.tiles, x, gather, lora.a, lora.scale, ws.u, tc, stream);
+    const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, ws.u.data, lora.u.data});
+    u = project_u<decltype(tag)>(plan, ws.tiles, x, gather, lora, ws.u, tc, stream);
   });
-  return {ws.tiles, ws.u, ws.rows};
+  return {ws.tiles, u, ws.rows};
 }
 
 std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora) {
@@ -261,7 +284,7 @@ LoraRows lora_backward_factors(const Plan& plan, const TensorView& x, const Lora
   dispatch_float(lora.a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool tc = use_tensor_cores(
-        lora, {x.data, lora.a.data, lora.b.data, grad_out.data, grad_lora.a.data, grad_lora.b.data});
+        lora, {x.data, lora.a.data, lora.b.data, lora.u.data, grad_out.data, grad_lora.a.data, grad_lora.b.data});
     backward_factors<T>(plan, ws, x, lora, gather, TensorView{}, grad_out, grad_lora, TensorView{}, tc, stream);
   });
   return {ws.tiles, ws.gb, ws.rows};
@@ -279,11 +302,12 @@ TensorView lora_sorted_project(const Plan& plan, const Lora& lora, const TensorV
 }
 
 void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
-                       const LoraGrads& grad_lora, const TensorView& workspace, cudaStream_t stream) {
+                       const TensorView& combine_weights, const LoraGrads& grad_lora, const TensorView& workspace,
+                       cudaStream_t stream) {
   detail::Carver c(workspace);
   const SortedWorkspace ws = carve_sorted(c, plan, lora);
   dispatch_float(lora.a.dtype, [&](auto tag) {
-    sorted_grads_impl<decltype(tag)>(plan, lora, g, gather_g, wa, grad_lora, ws, stream);
+    sorted_grads_impl<decltype(tag)>(plan, lora, g, gather_g, wa, combine_weights, grad_lora, ws, stream);
   });
 }
 

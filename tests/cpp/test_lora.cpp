@@ -213,34 +213,35 @@ struct Inputs {
   Tensor x, w, a, b, cw, gout;
 };
 
-Tensor forward(const Inputs& in, const Tensor& weight) {
+Tensor forward(const Inputs& in, const Tensor& weight, const moefuse::Lora& lora) {
   const auto& c = in.c;
   Tensor out(c.dtype, {c.combine ? c.T : in.M, c.n_out});  // poisoned: the op must write every element
   auto plan = in.pt.plan();
-  Tensor ws = scratch(
-      moefuse::moe_linear_workspace_bytes(plan, in.x.view(), weight.view(), in.lora(), c.gather, in.cw_view()));
-  moefuse::moe_linear_forward(plan, in.x.view(), weight.view(), in.lora(), c.gather, in.cw_view(), out.view(),
-                              ws.view());
+  Tensor ws =
+      scratch(moefuse::moe_linear_workspace_bytes(plan, in.x.view(), weight.view(), lora, c.gather, in.cw_view()));
+  moefuse::moe_linear_forward(plan, in.x.view(), weight.view(), lora, c.gather, in.cw_view(), out.view(), ws.view());
   return out;
 }
+Tensor forward(const Inputs& in, const Tensor& weight) { return forward(in, weight, in.lora()); }
 
 struct Grads {
   Tensor x, a, b, cw;
 };
 // Gradients not asked for stay absent (and their tensors poisoned).
-Grads backward(const Inputs& in, const Tensor& weight, Want want) {
+Grads backward(const Inputs& in, const Tensor& weight, Want want, const moefuse::Lora& lora) {
   const auto& c = in.c;
   Grads g{Tensor(c.dtype, {c.gather ? c.T : in.M, c.n_in}), Tensor(c.dtype, {c.E, c.r, c.n_in}),
           Tensor(c.dtype, {c.E, c.n_out, c.r}), Tensor(DType::f32, {c.T, c.k})};
   auto plan = in.pt.plan();
   auto pick = [](bool on, const Tensor& t) { return on ? t.view() : TensorView{}; };
-  Tensor ws = scratch(moefuse::moe_linear_backward_workspace_bytes(plan, in.x.view(), weight.view(), in.lora(),
-                                                                   c.gather, in.cw_view()));
-  moefuse::moe_linear_backward(plan, in.x.view(), weight.view(), in.lora(), c.gather, in.cw_view(), in.gout.view(),
+  Tensor ws = scratch(moefuse::moe_linear_backward_workspace_bytes(plan, in.x.view(), weight.view(), lora, c.gather,
+                                                                   in.cw_view()));
+  moefuse::moe_linear_backward(plan, in.x.view(), weight.view(), lora, c.gather, in.cw_view(), in.gout.view(),
                                pick(want.x, g.x), {pick(want.a, g.a), pick(want.b, g.b)},
                                pick(want.cw && c.combine, g.cw), ws.view());
   return g;
 }
+Grads backward(const Inputs& in, const Tensor& weight, Want want) { return backward(in, weight, want, in.lora()); }
 
 // Experts that got no rows must get exact zeros, not merely small values.
 void expect_zero_for_idle_experts(const Inputs& in, const Vec& grad, std::int64_t per_expert, const char* what) {
@@ -283,6 +284,32 @@ TEST_P(MoeLora, BackwardMatchesReference) {
     }
     expect_zero_for_idle_experts(in, g.a.values(), c.r * c.n_in, "grad_lora.a");
     expect_zero_for_idle_experts(in, g.b.values(), c.n_out * c.r, "grad_lora.b");
+  }
+}
+
+// lora.u: the forward leaves u = scale * x[src] . A[e]^T there (placeholder rows zero), and the backward that reads
+// it instead of recomputing it gives the same gradients.
+TEST_P(MoeLora, SavedRowsServeTheBackward) {
+  Rng rng;
+  Inputs in(GetParam(), rng);
+  const auto& c = in.c;
+  Tensor u(c.dtype, {in.M, c.r});  // poisoned
+  moefuse::Lora lora = in.lora();
+  lora.u = u.view();
+  EXPECT_CLOSE(forward(in, in.w, lora).values(), in.ref_forward(in.w_v), tol(c.dtype));
+  Vec u_ref(static_cast<std::size_t>(in.M * c.r), 0.0);
+  for_each_row(in.plan, c.gather, [&](int e, int s, int, std::int64_t, std::int64_t src) {
+    const Vec v = down_proj(in.a_v, &in.x_v[src * c.n_in], e, in.d);
+    for (std::int64_t j = 0; j < c.r; ++j) u_ref[s * c.r + j] = kScale * v[j];
+  });
+  EXPECT_CLOSE(u.values(), u_ref, tol(c.dtype));
+  Grads g = backward(in, in.w, kAll, lora);
+  auto r = in.ref_backward(in.w_v);
+  EXPECT_CLOSE(g.x.values(), r.x, tol(c.dtype));
+  EXPECT_CLOSE(g.a.values(), r.a, tol(c.dtype));
+  EXPECT_CLOSE(g.b.values(), r.b, tol(c.dtype));
+  if (c.combine) {
+    EXPECT_CLOSE(g.cw.values(), r.combine, tol(c.dtype));
   }
 }
 
@@ -419,6 +446,12 @@ TEST(LoraErrors, BadAdapters) {
     // Only one factor: core's message reads "lora needs both a and b, got a ... and b ...".
     EXPECT_ERROR_NAMING(run({in.a.view(), TensorView{}, s}), "lora");
     EXPECT_ERROR_NAMING(run({TensorView{}, in.b.view(), s}), "lora");
+  }
+  // Saved rows of the wrong count, rank or dtype.
+  Tensor u_rows(c.dtype, {in.M + 1, c.r}), u_rank(c.dtype, {in.M, c.r + 1}), u_bf16(DType::bf16, {in.M, c.r});
+  for (const Tensor* u : {&u_rows, &u_rank, &u_bf16}) {
+    EXPECT_ERROR_NAMING(fwd({in.a.view(), in.b.view(), s, u->view()}), "lora.u");
+    EXPECT_ERROR_NAMING(size({in.a.view(), in.b.view(), s, u->view()}), "lora.u");
   }
 }
 

@@ -286,10 +286,11 @@ TEST(CudaLinear, ForwardBackwardMatchCpu) {
         }
 }
 
-// moe_linear forward and backward with an adapter, gpu against cpu.
-void check_lora(const LinearCase& c, DType d, int rank, bool combine) {
+// moe_linear forward and backward with an adapter, gpu against cpu; with saved_u, each forward leaves its rows
+// s * x . A^T in lora.u and the backward reads them there.
+void check_lora(const LinearCase& c, DType d, int rank, bool combine, bool saved_u = false) {
   const bool gather = !combine;  // the block's two uses
-  SCOPED_TRACE(linear_name(c, d, gather, combine) + " r" + std::to_string(rank));
+  SCOPED_TRACE(linear_name(c, d, gather, combine) + " r" + std::to_string(rank) + (saved_u ? " saved u" : ""));
   mt::Rng rng(linear_name(c, d, gather, combine) + std::to_string(rank));
   const std::int64_t M = c.T * c.k, rows_out = combine ? c.T : M;
   BothPlan plan(mt::random_ids(rng, c.T, c.k, c.E, true), c.T, c.k, c.E);
@@ -304,13 +305,16 @@ void check_lora(const LinearCase& c, DType d, int rank, bool combine) {
     cw = Both(mt::make(DType::f32, {c.T, c.k}, v));
   }
   TensorView cwc = combine ? cw.c() : TensorView{}, cwg = combine ? cw.g() : TensorView{};
-  moefuse::Lora lc{la.c(), lb.c(), 2.0f}, lg{la.g(), lb.g(), 2.0f};
+  Both u = Both::poisoned(d, {M, rank});
+  moefuse::Lora lc{la.c(), lb.c(), 2.0f, saved_u ? u.c() : TensorView{}},
+      lg{la.g(), lb.g(), 2.0f, saved_u ? u.g() : TensorView{}};
   Both out = Both::poisoned(d, {rows_out, c.out});
   Both ws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc),
                       moefuse::moe_linear_workspace_bytes(plan.gpu(), x.g(), w.g(), lg, gather, cwg));
   moefuse::moe_linear_forward(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc, out.c(), ws.c());
   moefuse::moe_linear_forward(plan.gpu(), x.g(), w.g(), lg, gather, cwg, out.g(), ws.g());
   EXPECT_MATCH(out, d);
+  if (saved_u) EXPECT_MATCH(u, d);
 
   Both gout = Both::random(rng, d, {rows_out, c.out});
   Both gx = Both::poisoned(d, {gather ? c.T : M, c.in});
@@ -337,6 +341,14 @@ TEST(CudaLinear, LoraMatchesCpu) {
     for (const LinearCase& c : {kLinearCases[0], kLinearCases[1], kLinearCases[3], kLinearCases[4]})
       for (int rank : {16, 4, 40})  // narrow tiles (r <= 32), SIMT (r % 8 != 0), wide tiles
         for (bool combine : {false, true}) check_lora(c, d, rank, combine);
+}
+
+TEST(CudaLinear, LoraSavedRowsMatchCpu) {
+  REQUIRE_GPU();
+  for (DType d : mt::kFloatTypes)
+    for (const LinearCase& c : {kLinearCases[1], kLinearCases[3]})  // Hopper with bf16 / f16 and r = 16; odd dims
+      for (int rank : {16, 4})
+        for (bool combine : {false, true}) check_lora(c, d, rank, combine, true);
 }
 
 // ~256 Hopper tiles in the forward and in the dgrad: more tiles than SMs.
@@ -390,11 +402,11 @@ TEST(CudaLinear, SwigluBackwardMatchesCpu) {
       {1, 1, 7, 7, 13},         // odd dims: the three ops
       {3, 1, 0, 16, 16},        // no tokens
   };
-  enum Mode { kTrained, kFrozen, kLora };
+  enum Mode { kTrained, kFrozen, kLora, kLoraSavedU };
   for (DType d : mt::kFloatTypes)
     for (const LinearCase& c : cases)
-      for (Mode mode : {kTrained, kFrozen, kLora}) {
-        const char* mode_names[] = {" trained", " frozen", " lora r16"};
+      for (Mode mode : {kTrained, kFrozen, kLora, kLoraSavedU}) {
+        const char* mode_names[] = {" trained", " frozen", " lora r16", " lora r16 saved u"};
         SCOPED_TRACE(linear_name(c, d, false, true) + mode_names[mode]);
         mt::Rng rng("swiglu bwd " + linear_name(c, d, false, true) + std::to_string(mode));
         const std::int64_t M = c.T * c.k, r = 16;
@@ -410,8 +422,21 @@ TEST(CudaLinear, SwigluBackwardMatchesCpu) {
         Both gh = Both::poisoned(d, {M, 2 * c.in}), gw = Both::poisoned(d, {c.E, c.out, c.in});
         Both ga = Both::poisoned(d, {c.E, r, c.in}), gb = Both::poisoned(d, {c.E, c.out, r});
         Both gcw = Both::poisoned(DType::f32, {c.T, c.k});
-        if (mode == kLora) {
-          const moefuse::Lora lc{la.c(), lb.c(), 0.75f}, lg{la.g(), lb.g(), 0.75f};
+        if (mode >= kLora) {
+          moefuse::Lora lc{la.c(), lb.c(), 0.75f}, lg{la.g(), lb.g(), 0.75f};
+          Both u = Both::poisoned(d, {M, r});
+          if (mode == kLoraSavedU) {  // u from each backend's own forward of a = swiglu(h), as the block leaves it
+            lc.u = u.c();
+            lg.u = u.g();
+            Both a = Both::poisoned(d, {M, c.in}), out = Both::poisoned(d, {c.T, c.out});
+            moefuse::swiglu_forward(h.c(), a.c());
+            moefuse::swiglu_forward(h.g(), a.g());
+            Both fws = workspace(moefuse::moe_linear_workspace_bytes(plan.cpu.plan(), a.c(), w.c(), lc, false, cw.c()),
+                                 moefuse::moe_linear_workspace_bytes(plan.gpu(), a.g(), w.g(), lg, false, cw.g()));
+            moefuse::moe_linear_forward(plan.cpu.plan(), a.c(), w.c(), lc, false, cw.c(), out.c(), fws.c());
+            moefuse::moe_linear_forward(plan.gpu(), a.g(), w.g(), lg, false, cw.g(), out.g(), fws.g());
+            EXPECT_MATCH(u, d);
+          }
           Both ws = workspace(
               moefuse::swiglu_linear_backward_workspace_bytes(plan.cpu.plan(), h.c(), w.c(), lc, cw.c()),
               moefuse::swiglu_linear_backward_workspace_bytes(plan.gpu(), h.g(), w.g(), lg, cw.g()));

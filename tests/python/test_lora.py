@@ -214,6 +214,27 @@ def test_experts_with_lora_opcheck():
     opcheck(ops.experts_backward, (*args, [False] * 5 + [True] + [False] * 2, *det))
 
 
+def test_backward_reads_the_forwards_low_rank_rows():
+    """The forward leaves u = scale * x . A[e]^T in its saved state and the backward takes it from there: with those
+    rows zeroed, grad B (= g^T . w * u) comes out zero while grad A (which does not read u) does not change."""
+    from moefuse import _ops
+
+    x, _, gate_up, down = block_tensors()
+    ids, w = routing()
+    lora = lora_args()
+    out, saved = ops.experts(x, ids, w, gate_up, down, *lora)
+    args = (torch.randn_like(out), x, w, gate_up, down)
+    needs = [False] * 4 + [True] * 4
+    ref = ops.experts_backward(*args, saved, needs, *lora)
+    tampered = saved.clone()
+    tampered[_ops._experts_saved_bytes(x, w, gate_up)[0] :] = 0
+    got = ops.experts_backward(*args, tampered, needs, *lora)
+    for i in (4, 6):  # grad_gate_up_a, grad_down_a
+        assert torch.equal(got[i], ref[i])
+    for i in (5, 7):  # grad_gate_up_b, grad_down_b
+        assert ref[i].abs().sum() > 0 and got[i].abs().sum() == 0
+
+
 def test_experts_with_lora_match_merged_weights():
     """The adapters give what W + scale * b.a would, and their gradients are those through the merged weights."""
     x, _, gate_up, down = block_tensors(requires_grad=True)
@@ -289,4 +310,4 @@ def test_binding_refuses_a_base_weight_gradient_with_an_adapter():
     grad_h = torch.randn(ids.numel(), 2 * I)
     with pytest.raises(ValueError, match="LoRA freezes the base weight"):
         _C.moe_linear_backward(arg, x, gate_up, True, None, grad_h, None, torch.empty_like(gate_up), None, None,
-                               lora=(gu_a, gu_b, scale))  # fmt: skip
+                               lora=(gu_a, gu_b, scale, None))  # fmt: skip
