@@ -37,7 +37,9 @@ def parse():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write all results to this file")
-    p.add_argument("--profile", action="store_true", help="print each forward+backward's top kernels (torch.profiler)")
+    p.add_argument("--profile", action="store_true",
+                   help="print each forward+backward's top kernels (torch.profiler) and the GPU's idle gaps; "
+                        "MOEFUSE_TRACE_DIR=dir also writes a Chrome trace per step")
     return p.parse_args()
 
 
