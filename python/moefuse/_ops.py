@@ -305,7 +305,7 @@ def experts(
     cfg = _config(gate_up, ids.shape[1], False)
     out = torch.empty_like(x)
     core, total = _experts_saved_bytes(x, w, gate_up, gate_up_a, down_a)
-    saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), False, total)
+    saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), total)
     gu_u, dn_u = _lora_rows(saved, core, ids.numel(), gate_up.dtype, gate_up_a, down_a)
     gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u)
     dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u)
@@ -422,15 +422,13 @@ def _saved_bytes(query, tokens, x, gate_up, top_k, renormalize):
     return per_token * tokens + fixed
 
 
-def _saved_empty(query, cfg, x, gate_up, top_k, renormalize, nbytes=None) -> torch.Tensor:
-    """The saved state's buffer (`nbytes`, default the core's bound), zeroed where the op leaves it unwritten, so that
-    its bytes are deterministic (opcheck compares outputs bit for bit). h [T*k, 2I], by far its largest piece, is
-    written whole and is the core layout's last piece (block.cpp), so only the pieces before it and everything after
-    it (the adapters' small u rows included) are zeroed: zeroing all of it cost 0.12 ms of a 3 ms forward (30B
-    layer, T = 16384, H100)."""
+def _saved_empty(query, cfg, x, gate_up, top_k, nbytes) -> torch.Tensor:
+    """The saved state's buffer of `nbytes`, zeroed where the op leaves it unwritten, so that its bytes are
+    deterministic (opcheck compares outputs bit for bit). h [T*k, 2I], by far its largest piece, is written whole and
+    is the core layout's last piece (block.cpp; `query` sizes that layout), so only the pieces before it and
+    everything after it (the adapters' small u rows included) are zeroed: zeroing all of it cost 0.12 ms of a 3 ms
+    forward (30B layer, T = 16384, H100)."""
     tokens = x.shape[0]
-    if nbytes is None:
-        nbytes = _saved_bytes(query, tokens, x, gate_up, top_k, renormalize)
     saved = _aligned_empty(nbytes, x.device)
     h_bytes = tokens * top_k * gate_up.shape[1] * x.element_size()
     h_at = query(cfg, tokens, _dtype(x, "x")) - (h_bytes + _ALIGN - 1) // _ALIGN * _ALIGN
@@ -453,7 +451,8 @@ def moe_block(
     cfg = _config(gate_up, top_k, renormalize)
     out = torch.empty_like(x)
     logits = x.new_empty(x.shape[0], router_weight.shape[0])
-    saved = _saved_empty(_C.moe_saved_bytes, cfg, x, gate_up, top_k, renormalize)
+    nbytes = _saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize)
+    saved = _saved_empty(_C.moe_saved_bytes, cfg, x, gate_up, top_k, nbytes)
     with _on(x.device):
         ws = _workspace(_C.moe_forward_workspace_bytes(cfg, x, router_weight, gate_up, down), x.device)
         _C.moe_forward(cfg, x, router_weight, gate_up, down, out, logits, saved, ws, _stream(x.device))
