@@ -55,6 +55,11 @@ struct GemmParams {
   const int* offsets = nullptr;       // [E+1]
   const int* tile_offsets = nullptr;  // [E+1] fwd/dgrad: M-tiles before each expert
   const float* k_scale = nullptr;     // wgrad: sorted row s (along k) scaled by k_scale[pairs[s]]
+  // wgrad: blocks run expert by expert by default (the ones running together read the same rows). token_major runs
+  // the experts fastest instead, so blocks running together read one column slice of the operand for every expert:
+  // for a gathered operand each token's slice is then wanted by its top_k experts at about the same time, and L2
+  // serves all but the first read (LoRA's rank side, where that operand is all the traffic).
+  bool token_major = false;
   int experts = 0;
   int m = 0;  // wgrad only: rows of dW (fwd/dgrad rows come from offsets)
   int n = 0;
@@ -73,21 +78,23 @@ struct Tile {
 };
 
 // Decodes blockIdx.x; false for a surplus block. fwd/dgrad: x = m_tile * n_tiles + n_tile (n fastest, so blocks
-// running together share A rows); wgrad: x = (e * m_tiles + m_tile) * n_tiles + n_tile.
+// running together share A rows); wgrad: x = (e * m_tiles + m_tile) * n_tiles + n_tile, or with token_major
+// (m_tile * n_tiles + n_tile) * experts + e.
 template <GemmKind KIND, int BM, int BN>
 __device__ __forceinline__ bool decode_tile(const GemmParams& p, Tile& t) {
   const int n_tiles = (p.n + BN - 1) / BN;
   const int id = blockIdx.x;
-  t.n0 = (id % n_tiles) * BN;
   if constexpr (KIND == GemmKind::wgrad) {
-    const int m_tiles = (p.m + BM - 1) / BM;
-    const int mt = id / n_tiles;
-    t.e = mt / m_tiles;
-    t.m0 = (mt % m_tiles) * BM;
+    const int mn_tiles = (p.m + BM - 1) / BM * n_tiles;
+    t.e = p.token_major ? id % p.experts : id / mn_tiles;
+    const int mn = p.token_major ? id / p.experts : id % mn_tiles;
+    t.m0 = (mn / n_tiles) * BM;
+    t.n0 = (mn % n_tiles) * BN;
     t.m_end = p.m;
     t.k0 = p.offsets[t.e];
     t.k_end = p.offsets[t.e + 1];
   } else {
+    t.n0 = (id % n_tiles) * BN;
     const int mt = id / n_tiles;
     if (mt >= p.tile_offsets[p.experts]) return false;
     t.e = expert_of_tile(p.tile_offsets, p.experts, mt);

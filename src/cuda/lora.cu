@@ -139,13 +139,15 @@ void launch_lora_rows(const Plan& plan, const TensorView& u, const TensorView& u
   MOEFUSE_CUDA_LAUNCH_CHECK();
 }
 
-// grad[e] [rows, cols] = sum over e's sorted rows of a_row^T . b_row (experts without rows get zeros).
+// grad[e] [rows, cols] = sum over e's sorted rows of a_row^T . b_row (experts without rows get zeros); token-major
+// when an operand is gathered (GemmParams::token_major).
 template <class T>
 void grad_factor(const Plan& plan, GemmOperand a, GemmOperand b, std::int64_t rows, std::int64_t cols,
                  const TensorView& grad, bool tc, cudaStream_t s) {
   GemmParams p = plan_params(plan, TensorView{});
   p.a = a;
   p.b = b;
+  p.token_major = a.gather || b.gather;
   p.m = static_cast<int>(rows);
   p.n = static_cast<int>(cols);
   p.epi.out = grad.data;
