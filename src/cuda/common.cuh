@@ -7,8 +7,11 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "moefuse/error.h"
 #include "moefuse/tensor.h"
@@ -54,12 +57,22 @@ class DeviceGuard {
   bool changed_ = false;
 };
 
-// A kernel may use more than 48 KB of dynamic shared memory only after this.
+// A kernel may use more than 48 KB of dynamic shared memory only after this. The attribute holds per kernel and
+// device, and setting it costs microseconds of host time on every launch, so each (kernel, device) gets it once per
+// size it grows to.
 template <class Kernel>
 void set_smem_limit(Kernel kernel, std::size_t bytes) {
-  if (bytes > 48 * 1024)
-    MOEFUSE_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (bytes <= 48 * 1024) return;
+  int device = 0;
+  MOEFUSE_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, std::size_t> set;  // per Kernel signature: keyed by the kernel
+  const std::lock_guard<std::mutex> lock(mutex);
+  std::size_t& limit = set[{reinterpret_cast<const void*>(kernel), device}];
+  if (bytes <= limit) return;
+  MOEFUSE_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  limit = bytes;
 }
 
 template <class T>

@@ -162,14 +162,16 @@ struct EpilogueRow {
 
 namespace tc {
 
-constexpr int BK = 64, STAGES = 3, THREADS = 256;
+constexpr int BK = 64, THREADS = 256;
 
-// A block tile of BM x BN over 8 warps laid out WARPS_M x WARPS_N, each warp MI x NI mma tiles of 16 x 8. Wide serves
-// the layer's GEMMs; the narrow ones serve LoRA's rank-r side (N = r, or wgrad's M = r), where a 128-wide tile would
-// spend most of its MMAs on padding and leave the memory pipe idle.
-template <int BM_, int BN_, int WARPS_M_>
+// A block tile of BM x BN over 8 warps laid out WARPS_M x WARPS_N, each warp MI x NI mma tiles of 16 x 8, with a
+// STAGES-deep cp.async pipeline and at least MIN_BLOCKS blocks per SM. Wide serves the layer's GEMMs; the narrow ones
+// serve LoRA's rank-r side (N = r, or wgrad's M = r), where a 128-wide tile would spend most of its MMAs on padding
+// and leave the memory pipe idle.
+template <int BM_, int BN_, int WARPS_M_, int STAGES_ = 3, int MIN_BLOCKS_ = 2>
 struct Config {
   static constexpr int BM = BM_, BN = BN_, WARPS_M = WARPS_M_, WARPS_N = 8 / WARPS_M_;
+  static constexpr int STAGES = STAGES_, MIN_BLOCKS = MIN_BLOCKS_;
   static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MI = WM / 16, NI = WN / 8;
   // Shared-memory row width of a tile stored m or n inner (dgrad's B, wgrad's A and B): the swizzle needs 64.
   static constexpr int RA = BM < 64 ? 64 : BM, RB = BN < 64 ? 64 : BN;
@@ -183,7 +185,11 @@ struct Config {
 };
 using Wide = Config<128, 128, 2>;
 using NarrowN = Config<128, 32, 8>;
-using NarrowM = Config<32, 128, 1>;
+// The rank-side wgrads stream each expert's rows through a block with almost no math per byte, so their time is load
+// latency: 4 blocks of 2 stages per SM beat 2 of 3 by 10 % on the H100, where the fwd/dgrad forms lose 4 % by it
+// (bench/RESULTS.md, 2026-11-28).
+using NarrowWgradN = Config<128, 32, 8, 2, 4>;
+using NarrowWgradM = Config<32, 128, 1, 2, 4>;
 
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
@@ -238,10 +244,10 @@ __device__ __forceinline__ void load_k_rows(T* dst, const GemmParams& p, bool ga
 }
 
 template <class T, GemmKind KIND, class C>
-__global__ void __launch_bounds__(THREADS, 2) grouped_gemm_tc(const GemmParams p) {
+__global__ void __launch_bounds__(THREADS, C::MIN_BLOCKS) grouped_gemm_tc(const GemmParams p) {
   constexpr bool kWgrad = KIND == GemmKind::wgrad;
   constexpr bool kBKInner = KIND == GemmKind::fwd;
-  constexpr int BM = C::BM, BN = C::BN, WM = C::WM, WN = C::WN, MI = C::MI, NI = C::NI;
+  constexpr int BM = C::BM, BN = C::BN, WM = C::WM, WN = C::WN, MI = C::MI, NI = C::NI, STAGES = C::STAGES;
   constexpr int A_STAGE = kWgrad ? BK * C::RA : BM * BK, B_STAGE = kBKInner ? BN * BK : BK * C::RB;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sa = reinterpret_cast<T*>(smem);
@@ -596,9 +602,12 @@ template <class T, GemmKind KIND>
 void run_grouped_gemm(const GemmParams& p, std::int64_t rows, bool tensor_cores, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (tensor_cores) {
-      if (p.n <= tc::NarrowN::BN && !p.epi.partial) return launch_tc<T, KIND, tc::NarrowN>(p, rows, stream);
-      if constexpr (KIND == GemmKind::wgrad)
-        if (p.m <= tc::NarrowM::BM) return launch_tc<T, KIND, tc::NarrowM>(p, rows, stream);
+      if constexpr (KIND == GemmKind::wgrad) {
+        if (p.n <= tc::NarrowWgradN::BN) return launch_tc<T, KIND, tc::NarrowWgradN>(p, rows, stream);
+        if (p.m <= tc::NarrowWgradM::BM) return launch_tc<T, KIND, tc::NarrowWgradM>(p, rows, stream);
+      } else if (p.n <= tc::NarrowN::BN && !p.epi.partial) {
+        return launch_tc<T, KIND, tc::NarrowN>(p, rows, stream);
+      }
       return launch_tc<T, KIND, tc::Wide>(p, rows, stream);
     }
   }
