@@ -48,7 +48,7 @@ for s in "${stages[@]}"; do
       filter='CudaRouter.*:CudaPlan.*:CudaSwiglu.*:CudaBlock.SmallShapesMatchCpu:CudaBlock.StepReplaysFromACudaGraph'
       filter+=':CudaLinear.SwigluForwardMatchesCpu:CudaLinear.LoraMatchesCpu'
       for tool in ${SANITIZERS:-memcheck racecheck}; do
-        timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 build/dev/tests/cuda/test_cuda \
+        timeout 270 compute-sanitizer --tool $tool --error-exitcode 9 build/dev/tests/cuda/test_cuda \
           --gtest_filter="$([ $tool = memcheck ] && echo "$filter:CudaLinear.*" || echo "$filter")" \
           > "$LOG/sanitize_$tool.log" 2>&1
         echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$LOG/sanitize_$tool.log" | tail -3 | tr '\n' ' ')"
