@@ -84,3 +84,25 @@ def test_compile_cuda_dynamic():
         x = torch.randn(t, m.router_weight.shape[1], device="cuda")
         torch.testing.assert_close(compiled(x)[0], m(x)[0])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_rows_past_int32_elements():
+    """Sorted-row buffers of more than 2**31 elements (T*k rows of H): the tokens at the end of such a batch get the
+    same results, forward and backward, as when they run alone."""
+    t, h, i, e, k, tail = 2**19 + 3, 2048, 768, 8, 2, 257  # T*k*H = 2**31 + 12288
+    if torch.cuda.mem_get_info()[0] < 48 * 2**30:
+        pytest.skip("needs 48 GiB of free GPU memory")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s, scale=1.0: (torch.randn(*s, device="cuda", generator=g) * scale).to(torch.bfloat16)
+    x, gy = r(t, h).requires_grad_(), r(t, h)
+    gate_up, down = r(e, 2 * i, h, scale=h**-0.5), r(e, h, i, scale=i**-0.5)
+    ids = torch.rand(t, e, device="cuda", generator=g).argsort(-1)[:, :k].int()  # k distinct experts per token
+    w = torch.rand(t, k, device="cuda", generator=g).requires_grad_()
+    out = ops.experts(x, ids, w, gate_up, down)[0]
+    out.backward(gy)
+    x_tail, w_tail = x[-tail:].detach().clone().requires_grad_(), w[-tail:].detach().clone().requires_grad_()
+    out_tail = ops.experts(x_tail, ids[-tail:], w_tail, gate_up, down)[0]
+    out_tail.backward(gy[-tail:])
+    torch.testing.assert_close(out[-tail:], out_tail, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(x.grad[-tail:], x_tail.grad, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(w.grad[-tail:], w_tail.grad, rtol=1e-2, atol=1e-2)
