@@ -97,7 +97,7 @@ class ParamWrapper(peft_layer.ParamWrapper):
         if name is None:
             yield
             return
-        param = self.get_param()
+        param = getattr(experts, self.parameter_name)  # get_param(), without walking the wrappers again
         # PEFT may keep adapters in f32 over bf16 weights; it casts the same way (here in the relayout's copy).
         lora, scale = stacked_from_param_wrapper(self, name, param.dtype)
         handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: compile traces item writes, not setdefault
