@@ -22,7 +22,9 @@ struct MoeConfig {
   bool renormalize = true;        // norm_topk_prob
 };
 
-// All of one dtype (f32 | bf16 | f16) and one device.
+// All of one dtype (f32 | bf16 | f16) and one device. The adapters' a and b may have any strides and any float
+// dtype (PEFT's layouts are strided views of its lora_A / lora_B weights, often f32 over bf16 weights): such ones
+// are copied, cast to the weights' dtype, into the workspace first. Their u must be contiguous, in the weights' dtype.
 struct MoeWeights {
   TensorView router;   // [E, H]
   TensorView gate_up;  // [E, 2I, H]: gate rows then up rows
@@ -38,8 +40,8 @@ struct MoeGrads {
   TensorView router;   // [E, H]
   TensorView gate_up;  // [E, 2I, H] (not with gate_up_lora: LoRA freezes its base weight)
   TensorView down;     // [E, H, I]  (not with down_lora)
-  LoraGrads gate_up_lora;
-  LoraGrads down_lora;
+  LoraGrads gate_up_lora;  // shaped like the adapter; any float dtype and non-overlapping strides (written through
+  LoraGrads down_lora;     // the workspace, cast, when not contiguous in the weights' dtype)
 };
 
 // What forward leaves for backward, laid out inside the caller's `saved` buffer (u8, moe_saved_bytes long).

@@ -245,10 +245,11 @@ moe_fused_linear.register_autograd(_linear_backward, setup_context=_linear_setup
 
 
 def _lora_arg(a, b, scale, u=None):
-    """The binding's (a, b, scale, u), or None for no adapter (a or b alone is reported by the op)."""
+    """The binding's (a, b, scale, u), or None for no adapter (a or b alone is reported by the op). a and b go as
+    they are: the op stages strided or other-dtype adapters (PEFT's) itself."""
     if a is None and b is None:
         return None
-    return (None if a is None else a.contiguous(), None if b is None else b.contiguous(), scale, u)
+    return (a, b, scale, u)
 
 
 def _lora_rows_bytes(rows, dtype_size, *a):

@@ -190,11 +190,12 @@ def _check_peft_shapes(lora_a: torch.Tensor, lora_b: torch.Tensor, num_experts: 
     return lora_a.shape[0] // num_experts
 
 
-def peft_to_stacked(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: tuple[int, int, int],
-                    layout: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> StackedLora:  # fmt: skip
-    """Stacked adapter (a [E, r, d2], b [E, d1, r]) on a parameter [E, d1, d2] from a ParamWrapper's
-    lora_A.weight and lora_B.weight. layout: SWAPPED or POSITIONAL; None detects it from the shapes. dtype: cast in
-    the same copy as the relayout (default: theirs)."""
+def peft_stacked_views(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: tuple[int, int, int],
+                       layout: Optional[str] = None) -> StackedLora:  # fmt: skip
+    """Stacked adapter (a [E, r, d2], b [E, d1, r]) on a parameter [E, d1, d2] as views of a ParamWrapper's
+    lora_A.weight and lora_B.weight: no copy, so b (and in the positional layout a too) is strided, and gradients
+    flow back through the views. moefuse's ops take such views as they are. layout: SWAPPED or POSITIONAL; None
+    detects it from the shapes."""
     e, d1, d2 = param_shape
     if layout is None:
         layout = detect_peft_layout(lora_a, lora_b, param_shape)
@@ -206,12 +207,20 @@ def peft_to_stacked(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: tup
         raise ValueError(f"PEFT lora_A.weight {tuple(lora_a.shape)} / lora_B.weight {tuple(lora_b.shape)} do not fit "
                          f"the '{layout}' layout of a parameter {tuple(param_shape)}: expected [E*r, {n_in}] and "
                          f"[{n_out}, r*E]")  # fmt: skip
-    a = lora_a.reshape(e, r, n_in)  # expert-major
+    a = lora_a.reshape(e, r, n_in)  # expert-major (views of contiguous weights)
     b = lora_b.reshape(n_out, r, e).permute(2, 0, 1)  # expert-minor -> [E, n_out, r]
     if layout == POSITIONAL:  # delta[e] = (b[e] @ a[e])^T = a[e]^T @ b[e]^T
         a, b = b.transpose(1, 2), a.transpose(1, 2)
+    return StackedLora(a, b)
+
+
+def peft_to_stacked(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: tuple[int, int, int],
+                    layout: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> StackedLora:  # fmt: skip
+    """peft_stacked_views as contiguous tensors (for checkpoints and other tools), cast to `dtype` in the same copy
+    (default: theirs)."""
+    views = peft_stacked_views(lora_a, lora_b, param_shape, layout)
     # One copy each: a cast writes contiguous rows (to() returns the tensor itself when the dtype is unchanged).
-    return StackedLora(*(t.to(dtype or t.dtype, memory_format=torch.contiguous_format).contiguous() for t in (a, b)))
+    return StackedLora(*(t.to(dtype or t.dtype, memory_format=torch.contiguous_format).contiguous() for t in views))
 
 
 def stacked_to_peft(lora: StackedLora, layout: str = SWAPPED) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,9 +6,10 @@ targeted) that, every forward, parametrises the parameter as W + scale * B.A, a 
 ``use_moefuse_lora(model)`` makes those wrappers hand their adapter to the "moefuse" experts function instead, as the
 stacked (A [E, r, in], B [E, out, r], scale) that rides along the grouped GEMM, so W + B.A is never formed.
 
-The adapters stay PEFT's own parameters: the stacked tensors are converted from lora_A.weight / lora_B.weight every
-forward (moefuse.convert, with autograd), so optimizers, save_pretrained, PeftModel.from_pretrained and
-merge_and_unload work as before. The wrappers stay ParamWrappers (a subclass that only replaces how the adapter is
+The adapters stay PEFT's own parameters: the stacked tensors are views of lora_A.weight / lora_B.weight
+(moefuse.convert.peft_stacked_views; the op stages them into the weights' dtype and layout, and writes their
+gradients back through the views), so optimizers, save_pretrained, PeftModel.from_pretrained and merge_and_unload
+work as before. The wrappers stay ParamWrappers (a subclass that only replaces how the adapter is
 applied); after PeftModel.from_pretrained, call use_moefuse_lora again.
 
 Under Transformers' expert parallelism (DistributedConfig(enable_expert_parallel=True)) each rank runs only its own
@@ -24,7 +25,7 @@ import torch
 from peft.tuners.lora import layer as peft_layer
 
 from ._ops import MoefuseError
-from .convert import StackedLora, stacked_from_param_wrapper
+from .convert import StackedLora, param_wrapper_layout, peft_stacked_views
 from .hf import LORA_ATTR, NAME, check_layout
 
 _PARAMS = ("gate_up_proj", "down_proj")
@@ -98,10 +99,12 @@ class ParamWrapper(peft_layer.ParamWrapper):
             yield
             return
         param = getattr(experts, self.parameter_name)  # get_param(), without walking the wrappers again
-        # PEFT may keep adapters in f32 over bf16 weights; it casts the same way (here in the relayout's copy).
-        lora, scale = stacked_from_param_wrapper(self, name, param.dtype)
+        # Views, no copies: the op stages PEFT's strided (and often f32) adapters into the weights' dtype itself, and
+        # writes their gradients back into PEFT's layout.
+        lora = peft_stacked_views(self.lora_A[name].weight, self.lora_B[name].weight, tuple(param.shape),
+                                  param_wrapper_layout(self))  # fmt: skip
         handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: compile traces item writes, not setdefault
-        handed[self.parameter_name] = (*_expert_parallel_rows(param, lora), scale)
+        handed[self.parameter_name] = (*_expert_parallel_rows(param, lora), self.scaling[name])
         try:
             yield
         finally:

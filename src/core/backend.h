@@ -73,6 +73,9 @@
                                     void* stream);                                                                  \
   void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void* stream);      \
                                                                                                                     \
+  /* dst = src, cast to dst's dtype: same 3-D shape, any strides (core/block.cpp stages adapters with it). */     \
+  void copy_strided(const TensorView& src, const TensorView& dst, void* stream);                                   \
+                                                                                                                    \
   /* Dense linear (the router projection): y[T, N] = x[T, K] . w[N, K]^T, all one dtype. */                        \
   void dense_linear_forward(const TensorView& x, const TensorView& w, const TensorView& y, void* stream);          \
   /* grad_x[T, K] = dy . w (added to grad_x when accumulate_grad_x); grad_w[N, K] = dy^T . x. Either may be        \

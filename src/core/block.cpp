@@ -1,6 +1,8 @@
 // The MoE block and its experts part, composed from the ops (see include/moefuse/block.h for the data flow).
 // The block is router + experts: both public entries run the same experts code below.
 #include <algorithm>
+#include <tuple>
+#include <utility>
 
 #include "core/dispatch.h"
 #include "core/workspace.h"
@@ -23,6 +25,75 @@ void check_config(const char* op, const MoeConfig& c) {
   MOEFUSE_CHECK(c.top_k >= 1 && c.top_k <= c.experts, op, "top_k must be in [1, ", c.experts, "], got ", c.top_k);
 }
 
+// Adapters reach the kernels contiguous and in the weights' dtype. One given otherwise (a strided view such as PEFT's
+// lora_B [out, r*E] read as [E, out, r]; f32 adapters over bf16 weights, as PEFT keeps them) is staged: copied into
+// the workspace before the GEMMs; its gradients are computed there and copied out, cast, after them.
+bool staged(const TensorView& t, DType dtype) { return t.defined() && (t.dtype != dtype || !t.is_contiguous()); }
+
+// No two elements of `t` at one address (sufficient test: each dim's stride spans all smaller-stride dims).
+bool non_overlapping(const TensorView& t) {
+  int d[3] = {0, 1, 2};
+  std::sort(d, d + 3, [&](int i, int j) { return t.stride[i] < t.stride[j]; });
+  std::int64_t span = 1;
+  for (int i : d) {
+    if (t.shape[i] <= 1) continue;
+    if (t.stride[i] < span) return false;
+    span = t.stride[i] * t.shape[i];
+  }
+  return true;
+}
+
+// An adapter tensor or gradient as given, before staging: 3-D, a float dtype, on the weights' device, any strides
+// (a gradient's must not overlap). Shapes are checked on the staged views by the ops.
+void check_given(const char* op, const char* name, const TensorView& t, Device device, bool written) {
+  if (!t.defined()) return;
+  MOEFUSE_CHECK(t.ndim == 3, op, name, " must be 3-D, got ", describe(t));
+  MOEFUSE_CHECK(t.dtype == DType::f32 || t.dtype == DType::bf16 || t.dtype == DType::f16, op, name,
+                " must be f32 | bf16 | f16, got ", describe(t));
+  for (int d = 0; d < 3; ++d)
+    MOEFUSE_CHECK(t.shape[d] >= 0 && t.stride[d] >= 0, op, name, " has a negative size or stride: ", describe(t));
+  MOEFUSE_CHECK(!written || non_overlapping(t), op, name, " has elements that overlap in memory: ", describe(t));
+  expect_same_device(op, name, t, device);
+}
+
+void check_given(const char* op, const MoeWeights& w, const TensorView& x) {
+  check_given(op, "gate_up_lora.a", w.gate_up_lora.a, x.device, false);
+  check_given(op, "gate_up_lora.b", w.gate_up_lora.b, x.device, false);
+  check_given(op, "down_lora.a", w.down_lora.a, x.device, false);
+  check_given(op, "down_lora.b", w.down_lora.b, x.device, false);
+}
+
+TensorView stage(const TensorView& t, DType dtype, Carver& cv) {
+  return staged(t, dtype) ? cv.take(dtype, {t.shape[0], t.shape[1], t.shape[2]}) : t;
+}
+
+Lora stage(const Lora& l, DType dtype, Carver& cv) {
+  Lora s = l;
+  s.a = stage(l.a, dtype, cv);
+  s.b = stage(l.b, dtype, cv);
+  return s;
+}
+
+// Room for an adapter's gradients in the weights' dtype, whatever the caller's turn out to be: the workspace queries
+// do not see the gradients.
+LoraGrads stage_grads(const Lora& l, DType dtype, Carver& cv) {
+  if (!l.defined() || !l.a.defined() || !l.b.defined()) return {};
+  return {cv.take(dtype, {l.a.shape[0], l.a.shape[1], l.a.shape[2]}),
+          cv.take(dtype, {l.b.shape[0], l.b.shape[1], l.b.shape[2]})};
+}
+
+// The gradient the kernels write: the caller's own when it needs no staging, else the room reserved for it.
+TensorView grad_target(const TensorView& given, const TensorView& room, DType dtype) {
+  return staged(given, dtype) ? room : given;
+}
+
+// Copies what was staged: `to` is a staged view of `from` wherever the two differ.
+void copy_staged(const char* op, std::initializer_list<std::pair<TensorView, TensorView>> from_to, void* stream) {
+  for (const auto& [from, to] : from_to)
+    if (from.defined() && to.defined() && from.data != to.data)
+      BACKEND(op, from.device, copy_strided, from, to, stream);
+}
+
 // Checks x and the expert weights (and the router weight when `router`); returns T.
 // `data` is false in workspace queries, which read shapes only.
 std::int64_t check_weights(const char* op, const MoeConfig& c, const TensorView& x, const MoeWeights& w, bool router,
@@ -40,6 +111,7 @@ std::int64_t check_weights(const char* op, const MoeConfig& c, const TensorView&
   expect_same_dtype(op, "down", w.down, x.dtype);
   expect_same_device(op, "gate_up", w.gate_up, x.device);
   expect_same_device(op, "down", w.down, x.device);
+  check_given(op, w, x);
   return x.shape[0];
 }
 
@@ -61,6 +133,14 @@ void check_grads(const char* op, const MoeConfig& c, const TensorView& x, const 
                 "grads.gate_up given, but gate_up has a LoRA adapter, which freezes it: ask for grads.gate_up_lora");
   MOEFUSE_CHECK(!(g.down.defined() && w.down_lora.defined()), op,
                 "grads.down given, but down has a LoRA adapter, which freezes it: ask for grads.down_lora");
+  for (const auto& [name, grad, like] : {std::tuple{"grads.gate_up_lora.a", g.gate_up_lora.a, w.gate_up_lora.a},
+                                         {"grads.gate_up_lora.b", g.gate_up_lora.b, w.gate_up_lora.b},
+                                         {"grads.down_lora.a", g.down_lora.a, w.down_lora.a},
+                                         {"grads.down_lora.b", g.down_lora.b, w.down_lora.b}}) {
+    check_given(op, name, grad, x.device, true);
+    MOEFUSE_CHECK(!grad.defined() || (like.defined() && std::equal(grad.shape, grad.shape + 3, like.shape)), op,
+                  name, " must have the shape of its adapter, ", describe(like), ", got ", describe(grad));
+  }
 }
 
 // The experts' state for backward: the plan and h = gather(x) . gate_up^T.
@@ -106,35 +186,44 @@ auto saved_in(const char* op, const MoeConfig& c, std::int64_t tokens, DType dty
   return layout(c, tokens, dtype, cv);
 }
 
-// Forward scratch: a = swiglu(h), then one region the ops take turns using.
+// Forward scratch: the adapters as the kernels read them, a = swiglu(h), then one region the ops take turns using.
 struct ForwardWork {
+  Lora gate_up_lora, down_lora;
   TensorView a, scratch;
 };
 
 ForwardWork layout_forward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const ExpertsSaved& s,
                            const TensorView& topk_weights, Carver& cv) {
   ForwardWork f;
+  f.gate_up_lora = stage(w.gate_up_lora, x.dtype, cv);
+  f.down_lora = stage(w.down_lora, x.dtype, cv);
   f.a = cv.take(x.dtype, {s.h.shape[0], c.intermediate});
   f.scratch = cv.take_bytes(
       std::max({BACKEND("moe_forward", x.device, routing_plan_workspace_bytes, s.plan),
-                moe_linear_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}),
-                moe_linear_workspace_bytes(s.plan, f.a, w.down, w.down_lora, false, topk_weights)}));
+                moe_linear_workspace_bytes(s.plan, x, w.gate_up, f.gate_up_lora, true, TensorView{}),
+                moe_linear_workspace_bytes(s.plan, f.a, w.down, f.down_lora, false, topk_weights)}));
   return f;
 }
 
 // Backward scratch of the experts (the block adds the router's below them): swiglu_linear_backward goes from h to
 // grad_h itself.
 struct BackwardWork {
+  Lora gate_up_lora, down_lora;
+  LoraGrads gate_up_grads, down_grads;  // room for the adapters' gradients, used where the caller's are staged
   TensorView grad_h, scratch;
 };
 
 BackwardWork layout_backward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const ExpertsSaved& s,
                              const TensorView& topk_weights, Carver& cv) {
   BackwardWork b;
+  b.gate_up_lora = stage(w.gate_up_lora, x.dtype, cv);
+  b.down_lora = stage(w.down_lora, x.dtype, cv);
+  b.gate_up_grads = stage_grads(w.gate_up_lora, x.dtype, cv);
+  b.down_grads = stage_grads(w.down_lora, x.dtype, cv);
   b.grad_h = cv.take(x.dtype, {s.h.shape[0], 2 * c.intermediate});
   b.scratch = cv.take_bytes(
-      std::max(swiglu_linear_backward_workspace_bytes(s.plan, s.h, w.down, w.down_lora, topk_weights),
-               moe_linear_backward_workspace_bytes(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{})));
+      std::max(swiglu_linear_backward_workspace_bytes(s.plan, s.h, w.down, b.down_lora, topk_weights),
+               moe_linear_backward_workspace_bytes(s.plan, x, w.gate_up, b.gate_up_lora, true, TensorView{})));
   return b;
 }
 
@@ -149,13 +238,19 @@ Sizing sizing(const MoeConfig& c, const TensorView& x) {
   return {{s.plan, s.h}, s.topk_weights};
 }
 
+void stage_adapters(const char* op, const MoeWeights& w, const Lora& gate_up, const Lora& down, void* stream) {
+  copy_staged(op, {{w.gate_up_lora.a, gate_up.a}, {w.gate_up_lora.b, gate_up.b}, {w.down_lora.a, down.a},
+                   {w.down_lora.b, down.b}}, stream);
+}
+
 void experts_forward(const TensorView& x, const MoeWeights& w, const TensorView& topk_ids,
                      const TensorView& topk_weights, const ExpertsSaved& s, const ForwardWork& f,
                      const TensorView& out, void* stream) {
   const char* op = "moe_forward";
+  stage_adapters(op, w, f.gate_up_lora, f.down_lora, stream);
   BACKEND(op, x.device, routing_plan, topk_ids, s.plan, f.scratch, stream);
-  moe_linear_swiglu_forward(s.plan, x, w.gate_up, w.gate_up_lora, s.h, f.a, f.scratch, stream);
-  moe_linear_forward(s.plan, f.a, w.down, w.down_lora, false, topk_weights, out, f.scratch, stream);
+  moe_linear_swiglu_forward(s.plan, x, w.gate_up, f.gate_up_lora, s.h, f.a, f.scratch, stream);
+  moe_linear_forward(s.plan, f.a, w.down, f.down_lora, false, topk_weights, out, f.scratch, stream);
 }
 
 // One expert projection's backward: the base weight's gradient, or the adapter's when there is one (LoRA freezes
@@ -178,21 +273,28 @@ bool any(const LoraGrads& g) { return g.a.defined() || g.b.defined(); }
 void experts_backward(const TensorView& x, const MoeWeights& w, const TensorView& topk_weights,
                       const ExpertsSaved& s, const TensorView& grad_out, const MoeGrads& grads,
                       const TensorView& grad_topk_weights, const BackwardWork& b, void* stream) {
+  const char* op = "moe_backward";
   const bool need_grad_h = grads.x.defined() || grads.gate_up.defined() || any(grads.gate_up_lora);
   if (!need_grad_h && !grads.down.defined() && !any(grads.down_lora) && !grad_topk_weights.defined()) return;
+  stage_adapters(op, w, b.gate_up_lora, b.down_lora, stream);
+  const LoraGrads& gu = grads.gate_up_lora, &dn = grads.down_lora;
+  const LoraGrads gate_up_grads{grad_target(gu.a, b.gate_up_grads.a, x.dtype),
+                                grad_target(gu.b, b.gate_up_grads.b, x.dtype)},
+      down_grads{grad_target(dn.a, b.down_grads.a, x.dtype), grad_target(dn.b, b.down_grads.b, x.dtype)};
   // Down projection through the activation: a is recomputed from h; the routing-weight gradient comes out of the
   // same pass.
   const TensorView grad_h = need_grad_h ? b.grad_h : TensorView{};
   if (w.down_lora.defined())
-    swiglu_linear_backward(s.plan, s.h, w.down, w.down_lora, topk_weights, grad_out, grad_h, grads.down_lora,
+    swiglu_linear_backward(s.plan, s.h, w.down, b.down_lora, topk_weights, grad_out, grad_h, down_grads,
                            grad_topk_weights, b.scratch, stream);
   else
     swiglu_linear_backward(s.plan, s.h, w.down, topk_weights, grad_out, grad_h, grads.down, grad_topk_weights,
                            b.scratch, stream);
-  if (!need_grad_h) return;
-  // Up projection (gathered x).
-  projection_backward(s.plan, x, w.gate_up, w.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
-                      grads.gate_up_lora, TensorView{}, b.scratch, stream);
+  if (need_grad_h)  // up projection (gathered x)
+    projection_backward(s.plan, x, w.gate_up, b.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
+                        gate_up_grads, TensorView{}, b.scratch, stream);
+  copy_staged(op, {{gate_up_grads.a, gu.a}, {gate_up_grads.b, gu.b}, {down_grads.a, dn.a}, {down_grads.b, dn.b}},
+              stream);
 }
 
 // The block's backward adds the router's scratch after the experts'.

@@ -4,6 +4,7 @@
 // The plan comes from the reference, so routing_plan is not under test. With the CUDA backend and a GPU, the same
 // cases run on the device too.
 #include <cmath>
+#include <deque>
 
 #include "common.h"
 #include "reference.h"
@@ -626,6 +627,137 @@ TEST(MoeBlockLoraErrors, FrozenBase) {
   EXPECT_THROW(run(grads_of(gx.view(), TensorView{}, TensorView{}, gd.view())), moefuse::Error);
 }
 
+// ---- adapters in other layouts and dtypes (PEFT's) --------------------------------------------------------------------
+// f32 storage of `v` [E, d1, d2] with the expert dim fastest, as PEFT's lora_B [out, r*E] holds [E, out, r]; the
+// view reads it as [E, d1, d2].
+struct ExpertMinor {
+  ExpertMinor(const Vec& v, std::int64_t E, std::int64_t d1, std::int64_t d2) : storage(DType::f32, {d1, d2, E}) {
+    Vec t(v.size());
+    for (std::int64_t e = 0; e < E; ++e)
+      for (std::int64_t i = 0; i < d1 * d2; ++i) t[i * E + e] = v[e * d1 * d2 + i];
+    storage.set(t);
+    view = storage.view();
+    view.shape[0] = E, view.shape[1] = d1, view.shape[2] = d2;
+    view.stride[0] = 1, view.stride[1] = d2 * E, view.stride[2] = E;
+  }
+  Tensor storage;
+  TensorView view;
+};
+
+// Values of an expert-minor view, in [E, d1, d2] order.
+Vec expert_major(const Vec& storage, const TensorView& v) {
+  Vec out(storage.size());
+  for (std::int64_t e = 0; e < v.shape[0]; ++e)
+    for (std::int64_t i = 0; i < v.shape[1] * v.shape[2]; ++i) out[e * v.shape[1] * v.shape[2] + i] = storage[i * v.shape[0] + e];
+  return out;
+}
+
+// The block given f32 adapters as expert-minor views over bf16 weights, against the same adapters rounded to bf16
+// and contiguous: the same bits out, and gradients of the same values (written cast, through the workspace). The
+// adapters are fresh f32 values, so the staging's rounding is under test too. `to_device` copies a host view to
+// where the block runs; `values` reads one back.
+template <class ToDevice, class Values>
+void expect_staged_adapters_match(ToDevice to_device, Values values) {
+  BlockLoraCase c{33, 37, 17, 8, 2, 4, 3, DType::bf16};
+  Rng rng;
+  LoraBlock blk(c, rng);
+  const Vec raw[4] = {rng.normals(c.E * c.r_up * c.H, 0.2), rng.normals(c.E * 2 * c.I * c.r_up, 0.2),
+                      rng.normals(c.E * c.r_down * c.I, 0.2), rng.normals(c.E * c.H * c.r_down, 0.2)};
+  Tensor* rounded[4] = {&blk.a_up, &blk.b_up, &blk.a_down, &blk.b_down};
+  const std::int64_t dims[4][2] = {{c.r_up, c.H}, {2 * c.I, c.r_up}, {c.r_down, c.I}, {c.H, c.r_down}};
+  std::vector<ExpertMinor> f32;
+  for (int i = 0; i < 4; ++i) {
+    rounded[i]->set(raw[i]);
+    f32.emplace_back(raw[i], c.E, dims[i][0], dims[i][1]);
+  }
+  const moefuse::MoeConfig cfg = blk.config();
+  std::deque<Tensor> host;  // what the views handed to to_device point at
+  auto fresh = [&](Tensor t) { return to_device(host.emplace_back(std::move(t)).view()); };
+  Vec gout_v = rng.normals(c.T * c.H);
+  const TensorView x = to_device(blk.x.view()), gout = fresh(make(c.dtype, {c.T, c.H}, gout_v));
+  // Runs the block with adapters `l` (gate_up's a, b, down's a, b) and adapter gradients `g`; returns out, grad_x.
+  auto run = [&](const TensorView (&l)[4], const TensorView (&g)[4]) {
+    moefuse::MoeWeights w = weights_of(to_device(blk.router.view()), to_device(blk.gate_up.view()),
+                                       to_device(blk.down_w.view()));
+    w.gate_up_lora = {l[0], l[1], static_cast<float>(kScale)};
+    w.down_lora = {l[2], l[3], static_cast<float>(kScale)};
+    const TensorView out = fresh(Tensor(c.dtype, {c.T, c.H})), gx = fresh(Tensor(c.dtype, {c.T, c.H})),
+                     logits = fresh(Tensor(c.dtype, {c.T, c.E})),
+                     saved = fresh(scratch(moefuse::moe_saved_bytes(cfg, c.T, c.dtype)));
+    moefuse::moe_forward(cfg, x, w, out, logits, saved, fresh(scratch(moefuse::moe_forward_workspace_bytes(cfg, x, w))));
+    moefuse::MoeGrads grads = grads_of(gx, TensorView{}, TensorView{}, TensorView{});
+    grads.gate_up_lora = {g[0], g[1]};
+    grads.down_lora = {g[2], g[3]};
+    moefuse::moe_backward(cfg, x, w, logits, saved, gout, TensorView{}, grads,
+                          fresh(scratch(moefuse::moe_backward_workspace_bytes(cfg, x, w, grads))));
+    return std::pair{values(out), values(gx)};
+  };
+  TensorView contiguous[4], contiguous_grads[4], strided[4], strided_grads[4];
+  std::vector<ExpertMinor> grads_f32;
+  for (int i = 0; i < 4; ++i) {
+    contiguous[i] = to_device(rounded[i]->view());
+    contiguous_grads[i] = fresh(Tensor(c.dtype, {c.E, dims[i][0], dims[i][1]}));
+    strided[i] = to_device(f32[i].view);
+    grads_f32.emplace_back(Vec(raw[i].size(), std::nan("")), c.E, dims[i][0], dims[i][1]);
+    strided_grads[i] = to_device(grads_f32[i].view);
+  }
+  const auto want = run(contiguous, contiguous_grads), got = run(strided, strided_grads);
+  EXPECT_EQ(got.first, want.first);
+  EXPECT_EQ(got.second, want.second);
+  for (int i = 0; i < 4; ++i) {
+    SCOPED_TRACE(i);
+    EXPECT_EQ(expert_major(values(strided_grads[i]), strided_grads[i]), values(contiguous_grads[i]));
+  }
+}
+
+TEST(MoeBlockLoraStaging, StridedF32AdaptersMatchContiguous) {
+  expect_staged_adapters_match([](const TensorView& v) { return v; }, [](const TensorView& v) { return values(v); });
+}
+
+// Adapters and gradients the staging cannot take are errors that name them.
+TEST(MoeBlockLoraStaging, BadAdapters) {
+  BlockLoraCase c{7, 24, 10, 3, 2, 4, 3, DType::bf16};
+  Rng rng;
+  LoraBlock blk(c, rng);
+  Vec v = rng.normals(c.E * 2 * c.I * c.r_up);
+  ExpertMinor b(v, c.E, 2 * c.I, c.r_up);
+  auto forward = [&](TensorView a, TensorView bv) {
+    moefuse::MoeWeights w = blk.weights();
+    w.gate_up_lora.a = a;
+    w.gate_up_lora.b = bv;
+    moefuse::moe_forward_workspace_bytes(blk.config(), blk.x.view(), w);
+  };
+  EXPECT_NO_THROW(forward(blk.a_up.view(), b.view));
+  TensorView ints = b.view;
+  ints.dtype = DType::i32;
+  EXPECT_ERROR_NAMING(forward(blk.a_up.view(), ints), "gate_up_lora.b");
+  TensorView flat = b.view;
+  flat.ndim = 2;
+  EXPECT_ERROR_NAMING(forward(blk.a_up.view(), flat), "gate_up_lora.b");
+  TensorView wrong_rank = b.view;
+  wrong_rank.shape[2] = c.r_up + 1;
+  EXPECT_ERROR_NAMING(forward(blk.a_up.view(), wrong_rank), "lora.b");
+
+  // Gradients: shaped like their adapter, never overlapping themselves.
+  blk.forward();
+  Tensor gout(c.dtype, {c.T, c.H}), gx(c.dtype, {c.T, c.H});
+  auto backward = [&](TensorView ga) {
+    moefuse::MoeGrads g = grads_of(gx.view(), TensorView{}, TensorView{}, TensorView{});
+    g.gate_up_lora.a = ga;
+    Tensor ws = scratch(moefuse::moe_backward_workspace_bytes(blk.config(), blk.x.view(), blk.weights(), g));
+    moefuse::moe_backward(blk.config(), blk.x.view(), blk.weights(), blk.logits.view(), blk.saved.view(), gout.view(),
+                          TensorView{}, g, ws.view());
+  };
+  Tensor ga(DType::f32, {c.E, c.r_up, c.H});
+  EXPECT_NO_THROW(backward(ga.view()));
+  TensorView overlapping = ga.view();
+  overlapping.stride[0] = 1;
+  EXPECT_ERROR_NAMING(backward(overlapping), "grads.gate_up_lora.a");
+  TensorView misshapen = ga.view();
+  misshapen.shape[1] = c.r_up - 1;
+  EXPECT_ERROR_NAMING(backward(misshapen), "grads.gate_up_lora.a");
+}
+
 // ---- the CUDA backend against the same reference --------------------------------------------------------------------
 #ifdef MOEFUSE_WITH_CUDA
 
@@ -719,6 +851,12 @@ TEST_P(MoeLora, CudaMatchesReference) {
       for (int i = 0; i < 4; ++i) EXPECT_EQ(got[i], first[i]) << "gradient " << i << " differs between runs";
     }
   }
+}
+
+TEST(MoeBlockLoraStaging, CudaStridedF32AdaptersMatchContiguous) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  DeviceArena arena;  // copies a strided view's storage and keeps its strides
+  expect_staged_adapters_match([&](const TensorView& v) { return arena.copy(v); }, device_values);
 }
 
 #endif  // MOEFUSE_WITH_CUDA

@@ -214,6 +214,28 @@ def test_experts_with_lora_opcheck():
     opcheck(ops.experts_backward, (*args, [False] * 5 + [True] + [False] * 2, *det))
 
 
+def test_experts_take_strided_adapters_of_another_dtype():
+    """Adapters as PEFT's weights hold them (b expert-minor, a strided view), here bf16 over f32 weights: the op
+    stages them itself, gives what the same values contiguous in f32 give, and writes the gradients back through the
+    views, cast."""
+    x, _, gate_up, down = block_tensors()
+    ids, w = routing()
+    gu_a, gu_b, s1, dn_a, dn_b, s2 = lora_args()
+    expert_minor = lambda t: t.to(torch.bfloat16).permute(1, 2, 0).contiguous().permute(2, 0, 1).requires_grad_()
+    strided = [expert_minor(t) for t in (gu_a, gu_b, dn_a, dn_b)]
+    assert not any(t.is_contiguous() for t in strided)
+    dense = [t.detach().float().requires_grad_() for t in strided]
+    outs = []
+    for gu_a, gu_b, dn_a, dn_b in (strided, dense):
+        out = ops.experts(x, ids, w, gate_up, down, gu_a, gu_b, s1, dn_a, dn_b, s2)[0]
+        out.backward(torch.ones_like(out))
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    for got, want in zip(strided, dense):
+        assert got.grad.dtype == torch.bfloat16 and torch.equal(got.grad, want.grad.to(torch.bfloat16))
+    opcheck(ops.experts, (x, ids, w, gate_up, down, strided[0], strided[1], s1, strided[2], strided[3], s2))
+
+
 def test_backward_reads_the_forwards_low_rank_rows():
     """The forward leaves u = scale * x . A[e]^T in its saved state and the backward takes it from there: with those
     rows zeroed, grad B (= g^T . w * u) comes out zero while grad A (which does not read u) does not change."""
