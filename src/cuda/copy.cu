@@ -1,7 +1,8 @@
 // Strided copy with a cast: how adapters given in another layout or dtype reach the kernels (core/block.cpp).
-// A block moves a 32 x 32 tile through shared memory; the tile spans the dim along which src is densest and the one
-// along which dst is, so both sides move in runs even when the copy transposes (PEFT's lora_B [out, r*E] read as
-// [E, out, r] has E fastest; the kernels read it with r fastest).
+// Dims that are contiguous with each other on both sides are merged first, so PEFT's lora_B [out, r*E] read as
+// [E, out, r] (E fastest; the kernels read r fastest) becomes a plain transpose of [out*r, E]. A transpose moves
+// 32 x 32 tiles through shared memory, reading along src's densest dim and writing along dst's; a copy whose two
+// sides are densest along the same dim runs one thread per element along it.
 #include <algorithm>
 
 #include "core/backend.h"
@@ -10,64 +11,92 @@
 namespace moefuse::cuda {
 namespace {
 
-constexpr int kTile = 32, kRows = 8;
+constexpr int kTile = 32, kRows = 8, kThreads = 256;
 
-// The copy's dims reordered: x is src's densest, y dst's densest (another dim when that is x too), z the third.
+// The copy's dims reordered: x is src's densest; transposing, y is dst's densest; z the rest.
 struct Dims {
   std::int64_t n[3], src[3], dst[3];
 };
 
-template <class S, class D, bool TRANSPOSE>
-__global__ void copy_strided_kernel(const S* __restrict__ src, D* __restrict__ dst, Dims g, std::int64_t tiles_x) {
+template <class S, class D>
+__global__ void copy_along_kernel(const S* __restrict__ src, D* __restrict__ dst, Dims g) {
+  const std::int64_t total = g.n[0] * g.n[1] * g.n[2];
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t x = i % g.n[0], y = i / g.n[0] % g.n[1], z = i / g.n[0] / g.n[1];
+    dst[x * g.dst[0] + y * g.dst[1] + z * g.dst[2]] = from_f32<D>(to_f32(src[x * g.src[0] + y * g.src[1] + z * g.src[2]]));
+  }
+}
+
+template <class S, class D>
+__global__ void transpose_kernel(const S* __restrict__ src, D* __restrict__ dst, Dims g, std::int64_t tiles_x) {
   __shared__ float tile[kTile][kTile + 1];
   const std::int64_t x0 = blockIdx.x % tiles_x * kTile, y0 = blockIdx.x / tiles_x * kTile;
   for (std::int64_t z = blockIdx.y; z < g.n[2]; z += gridDim.y) {
     const S* s = src + z * g.src[2];
     D* d = dst + z * g.dst[2];
-    for (int i = threadIdx.y; i < kTile; i += kRows) {
+    for (int i = threadIdx.y; i < kTile; i += kRows) {  // consecutive threads read consecutive x
       const std::int64_t x = x0 + threadIdx.x, y = y0 + i;
       if (x < g.n[0] && y < g.n[1]) tile[i][threadIdx.x] = to_f32(s[x * g.src[0] + y * g.src[1]]);
     }
     __syncthreads();
-    for (int i = threadIdx.y; i < kTile; i += kRows) {
-      // Transposing, consecutive threads write consecutive y (dst's densest dim); otherwise consecutive x.
-      const std::int64_t x = x0 + (TRANSPOSE ? i : threadIdx.x), y = y0 + (TRANSPOSE ? threadIdx.x : i);
-      if (x < g.n[0] && y < g.n[1])
-        d[x * g.dst[0] + y * g.dst[1]] = from_f32<D>(TRANSPOSE ? tile[threadIdx.x][i] : tile[i][threadIdx.x]);
+    for (int i = threadIdx.y; i < kTile; i += kRows) {  // and write consecutive y
+      const std::int64_t x = x0 + i, y = y0 + threadIdx.x;
+      if (x < g.n[0] && y < g.n[1]) d[x * g.dst[0] + y * g.dst[1]] = from_f32<D>(tile[threadIdx.x][i]);
     }
     __syncthreads();
   }
 }
 
-// The dim of smallest stride among those of size > 1, skipping `not_this`.
-int densest(const TensorView& t, int not_this = -1) {
-  int best = -1;
-  for (int d = 0; d < 3; ++d)
-    if (d != not_this && t.shape[d] > 1 && (best < 0 || t.stride[d] < t.stride[best])) best = d;
-  return best >= 0 ? best : (not_this == 0 ? 1 : 0);
-}
+struct Dim {
+  std::int64_t n, src, dst;
+};
 
 }  // namespace
 
 void copy_strided(const TensorView& src, const TensorView& dst, void* stream) {
   if (src.numel() == 0) return;
   DeviceGuard guard(src.device);
-  const int x = densest(src), d = densest(dst), y = d != x ? d : densest(dst, x), z = 3 - x - y;
-  const int order[3] = {x, y, z};
-  Dims g;
-  for (int i = 0; i < 3; ++i) {
-    g.n[i] = src.shape[order[i]];
-    g.src[i] = src.stride[order[i]];
-    g.dst[i] = dst.stride[order[i]];
+  // Size-1 dims dropped, the rest outermost first in dst's order, neighbours contiguous on both sides merged.
+  Dim v[3];
+  int k = 0;
+  for (int d = 0; d < 3; ++d)
+    if (src.shape[d] != 1) v[k++] = {src.shape[d], src.stride[d], dst.stride[d]};
+  std::sort(v, v + k, [](const Dim& a, const Dim& b) { return a.dst > b.dst; });
+  int m = 0;
+  for (int i = 0; i < k; ++i) {
+    if (m > 0 && v[m - 1].src == v[i].n * v[i].src && v[m - 1].dst == v[i].n * v[i].dst)
+      v[m - 1] = {v[m - 1].n * v[i].n, v[i].src, v[i].dst};
+    else
+      v[m++] = v[i];
   }
-  const std::int64_t tiles_x = ceil_div<std::int64_t>(g.n[0], kTile), tiles_y = ceil_div<std::int64_t>(g.n[1], kTile);
-  const dim3 grid(static_cast<unsigned>(tiles_x * tiles_y), static_cast<unsigned>(std::min<std::int64_t>(g.n[2], 65535)));
+  for (; m < 3; ++m) v[m] = {1, 0, 0};
+  const int x = static_cast<int>(std::min_element(v, v + 3, [](const Dim& a, const Dim& b) {
+                                   return a.n > 1 && (b.n == 1 || a.src < b.src);
+                                 }) - v);
+  const int y = static_cast<int>(std::min_element(v, v + 3, [](const Dim& a, const Dim& b) {
+                                   return a.n > 1 && (b.n == 1 || a.dst < b.dst);
+                                 }) - v);
+  const bool transpose = x != y && v[x].n > 1 && v[y].n > 1;
+  const int yy = transpose ? y : (x + 1) % 3, z = 3 - x - yy;
+  const int order[3] = {x, yy, z};
+  Dims g;
+  for (int i = 0; i < 3; ++i) g.n[i] = v[order[i]].n, g.src[i] = v[order[i]].src, g.dst[i] = v[order[i]].dst;
   dispatch_float(src.dtype, [&](auto s) {
     dispatch_float(dst.dtype, [&](auto t) {
       using S = decltype(s);
       using D = decltype(t);
-      auto kernel = d != x ? copy_strided_kernel<S, D, true> : copy_strided_kernel<S, D, false>;
-      kernel<<<grid, dim3(kTile, kRows), 0, as_stream(stream)>>>(src.ptr<S>(), dst.ptr<D>(), g, tiles_x);
+      if (transpose) {
+        const std::int64_t tiles_x = ceil_div<std::int64_t>(g.n[0], kTile);
+        const dim3 grid(static_cast<unsigned>(tiles_x * ceil_div<std::int64_t>(g.n[1], kTile)),
+                        static_cast<unsigned>(std::min<std::int64_t>(g.n[2], 65535)));
+        transpose_kernel<S, D><<<grid, dim3(kTile, kRows), 0, as_stream(stream)>>>(src.ptr<S>(), dst.ptr<D>(), g,
+                                                                                  tiles_x);
+      } else {
+        const std::int64_t blocks = std::min<std::int64_t>(ceil_div<std::int64_t>(src.numel(), kThreads), 1 << 16);
+        copy_along_kernel<S, D><<<static_cast<unsigned>(blocks), kThreads, 0, as_stream(stream)>>>(src.ptr<S>(),
+                                                                                                  dst.ptr<D>(), g);
+      }
     });
   });
   MOEFUSE_CUDA_LAUNCH_CHECK();
