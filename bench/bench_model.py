@@ -2,12 +2,13 @@
 Transformers + PEFT, for each experts implementation side by side: tokens/s and peak memory.
 
     python3 bench/bench_model.py [--layers 2] [--batch 4 --seq 4096] [--impls moefuse,grouped_mm,eager]
-                                 [--modes attn,attn_experts] [--compile [model|layers]] [--profile]
+                                 [--modes attn,attn_experts] [--compile no,layers] [--profile]
 
---compile runs each model through torch.compile (the first step compiles; timings start after it), as a user who
-compiles would; the table marks those rows. `model` compiles the whole model. `layers` compiles each decoder layer
-(PyTorch's regional compilation): Transformers then builds the causal mask outside the compiled code, where it can
-see that the batch has no padding and skip it for SDPA's causal kernel; traced, it materialises the mask.
+--compile lists how each model runs: `no` (eager), `model` (torch.compile of the whole model) or `layers` (each
+decoder layer compiled: PyTorch's regional compilation); the first step compiles, timings start after it. Under
+`layers` Transformers builds the causal mask outside the compiled code, where it can see that the batch has no
+padding and skip it for SDPA's causal kernel; traced (`model`), it materialises the mask. Ratios are against
+grouped_mm run the same way, and against eager grouped_mm when that ran too.
 Modes: attn = LoRA r=16 on q/k/v/o with frozen experts; attn_experts = also LoRA on the experts through PEFT's
 target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
 """
@@ -27,8 +28,7 @@ def parse():
     p.add_argument("--modes", default="attn,attn_experts")
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--json", default=None)
-    p.add_argument("--compile", nargs="?", const="model", choices=("model", "layers"),
-                   help="torch.compile every model (or each of its decoder layers) before timing")
+    p.add_argument("--compile", default="no", help="comma list of no | model | layers")
     p.add_argument("--profile", action="store_true",
                    help="print the step's top kernels (torch.profiler) and the GPU's idle gaps per run; "
                         "MOEFUSE_TRACE_DIR=dir also writes a Chrome trace per step")
@@ -81,50 +81,54 @@ def main():
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
     print(f"# {name}, torch {torch.__version__}, {a.layers} layers, {a.batch}x{a.seq} tokens", flush=True)
     rows = []
-    for mode in a.modes.split(","):
-        for impl in a.impls.split(","):
-            r = dict(impl=impl, mode=mode, layers=a.layers, compiled=a.compile)
-            try:
-                if a.compile:  # each model compiles from scratch: no recompile limit reached through another's frames
-                    torch._dynamo.reset()
-                m = model(impl, mode, a.layers, a.seq, shape, device)
-                ids = torch.randint(0, shape["vocab_size"], (a.batch, a.seq), device=device)
-                step = step_fn(m, ids, a.compile)
-                step()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                ts = sorted(elapsed_ms(step, device == "cuda") for _ in range(a.iters))
-                r["step_ms"] = ts[len(ts) // 2]
-                r["tokens_per_s"] = a.batch * a.seq / r["step_ms"] * 1e3
-                r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-                if a.profile:
-                    profile(step, device, f"{impl}, LoRA on {mode}")
-                del m, step
-            except Exception as ex:  # one failing impl must not hide the others' numbers
-                r["error"] = f"{type(ex).__name__}: {ex}"[:300]
+    hows = a.compile.split(",")
+    for how in hows:
+        if how not in ("no", "model", "layers"):
+            raise SystemExit(f"--compile: {how!r} is not one of no, model, layers")
+    for how, mode, impl in ((h, m, i) for h in hows for m in a.modes.split(",") for i in a.impls.split(",")):
+        r = dict(impl=impl, mode=mode, layers=a.layers, compiled=how)
+        try:
+            if how != "no":  # each model compiles from scratch: no recompile limit reached through another's frames
+                torch._dynamo.reset()
+            m = model(impl, mode, a.layers, a.seq, shape, device)
+            ids = torch.randint(0, shape["vocab_size"], (a.batch, a.seq), device=device)
+            step = step_fn(m, ids, how)
+            step()
             if device == "cuda":
-                torch.cuda.empty_cache()
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            ts = sorted(elapsed_ms(step, device == "cuda") for _ in range(a.iters))
+            r["step_ms"] = ts[len(ts) // 2]
+            r["tokens_per_s"] = a.batch * a.seq / r["step_ms"] * 1e3
+            r["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            if a.profile:
+                profile(step, device, f"{impl}, LoRA on {mode}, compile: {how}")
+            del m, step
+        except Exception as ex:  # one failing impl must not hide the others' numbers
+            r["error"] = f"{type(ex).__name__}: {ex}"[:300]
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(r), flush=True)
+        rows.append(r)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print("\n| LoRA on | experts impl | torch.compile | step ms | tokens/s | vs grouped_mm | peak GiB |\n"
-          "|---|---|---|---|---|---|---|")
-    base = {r["mode"]: r for r in rows if r["impl"] == "grouped_mm" and "error" not in r}
+    table(rows)
+
+
+def table(rows):
+    """Markdown rows, each against grouped_mm run the same way and against eager grouped_mm."""
+    base = {(r["mode"], r["compiled"]): r for r in rows if r["impl"] == "grouped_mm" and "error" not in r}
+    print("\n| LoRA on | experts impl | torch.compile | step ms | tokens/s | vs grouped_mm (same compile) | "
+          "vs eager grouped_mm | peak GiB |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['mode']} | {r['impl']} | {compiled(r)} | error: {r['error'][:100]} |")
+            print(f"| {r['mode']} | {r['impl']} | {r['compiled']} | error: {r['error'][:100]} |")
             continue
-        b = base.get(r["mode"])
-        ratio = f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else ""
-        print(f"| {r['mode']} | {r['impl']} | {compiled(r)} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {ratio} | "
-              f"{r['peak_GiB']:.1f} |")
-
-
-def compiled(r):
-    return r["compiled"] or "no"
+        ratios = [base.get((r["mode"], how)) for how in (r["compiled"], "no")]
+        same, eager = (f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "" for b in ratios)
+        print(f"| {r['mode']} | {r['impl']} | {r['compiled']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {same} | "
+              f"{eager} | {r['peak_GiB']:.1f} |")
 
 
 if __name__ == "__main__":

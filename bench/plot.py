@@ -27,11 +27,18 @@ def panels(rows):
             group, value = r["mode"], r["fwdbwd_ms"]
         elif "tokens_per_s" in r:
             key = (f"{r['layers']}-layer model step", "tokens/s (higher is better)")
-            group, value = f"LoRA on {r['mode']}" + (", compiled" if r["compiled"] else ""), r["tokens_per_s"]
+            group, value = f"LoRA on {r['mode']}" + compiled(r["compiled"]), r["tokens_per_s"]
         else:
             raise ValueError(f"not a bench_layer.py or bench_model.py row: {r}")
         out.setdefault(key, {}).setdefault(group, {})[r["impl"]] = value
     return [(title, ylabel, groups) for (title, ylabel), groups in out.items()]
+
+
+def compiled(how):
+    """The group suffix of a model row's torch.compile mode ("no" | "model" | "layers"; older files: a bool)."""
+    if how in (False, None, "no"):
+        return ""
+    return ", compiled" if how in (True, "model") else f", compiled per {how[:-1]}"
 
 
 def rank(impl):
@@ -46,7 +53,7 @@ def draw(ax, title, ylabel, groups):
         values = [groups[g].get(impl, float("nan")) for g in groups]
         bars = ax.bar(xs, values, width, label=impl, color=COLORS.get(impl))
         ax.bar_label(bars, fmt=lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.3g}", fontsize=7)
-    ax.set_xticks(range(len(groups)), list(groups))
+    ax.set_xticks(range(len(groups)), [g.replace(", ", ",\n") for g in groups], fontsize=8)  # long groups wrap
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
@@ -77,7 +84,9 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(found), figsize=(5.5 * len(found), 4.5), squeeze=False)
+    widths = [max(5.5, 1.6 * len(groups)) for _, _, groups in found]
+    fig, axes = plt.subplots(1, len(found), figsize=(sum(widths), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, panel in zip(axes[0], found):
         draw(ax, *panel)
     fig.tight_layout()

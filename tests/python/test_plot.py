@@ -13,7 +13,8 @@ LAYER = [dict(shape="30b", T=16384, mode=m, impl=i, fwd_ms=1.0, fwdbwd_ms=t)
                          ("lora", "hf_grouped_mm", 4.0))]  # fmt: skip
 LAYER.append(dict(shape="30b", T=16384, mode="lora", impl="x", error="RuntimeError: left out"))
 MODEL = [dict(impl=i, mode="attn", layers=2, compiled=c, step_ms=1.0, tokens_per_s=v)
-         for i, c, v in (("moefuse", False, 2000.0), ("grouped_mm", False, 1000.0), ("moefuse", True, 3000.0))]
+         for i, c, v in (("moefuse", False, 2000.0), ("grouped_mm", "no", 1000.0), ("moefuse", True, 3000.0),
+                         ("moefuse", "layers", 3500.0))]  # fmt: skip
 
 
 def plot(tmp_path, *rows_per_file):
