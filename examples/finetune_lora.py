@@ -4,7 +4,10 @@ Hugging Face's eager experts, side by side: same initial weights, same batches, 
 It prints the loss of both runs, their throughput, saves moefuse's adapter in PEFT's format (safetensors),
 reloads it onto a fresh base model, and checks that the reloaded model gives the same outputs.
 
-    python3 examples/finetune_lora.py [--steps 40] [--impls moefuse,eager] [--out runs/finetune_lora]
+    python3 examples/finetune_lora.py [--steps 40] [--impls moefuse,eager] [--out runs/finetune_lora] [--compile]
+
+--compile compiles each decoder layer (torch.compile per layer, as docs recommend for training: the causal mask
+stays eager, so SDPA keeps its causal kernel); the first steps then include compilation.
 """
 import argparse
 import json
@@ -31,6 +34,7 @@ def parse():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/finetune_lora")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     return p.parse_args()
 
 
@@ -94,6 +98,9 @@ def fit(model, a, device, desc, quiet=False):
 
 def train(impl, a, dtype):
     model = lora(base_model(impl, a.device, dtype, a.seed), impl, a)
+    if a.compile:
+        for layer in model.base_model.model.model.layers:
+            layer.compile()
     return (model, *fit(model, a, a.device, f"{impl:>8}"))
 
 
