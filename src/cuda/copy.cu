@@ -98,7 +98,9 @@ void copy_strided(const TensorView& src, const TensorView& dst, void* stream) {
       using D = decltype(t);
       if (transpose) {
         const std::int64_t tiles_x = ceil_div<std::int64_t>(g.n[0], kTile);
-        const dim3 grid(static_cast<unsigned>(tiles_x * ceil_div<std::int64_t>(g.n[1], kTile)),
+        const std::int64_t tiles = tiles_x * ceil_div<std::int64_t>(g.n[1], kTile);
+        if (tiles > 0x7fffffff) throw Error("moefuse: copy_strided: too many tiles for one grid");
+        const dim3 grid(static_cast<unsigned>(tiles),
                         static_cast<unsigned>(std::min<std::int64_t>(g.n[2], 65535)));
         transpose_kernel<S, D><<<grid, dim3(32, kRows), 0, as_stream(stream)>>>(src.ptr<S>(), dst.ptr<D>(), g,
                                                                                   tiles_x);
