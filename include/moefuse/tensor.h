@@ -37,7 +37,7 @@ struct TensorView {
   bool defined() const { return ndim >= 0; }
   std::int64_t size(int d) const { return shape[d < 0 ? d + ndim : d]; }
   std::int64_t numel() const;
-  bool is_contiguous() const;
+  bool is_contiguous() const;  // row-major; true for a view of no elements, whatever its strides
   std::size_t nbytes() const;
   template <class T> T* ptr() const { return static_cast<T*>(data); }
 };

@@ -12,6 +12,7 @@ std::int64_t TensorView::numel() const {
 }
 
 bool TensorView::is_contiguous() const {
+  if (ndim >= 0 && numel() == 0) return true;  // no element to place (as torch says of an expanded empty gradient)
   std::int64_t expected = 1;
   for (int d = ndim - 1; d >= 0; --d) {
     if (shape[d] != 1 && stride[d] != expected) return false;

@@ -156,3 +156,17 @@ def test_non_contiguous_inputs_are_accepted():
     x, rw, gu, dn = block_tensors()
     out = ops.moe_block(x.t().contiguous().t(), rw, gu, dn, K, True)[0]
     torch.testing.assert_close(out, ops.moe_block(x, rw, gu, dn, K, True)[0])
+
+
+def test_an_empty_batch_runs_forward_and_backward():
+    """No tokens: an empty output, and a backward from .sum(), whose gradient is an expanded empty tensor."""
+    _, rw, gu, dn = block_tensors()
+    x = torch.randn(0, H, requires_grad=True)
+    ids, w = torch.zeros(0, K, dtype=torch.int32), torch.zeros(0, K, requires_grad=True)
+    out = ops.experts(x, ids, w, gu.requires_grad_(), dn)[0]
+    out.sum().backward()
+    assert out.shape == (0, H) and x.grad.shape == (0, H) and w.grad.shape == (0, K)
+    assert gu.grad.shape == gu.shape and not gu.grad.any()  # no rows: zero weight gradient
+    block = ops.moe_block(x, rw, gu, dn, K, True)[0]
+    block.sum().backward()
+    assert block.shape == (0, H)
