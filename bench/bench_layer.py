@@ -13,11 +13,10 @@ impl's frozen forward+backward (forward+dX) time.
     python3 bench/bench_layer.py [--shape 30b|235b] [--tokens 4096,16384] [--impls ...] [--modes trained,frozen,lora]
 """
 import argparse
-import json
 import sys
 
 import torch
-from timing import elapsed_ms, profile
+from timing import elapsed_ms, profile, result_row, save
 
 IMPLS = ("dense", "moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager")
 LORA_IMPLS = ("moefuse_experts", "hf_grouped_mm")
@@ -164,22 +163,14 @@ def main():
                 if mode == "lora" and impl not in LORA_IMPLS:
                     continue
                 row = dict(shape=a.shape, T=T, mode=mode, impl=impl)
-                try:
+                with result_row(rows, row, dev == "cuda"):
                     if impl == "dense":
                         row.update(run_dense(T, shape, dtype, dev, frozen, timer))
                     else:
                         row.update(run_impl(impl, T, shape, dtype, dev, mode, timer, ref, x0, y_ref, a.profile))
                     row["fwd_TFLOPs"] = flops / row["fwd_ms"] * 1e-9
                     row["fwdbwd_TFLOPs"] = (2 if frozen else 3) * flops / row["fwdbwd_ms"] * 1e-9
-                except Exception as e:  # one failing impl must not hide the others' numbers
-                    row["error"] = f"{type(e).__name__}: {e}"[:300]
-                if dev == "cuda":
-                    torch.cuda.empty_cache()
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    save(rows, a.json)
     print_table(rows)
 
 

@@ -13,10 +13,9 @@ Modes: attn = LoRA r=16 on q/k/v/o with frozen experts; attn_experts = also LoRA
 target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
 """
 import argparse
-import json
 
 import torch
-from timing import elapsed_ms, profile
+from timing import elapsed_ms, profile, result_row, save
 
 
 def parse():
@@ -87,7 +86,7 @@ def main():
             raise SystemExit(f"--compile: {how!r} is not one of no, model, layers")
     for how, mode, impl in ((h, m, i) for h in hows for m in a.modes.split(",") for i in a.impls.split(",")):
         r = dict(impl=impl, mode=mode, layers=a.layers, compiled=how)
-        try:
+        with result_row(rows, r, device == "cuda"):
             if how != "no":  # each model compiles from scratch: no recompile limit reached through another's frames
                 torch._dynamo.reset()
             m = model(impl, mode, a.layers, a.seq, shape, device)
@@ -104,15 +103,7 @@ def main():
             if a.profile:
                 profile(step, device, f"{impl}, LoRA on {mode}, compile: {how}")
             del m, step
-        except Exception as ex:  # one failing impl must not hide the others' numbers
-            r["error"] = f"{type(ex).__name__}: {ex}"[:300]
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        print(json.dumps(r), flush=True)
-        rows.append(r)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    save(rows, a.json)
     table(rows)
 
 

@@ -1,7 +1,9 @@
-"""Timing and profiling shared by the benchmark scripts."""
+"""Timing, profiling and result rows shared by the benchmark scripts."""
+import json
 import os
 import re
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -52,3 +54,25 @@ def idle(prof, top=8):
           f"the last; longest gaps (µs, after -> before):")
     for g, a, b in sorted(gaps, reverse=True)[:top]:
         print(f"  {g:8.1f}  {a[:60]} -> {b[:60]}")
+
+
+@contextmanager
+def result_row(rows, row, cuda):
+    """The block fills `row` with one run's results. A failure is recorded in it instead of ending the script (one
+    failing implementation must not hide the others' numbers). Then the GPU memory the run cached is given back (the
+    next run's peak memory is its own), and the row is printed as one JSON line and kept."""
+    try:
+        yield row
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    if cuda:
+        torch.cuda.empty_cache()
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+
+
+def save(rows, path):
+    """All rows as one JSON file (what plot.py reads), when a path is given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
