@@ -215,12 +215,9 @@ def peft_stacked_views(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: 
 
 
 def peft_to_stacked(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: tuple[int, int, int],
-                    layout: Optional[str] = None, dtype: Optional[torch.dtype] = None) -> StackedLora:  # fmt: skip
-    """peft_stacked_views as contiguous tensors (for checkpoints and other tools), cast to `dtype` in the same copy
-    (default: theirs)."""
-    views = peft_stacked_views(lora_a, lora_b, param_shape, layout)
-    # One copy each: a cast writes contiguous rows (to() returns the tensor itself when the dtype is unchanged).
-    return StackedLora(*(t.to(dtype or t.dtype, memory_format=torch.contiguous_format).contiguous() for t in views))
+                    layout: Optional[str] = None) -> StackedLora:  # fmt: skip
+    """peft_stacked_views as contiguous tensors, for checkpoints and other tools."""
+    return StackedLora(*(t.contiguous() for t in peft_stacked_views(lora_a, lora_b, param_shape, layout)))
 
 
 def stacked_to_peft(lora: StackedLora, layout: str = SWAPPED) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,16 +237,14 @@ def param_wrapper_layout(module: torch.nn.Module) -> str:
     return SWAPPED if getattr(module, "_did_swap_in_out_features", False) else POSITIONAL
 
 
-def stacked_from_param_wrapper(module: torch.nn.Module, adapter_name: str = "default",
-                               dtype: Optional[torch.dtype] = None) -> tuple[StackedLora, float]:  # fmt: skip
-    """(stacked adapter, scale) of one adapter of a live 3-D PEFT ParamWrapper, cast to `dtype` if given. The
-    stacked tensors keep autograd to lora_A.weight / lora_B.weight (moefuse.lora trains through them); detach them
-    for a plain conversion."""
+def stacked_from_param_wrapper(module: torch.nn.Module, adapter_name: str = "default") -> tuple[StackedLora, float]:
+    """(stacked adapter, scale) of one adapter of a live 3-D PEFT ParamWrapper, as contiguous tensors that keep
+    autograd to lora_A.weight / lora_B.weight; detach them for a plain conversion."""
     param = module.get_param()
     if param.dim() != 3:
         raise ValueError(f"expected a ParamWrapper on a 3-D expert parameter, got {tuple(param.shape)}")
     lora = peft_to_stacked(module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight,
-                           tuple(param.shape), param_wrapper_layout(module), dtype)  # fmt: skip
+                           tuple(param.shape), param_wrapper_layout(module))  # fmt: skip
     return lora, float(module.scaling[adapter_name])
 
 
