@@ -196,8 +196,10 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool
 
 // ---------------------------------------------------------------------------------------------------------------------
 namespace {
-// Checks an adapter against its weight [E, out, in] and the plan's M rows; returns r.
-std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weight, std::int64_t m, bool data = true) {
+// Checks an adapter against its weight [E, out, in] (and its u against the plan's M = T*k rows); returns r.
+std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weight, const Plan& plan,
+                        bool data = true) {
+  const std::int64_t m = plan.tokens * plan.top_k;
   MOEFUSE_CHECK(lora.a.defined() && lora.b.defined(), op, "lora needs both a and b, got a ", describe(lora.a),
                 " and b ", describe(lora.b));
   const std::int64_t e = weight.shape[0], out = weight.shape[1], in = weight.shape[2];
@@ -238,7 +240,7 @@ std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorVie
   const char* op = "moe_linear_workspace_bytes";
   const std::size_t base = moe_linear_workspace_bytes(plan, x, weight, gather, combine_weights);
   if (!lora.defined()) return base;
-  check_lora(op, lora, weight, plan.tokens * plan.top_k, false);
+  check_lora(op, lora, weight, plan, false);
   return std::max(base, BACKEND(op, plan.counts.device, moe_lora_workspace_bytes, plan, x, lora, gather,
                                 combine_weights));
 }
@@ -248,7 +250,7 @@ void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, const
   if (!lora.defined()) return moe_linear_forward(plan, x, weight, gather, combine_weights, out, workspace, stream);
   const char* op = "moe_linear_forward";
   check_linear_forward(op, plan, x, weight, gather, combine_weights, out);
-  check_lora(op, lora, weight, plan.tokens * plan.top_k);
+  check_lora(op, lora, weight, plan);
   const Device d = plan.counts.device;
   expect_workspace(op, workspace, moe_linear_workspace_bytes(plan, x, weight, lora, gather, combine_weights), d);
   if (BACKEND(op, d, moe_linear_forward_fused, plan, x, weight, lora, gather, combine_weights, out, workspace, stream))
@@ -262,7 +264,7 @@ std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, 
   const char* op = "moe_linear_backward_workspace_bytes";
   const std::size_t base = moe_linear_backward_workspace_bytes(plan, x, weight, gather, combine_weights);
   if (!lora.defined()) return base;
-  check_lora(op, lora, weight, plan.tokens * plan.top_k, false);
+  check_lora(op, lora, weight, plan, false);
   return std::max(base, BACKEND(op, plan.counts.device, moe_lora_backward_workspace_bytes, plan, x, lora, gather,
                                 combine_weights));
 }
@@ -279,7 +281,7 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, cons
   const char* op = "moe_linear_backward";
   check_linear_backward(op, plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{},
                         grad_combine_weights);
-  check_lora(op, lora, weight, plan.tokens * plan.top_k);
+  check_lora(op, lora, weight, plan);
   check_lora_grads(op, lora, weight, grad_lora);
   const Device d = plan.counts.device;
   expect_workspace(op, workspace,
@@ -324,7 +326,7 @@ void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight
   check_swiglu(op, h, a, "a");
   expect_same_dtype(op, "h", h, weight.dtype);
   expect_same_device(op, "h", h, d);
-  if (lora.defined()) check_lora(op, lora, weight, plan.tokens * plan.top_k);
+  if (lora.defined()) check_lora(op, lora, weight, plan);
   expect_workspace(op, workspace, moe_linear_workspace_bytes(plan, x, weight, lora, true, TensorView{}), d);
   BACKEND(op, d, moe_linear_swiglu_forward, plan, x, weight, lora, h, a, workspace, stream);
 }
@@ -359,7 +361,7 @@ void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, 
   expect_same_device(op, "h", h, d);
   expect_same_device(op, "weight", weight, d);
   expect_same_device(op, "combine_weights", combine_weights, d);
-  if (lora.defined()) check_lora(op, lora, weight, m, data);
+  if (lora.defined()) check_lora(op, lora, weight, plan, data);
 }
 
 std::size_t swiglu_linear_bytes(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
