@@ -3,7 +3,7 @@
 //
 // One 128x256 output tile per block, three warpgroups:
 //   - warpgroup 0 loads: every thread cp.asyncs 8 of the tile's gathered x rows (16 bytes each) into 128-byte
-//     swizzled shared memory, and thread 0 brings the weight tile with one TMA load;
+//     swizzled shared memory, and thread 0 brings the weight tile (and a LoRA factor's) with TMA loads;
 //   - warpgroups 1 and 2 run wgmma 64x256x16 on rows [0, 64) and [64, 128) of the tile, fp32 accumulators in registers.
 // A 4-stage ring of full/empty mbarriers connects them; consumers keep one k-block of wgmma in flight. cp.async writes
 // go through the generic proxy and wgmma reads through the async one, so the loader waits for its copies one stage
@@ -12,9 +12,16 @@
 // 64-column chunks of 64 k-rows each, one TMA load per chunk, and wgmma takes it MN-major.
 // With SwiGLU the weight is [gate; up] (2n rows) and a tile's 256 columns are gate columns [j, j+128) followed by the
 // same up columns: every thread holds each gate value and its up partner, so h and a = silu(gate) * up are written
-// from registers. A LoRA adapter (LORA) is one more k-block after W's, [s.u | B[e]] loaded by the loaders' cp.async,
-// so its product reaches the epilogue (the activation, or the plain rows) without a pass over the output.
+// from registers.
+// A LoRA adapter of rank up to RN is two more products. Its rank-side one, low = s . x . P[e] (P = A[e]^T, DGRAD B[e]),
+// runs beside W's in every k-block into a second, RN-column accumulator, P's tile coming by TMA with W's; so x is
+// read once for both. Then low, rounded, becomes the A operand of one more k-block [low | F[e]] (F = B[e],
+// DGRAD A[e]), whose product reaches the epilogue (the activation, or the plain rows) without a pass over the output.
+// Every n-tile block of an m-tile forms the same low (RN / BN more MMAs); the first one also stores it for the
+// backward.
 #include <cudaTypedefs.h>
+
+#include <array>
 
 #include <cute/arch/mma_sm90_gmma.hpp>
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -48,7 +55,7 @@ struct Gmma<__half, MAJOR_B> {
   using Op = SM90_64x256x16_F32F16F16_SS<GMMA::Major::K, MAJOR_B>;
 };
 
-template <class T, bool DGRAD>
+template <class T, bool DGRAD, int RN>
 struct Tiles {
   static constexpr GMMA::Major kMajorB = DGRAD ? GMMA::Major::MN : GMMA::Major::K;
   using E = typename Gmma<T, kMajorB>::Element;
@@ -61,17 +68,31 @@ struct Tiles {
                              Step<_2, _1, _3>{})),
       decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<E>{}, Shape<Int<BN>, Int<BK>, Int<STAGES>>{}))>;
   using Mma = decltype(make_tiled_mma(typename Gmma<T, kMajorB>::Op{}, Layout<Shape<_2, _1, _1>>{}));
+  // LoRA's rank-side factor P, a tile of kRn columns by BK as one TMA box writes it: A[e] [rank, k] as rows of 64 k
+  // (K-major, 128-byte swizzle like the A tile); DGRAD B[e] [k, rank] as k-rows of kRn elements (MN-major, the
+  // swizzle as wide as a row).
+  static constexpr int kRn = RN > 0 ? RN : 16;
+  using AtomF = std::conditional_t<
+      !DGRAD, GMMA::Layout_K_SW128_Atom<E>,
+      std::conditional_t<kRn == 16, GMMA::Layout_MN_SW32_Atom<E>,
+                         std::conditional_t<kRn == 32, GMMA::Layout_MN_SW64_Atom<E>, GMMA::Layout_MN_SW128_Atom<E>>>>;
+  using LayoutF = decltype(tile_to_shape(AtomF{}, Shape<Int<kRn>, Int<BK>, Int<STAGES>>{}));
+  using MmaF = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<E, E, float, Shape<_64, Int<kRn>, _16>, GMMA::Major::K, kMajorB>(),
+      Layout<Shape<_2, _1, _1>>{}));
 };
 constexpr int kChunkN = 64;  // DGRAD: columns of one TMA box / one 8 KB chunk of the B tile
 
-template <class T>
+template <class T, int RN>
 struct alignas(1024) Smem {
   T a[STAGES][BM * BK];
   T b[STAGES][BN * BK];
+  T f[STAGES][(RN > 0 ? RN : 8) * BK];  // LoRA: P's tile
   std::uint64_t full[STAGES], empty[STAGES];
   int tokens[BM];  // the tile's source rows of x; -1 past the expert's rows
 };
-constexpr std::size_t kSmemBytes = sizeof(Smem<__nv_bfloat16>) + 1024;  // + alignment slack
+template <int RN>
+constexpr std::size_t kSmemBytes = sizeof(Smem<__nv_bfloat16, RN>) + 1024;  // + alignment slack
 
 struct Args {
   const void* x;
@@ -81,9 +102,11 @@ struct Args {
   const int* offsets;
   const int* tile_offsets;
   int top_k, experts, n, k;
-  const void* lora_u;  // LoRA: sorted rows [M, rank] = scale * x[src] . A[e]^T; null without an adapter
-  const void* lora_b;  // LoRA: B [E, rows of W, rank]; DGRAD: the factor [E, rank, n]
+  const void* lora_p;  // LoRA: A [E, rank, k]; DGRAD: B [E, k, rank]. Null without an adapter
+  const void* lora_f;  // LoRA: B [E, rows of W, rank]; DGRAD: A [E, rank, n]
+  void* lora_low;      // LoRA: where low's rows [M, rank] are kept, or null
   int rank;
+  float lora_scale;
 };
 
 __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, std::uint64_t* bar, void* dst, int c0, int c1,
@@ -98,49 +121,40 @@ __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, std::uint64_
 using Barrier = cutlass::arch::ClusterBarrier;
 using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 
-// The LoRA k-block, by the 128 loader threads: A = the tile's sorted rows of u, B = the tile's rows of B[e] (gate
-// rows then up rows with SwiGLU), each row's rank elements followed by zeros up to BK; DGRAD: B = the factor's
-// rank rows [e][q][col0, col0 + BN) in the n-major chunks, zero rows from rank to BK.
-template <class T, bool SWIGLU, bool DGRAD>
-__device__ __forceinline__ void load_lora_block(const Args& p, T* sa, T* sb, int e, int t) {
+// The B operand of the LoRA k-block, by the 128 loader threads: the tile's rows of F = B[e] (gate rows then up rows
+// with SwiGLU), each row's first RN k-elements, zero past rank; DGRAD: F = A[e]'s rank rows [e][q][col0, col0 + BN)
+// in the n-major chunks, zero rows from rank to RN. (Its A operand, low, the consumers write.)
+template <class T, bool SWIGLU, bool DGRAD, int RN>
+__device__ __forceinline__ void load_lora_block(const Args& p, T* sb, int e, int t) {
   constexpr int kHalfRows = SWIGLU ? BN / 2 : BN;
   // The tile's coordinates again rather than kept live over the k loop: the loader runs in 40 registers.
-  const int n_tiles = (p.n + kHalfRows - 1) / kHalfRows, mt = blockIdx.x / n_tiles;
-  const int col0 = blockIdx.x % n_tiles * kHalfRows;
-  const int m0 = p.offsets[e] + (mt - p.tile_offsets[e]) * BM, m_end = p.offsets[e + 1];
-  const T* u = static_cast<const T*>(p.lora_u);
-  const T* b = static_cast<const T*>(p.lora_b) + static_cast<std::int64_t>(e) * (SWIGLU ? 2 : 1) * p.n * p.rank;
-  const int chunk = t % 8;
-  const bool k_ok = chunk * 8 < p.rank;
-#pragma unroll 1
-  for (int i = 0; i < BM / 16; ++i) {
-    const int r = t / 8 + 16 * i, row = m0 + r;
-    const bool ok = k_ok && row < m_end;
-    cp_async16(sa + swz<BK>(r, chunk), ok ? u + static_cast<std::int64_t>(row) * p.rank + chunk * 8 : u, ok);
-  }
+  const int n_tiles = (p.n + kHalfRows - 1) / kHalfRows, col0 = blockIdx.x % n_tiles * kHalfRows;
+  const T* f = static_cast<const T*>(p.lora_f) + static_cast<std::int64_t>(e) * (SWIGLU ? 2 : 1) * p.n * p.rank;
   if constexpr (DGRAD) {
     constexpr int kPieces = BN / 8;  // 16-byte pieces of one factor row in the tile
 #pragma unroll 1
-    for (int i = t; i < BK * kPieces; i += 128) {
+    for (int i = t; i < RN * kPieces; i += 128) {
       const int q = i / kPieces, piece = i % kPieces, j = col0 + piece * 8;
       const bool ok = q < p.rank && j < p.n;
       cp_async16(sb + piece / 8 * (kChunkN * BK) + swz<BK>(q, piece % 8),
-                 ok ? b + static_cast<std::int64_t>(q) * p.n + j : b, ok);
+                 ok ? f + static_cast<std::int64_t>(q) * p.n + j : f, ok);
     }
   } else {
 #pragma unroll 1
-    for (int i = 0; i < BN / 16; ++i) {
-      const int r = t / 8 + 16 * i, j = col0 + r % kHalfRows;  // smem row r: half r / kHalfRows, column j
-      const bool ok = k_ok && j < p.n;
+    for (int i = t; i < BN * (RN / 8); i += 128) {
+      const int r = i / (RN / 8), c = i % (RN / 8), j = col0 + r % kHalfRows;  // smem row r: half r / kHalfRows
+      const bool ok = c * 8 < p.rank && j < p.n;
       const std::int64_t wrow = (r / kHalfRows) * static_cast<std::int64_t>(p.n) + j;
-      cp_async16(sb + swz<BK>(r, chunk), ok ? b + wrow * p.rank + chunk * 8 : b, ok);
+      cp_async16(sb + swz<BK>(r, c), ok ? f + wrow * p.rank + c * 8 : f, ok);
     }
   }
 }
 
-template <class T, bool SWIGLU, bool LORA, bool DGRAD>
-__global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant__ CUtensorMap wmap, const Args p) {
+template <class T, bool SWIGLU, int RN, bool DGRAD>
+__global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant__ CUtensorMap wmap,
+                                                            const __grid_constant__ CUtensorMap fmap, const Args p) {
   static_assert(!(SWIGLU && DGRAD));
+  constexpr bool LORA = RN > 0;
   constexpr int kTileN = SWIGLU ? BN / 2 : BN;  // output columns per tile
   const int n_tiles = (p.n + kTileN - 1) / kTileN;
   const int nt = blockIdx.x % n_tiles, mt = blockIdx.x / n_tiles;
@@ -149,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   const int m0 = p.offsets[e] + (mt - p.tile_offsets[e]) * BM, m_end = p.offsets[e + 1];
 
   extern __shared__ unsigned char raw[];
-  auto& sm = *reinterpret_cast<Smem<T>*>((reinterpret_cast<std::uintptr_t>(raw) + 1023) & ~std::uintptr_t{1023});
+  auto& sm = *reinterpret_cast<Smem<T, RN>*>((reinterpret_cast<std::uintptr_t>(raw) + 1023) & ~std::uintptr_t{1023});
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       reinterpret_cast<TxBarrier&>(sm.full[s]).init(BM + 1);  // the loaders' arrivals + the TMA transaction
@@ -163,8 +177,8 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   }
   __syncthreads();
 
-  // With a LoRA adapter one more k-block follows W's: [s.u | B[e]] zero-padded from rank to BK, so the low-rank
-  // product lands in the same accumulators.
+  // With a LoRA adapter one more k-block follows W's: [low | F[e]], so the low-rank product lands in the same
+  // accumulators.
   const int w_blocks = (p.k + BK - 1) / BK, k_blocks = w_blocks + LORA;
   if (threadIdx.x < 128) {
     cutlass::arch::warpgroup_reg_dealloc<40>();
@@ -186,7 +200,8 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       const int s = kb % STAGES;
       reinterpret_cast<Barrier&>(sm.empty[s]).wait(((kb / STAGES) & 1) ^ 1);
       if (t == 0) {
-        reinterpret_cast<TxBarrier&>(sm.full[s]).arrive_and_expect_tx(BN * BK * sizeof(T));
+        reinterpret_cast<TxBarrier&>(sm.full[s]).arrive_and_expect_tx((BN + RN) * BK * sizeof(T));
+        if constexpr (LORA) tma_load_4d(&fmap, &sm.full[s], sm.f[s], DGRAD ? 0 : kb * BK, DGRAD ? kb * BK : 0, 0, e);
         if constexpr (DGRAD) {
 #pragma unroll
           for (int c = 0; c < BN / kChunkN; ++c)
@@ -208,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       const int s = w_blocks % STAGES;
       reinterpret_cast<Barrier&>(sm.empty[s]).wait(((w_blocks / STAGES) & 1) ^ 1);
       if (t == 0) reinterpret_cast<Barrier&>(sm.full[s]).arrive();  // no TMA in this stage
-      load_lora_block<T, SWIGLU, DGRAD>(p, sm.a[s], sm.b[s], e, t);
+      load_lora_block<T, SWIGLU, DGRAD, RN>(p, sm.b[s], e, t);
       issued(w_blocks);
     }
     cp_async_wait<0>();
@@ -218,7 +233,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   }
 
   cutlass::arch::warpgroup_reg_alloc<232>();
-  using TL = Tiles<T, DGRAD>;
+  using TL = Tiles<T, DGRAD, RN>;
   using E = typename TL::E;
   typename TL::Mma mma;
   const int ct = threadIdx.x - 128;
@@ -229,13 +244,30 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   Tensor tCrB = thr.make_fragment_B(thr.partition_B(sB));
   Tensor acc = partition_fragment_C(mma, Shape<Int<BM>, Int<BN>>{});
   static_assert(decltype(size(acc))::value == 128);
+  // LoRA's rank side: low = x . P[e] over the same A tiles (unused without an adapter).
+  typename TL::MmaF mma_f;
+  auto thr_f = mma_f.get_thread_slice(ct);
+  Tensor sF = make_tensor(make_smem_ptr(reinterpret_cast<E*>(&sm.f[0][0])), typename TL::LayoutF{});
+  Tensor tFrA = thr_f.make_fragment_A(thr_f.partition_A(sA));
+  Tensor tFrF = thr_f.make_fragment_B(thr_f.partition_B(sF));
+  Tensor acc_f = partition_fragment_C(mma_f, Shape<Int<BM>, Int<TL::kRn>>{});
 
   mma.accumulate_ = GMMA::ScaleOut::Zero;
-  for (int kb = 0; kb < k_blocks; ++kb) {
+  mma_f.accumulate_ = GMMA::ScaleOut::Zero;
+  for (int kb = 0; kb < w_blocks; ++kb) {
     const int s = kb % STAGES;
     reinterpret_cast<TxBarrier&>(sm.full[s]).wait((kb / STAGES) & 1);
     warpgroup_fence_operand(acc);
+    if constexpr (LORA) warpgroup_fence_operand(acc_f);
     warpgroup_arrive();
+    if constexpr (LORA) {
+#pragma unroll
+      for (int kk = 0; kk < size<2>(tFrA); ++kk) {
+        cute::gemm(mma_f, tFrA(_, _, kk, s), tFrF(_, _, kk, s), acc_f);
+        mma_f.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();  // its own batch, so that low is complete while W's last k-block still runs
+    }
 #pragma unroll
     for (int kk = 0; kk < size<2>(tCrA); ++kk) {
       cute::gemm(mma, tCrA(_, _, kk, s), tCrB(_, _, kk, s), acc);
@@ -246,6 +278,30 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
     warpgroup_wait<1>();
     warpgroup_fence_operand(acc);
     if (kb > 0 && threadIdx.x % 32 == 0) reinterpret_cast<Barrier&>(sm.empty[(kb - 1) % STAGES]).arrive();
+  }
+  if constexpr (LORA) {
+    // low = s . acc_f, rounded, into the A tile of the LoRA stage: each warpgroup writes the 64 rows its own wgmma
+    // reads (that stage's last A tile is long consumed, and the loaders leave this one alone). The first n-tile's
+    // blocks keep low's rows for the backward.
+    const int s = w_blocks % STAGES;
+    warpgroup_fence_operand(acc_f);
+    Tensor cf = thr_f.partition_C(make_identity_tensor(Shape<Int<BM>, Int<TL::kRn>>{}));
+    T* low = nt == 0 ? static_cast<T*>(p.lora_low) : nullptr;
+#pragma unroll
+    for (int i = 0; i < size(acc_f); i += 2) {
+      const int r = get<0>(cf(i)), c = get<1>(cf(i));
+      const std::uint32_t v = pack2<T>(p.lora_scale * acc_f(i), p.lora_scale * acc_f(i + 1));
+      *reinterpret_cast<std::uint32_t*>(sm.a[s] + swz<BK>(r, c / 8) + c % 8) = v;
+      if (low && m0 + r < m_end && c < p.rank)
+        *reinterpret_cast<std::uint32_t*>(low + static_cast<std::int64_t>(m0 + r) * p.rank + c) = v;
+    }
+    cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma through the async proxy
+    cutlass::arch::NamedBarrier::arrive_and_wait(128, ct / 128);
+    reinterpret_cast<TxBarrier&>(sm.full[s]).wait((w_blocks / STAGES) & 1);
+    warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < TL::kRn / 16; ++kk) cute::gemm(mma, tCrA(_, _, kk, s), tCrB(_, _, kk, s), acc);
+    warpgroup_commit_batch();
   }
   warpgroup_wait<0>();
   warpgroup_fence_operand(acc);
@@ -310,56 +366,98 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
+// A 4-d tensor map of 16-bit elements over `base` (dims innermost first, byte strides of dims 1-3).
+CUtensorMap tensor_map(const void* base, DType dtype, const std::array<cuuint64_t, 4>& dims,
+                       const std::array<cuuint64_t, 3>& strides, const std::array<cuuint32_t, 4>& box, int swizzle,
+                       const char* what) {
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUtensorMapSwizzle sw = swizzle == 128  ? CU_TENSOR_MAP_SWIZZLE_128B
+                                : swizzle == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                : CU_TENSOR_MAP_SWIZZLE_32B;
+  CUtensorMap map;
+  const CUresult r = encode_tiled()(
+      &map, dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      const_cast<void*>(base), dims.data(), strides.data(), box.data(), elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      sw, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    throw Error(std::string("moefuse: cuTensorMapEncodeTiled failed for ") + what + " (" +
+                std::to_string(static_cast<int>(r)) + ")");
+  return map;
+}
+
 // The weight [E, halves * rows, k] as (k, rows, halves, E), read in boxes of (BK, BN / halves, halves, 1): one box is
 // a tile's 256 weight rows, plain or gate-then-up. DGRAD: the weight [E, k, n] as (n, k, 1, E) in boxes of
 // (64, BK, 1, 1), one 64-column chunk of the tile.
 CUtensorMap weight_map(const Sm90GatherGemm& g, DType dtype) {
-  const int halves = g.act ? 2 : 1;
+  const cuuint32_t halves = g.act ? 2 : 1;
   const cuuint64_t es = 2, k = static_cast<cuuint64_t>(g.k), n = static_cast<cuuint64_t>(g.n);
-  const cuuint64_t e = static_cast<cuuint64_t>(g.experts);
-  const cuuint64_t dims[4] = {g.dgrad ? n : k, g.dgrad ? k : n, static_cast<cuuint64_t>(halves), e};
-  const cuuint64_t strides[3] = {dims[0] * es, n * k * es, halves * n * k * es};
-  const cuuint32_t box[4] = {g.dgrad ? kChunkN : BK, static_cast<cuuint32_t>(g.dgrad ? BK : BN / halves),
-                             static_cast<cuuint32_t>(halves), 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  CUtensorMap map;
-  const CUresult r = encode_tiled()(
-      &map, dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
-      const_cast<void*>(g.w), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) throw Error("moefuse: cuTensorMapEncodeTiled failed for the expert weight (" +
-                                     std::to_string(static_cast<int>(r)) + ")");
-  return map;
+  const cuuint64_t inner = g.dgrad ? n : k;
+  return tensor_map(g.w, dtype, {inner, g.dgrad ? k : n, halves, static_cast<cuuint64_t>(g.experts)},
+                    {inner * es, n * k * es, halves * n * k * es},
+                    {static_cast<cuuint32_t>(g.dgrad ? kChunkN : BK),
+                     static_cast<cuuint32_t>(g.dgrad ? BK : BN / halves), halves, 1},
+                    128, "the expert weight");
 }
 
-template <class T, bool SWIGLU, bool LORA, bool DGRAD = false>
+// LoRA's P (see Tiles::LayoutF), zero-filled past rank and k: A [E, rank, k] as (k, rank, 1, E) in boxes of (BK, RN);
+// DGRAD B [E, k, rank] as (rank, k, 1, E) in boxes of (RN, BK). Without an adapter, the weight's map stands in.
+template <int RN>
+CUtensorMap factor_map(const Sm90GatherGemm& g, DType dtype, const CUtensorMap& wmap) {
+  if constexpr (RN == 0) {
+    return wmap;
+  } else {
+    const cuuint64_t es = 2, k = static_cast<cuuint64_t>(g.k), r = static_cast<cuuint64_t>(g.rank);
+    const cuuint64_t inner = g.dgrad ? r : k;
+    return tensor_map(g.lora_p, dtype, {inner, g.dgrad ? k : r, 1, static_cast<cuuint64_t>(g.experts)},
+                      {inner * es, r * k * es, r * k * es},
+                      {static_cast<cuuint32_t>(g.dgrad ? RN : BK), static_cast<cuuint32_t>(g.dgrad ? BK : RN), 1, 1},
+                      g.dgrad ? RN * 2 : 128, "a LoRA factor");
+  }
+}
+
+template <class T, bool SWIGLU, int RN, bool DGRAD>
 void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   const std::int64_t n_tiles = ceil_div<std::int64_t>(g.n, SWIGLU ? BN / 2 : BN);
   const std::int64_t blocks = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
   if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
-  const CUtensorMap map = weight_map(g, dtype);
-  const Args args{g.x,       g.out,     g.act,   g.pairs, g.offsets, g.tile_offsets, g.top_k,
-                  g.experts, g.n, g.k, g.lora_u, g.lora_b, g.rank};
-  auto kernel = gather_gemm<T, SWIGLU, LORA, DGRAD>;
-  set_smem_limit(kernel, kSmemBytes);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(map, args);
+  const CUtensorMap wmap = weight_map(g, dtype), fmap = factor_map<RN>(g, dtype, wmap);
+  const Args args{g.x,       g.out, g.act, g.pairs,  g.offsets, g.tile_offsets, g.top_k, g.experts,
+                  g.n,       g.k,   g.lora_p, g.lora_f, g.lora_low, g.rank, g.lora_scale};
+  auto kernel = gather_gemm<T, SWIGLU, RN, DGRAD>;
+  set_smem_limit(kernel, kSmemBytes<RN>);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes<RN>, stream>>>(wmap, fmap, args);
   MOEFUSE_CUDA_LAUNCH_CHECK();
+}
+
+// The form, then the adapter's rank rounded up to the rank-side accumulator's width (0: no adapter).
+template <class T, int RN>
+void launch_form(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
+  if (g.dgrad)
+    launch<T, false, RN, true>(g, dtype, stream);
+  else if (g.act)
+    launch<T, true, RN, false>(g, dtype, stream);
+  else
+    launch<T, false, RN, false>(g, dtype, stream);
 }
 
 }  // namespace
 
 void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   if (g.dgrad && g.act) throw Error("moefuse: the gather GEMM's dgrad form runs only plain");
+  if (g.lora_p && (g.rank <= 0 || g.rank > 64 || g.rank % 8))
+    throw Error("moefuse: the gather GEMM takes LoRA ranks that are multiples of 8 up to 64");
   if (g.rows == 0 || g.experts == 0) return;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      if (g.dgrad)
-        g.lora_u ? launch<T, false, true, true>(g, dtype, stream) : launch<T, false, false, true>(g, dtype, stream);
-      else if (g.act)
-        g.lora_u ? launch<T, true, true>(g, dtype, stream) : launch<T, true, false>(g, dtype, stream);
+      if (!g.lora_p)
+        launch_form<T, 0>(g, dtype, stream);
+      else if (g.rank <= 16)
+        launch_form<T, 16>(g, dtype, stream);
+      else if (g.rank <= 32)
+        launch_form<T, 32>(g, dtype, stream);
       else
-        g.lora_u ? launch<T, false, true>(g, dtype, stream) : launch<T, false, false>(g, dtype, stream);
+        launch_form<T, 64>(g, dtype, stream);
     }
   });
 }

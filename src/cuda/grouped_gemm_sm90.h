@@ -37,9 +37,10 @@ struct Sm90Gemm {
 //           act[s, j] = silu(h[s, j]) h[s, n + j]
 //   dgrad:  (dgrad set) out[s, :] = x[src(s)] . W[e]                    W [E, k, n], out [M, n]; plain only
 // src(s) = pairs[s] / top_k (x in token order), or s itself when pairs is null (x already in sorted order).
-// With lora_u set (a LoRA adapter, rank a multiple of 8 up to 64) every row also gets lora_u[s] . lora_b[e]^T,
-// before the activation: lora_u [M, rank] sorted rows (scale folded in), lora_b [E, rows of W, rank]; dgrad:
-// lora_u[s] . lora_b[e] with lora_b [E, rank, n].
+// With lora_p set (a LoRA adapter, rank a multiple of 8 up to 64) every row also gets low[s] . lora_f[e]^T before the
+// activation, low[s] = lora_scale * x[src(s)] . lora_p[e]^T being formed in the same k-loop: lora_p [E, rank, k],
+// lora_f [E, rows of W, rank]; dgrad: low[s] = lora_scale * x[src(s)] . lora_p[e] and low[s] . lora_f[e], with
+// lora_p [E, k, rank], lora_f [E, rank, n]. low's sorted rows [M, rank] are stored in lora_low when it is set.
 // bf16 or f16; k and n multiples of 8, x, W, out and act 16-byte aligned. tile_offsets: M-tiles of 128 rows before
 // each expert (expert_tile_offsets with bm = 128).
 struct Sm90GatherGemm {
@@ -53,9 +54,11 @@ struct Sm90GatherGemm {
   int top_k = 1, experts = 0;
   std::int64_t rows = 0;  // M, bounding the tile count
   int n = 0, k = 0;
-  const void* lora_u = nullptr;
-  const void* lora_b = nullptr;
+  const void* lora_p = nullptr;
+  const void* lora_f = nullptr;
+  void* lora_low = nullptr;
   int rank = 0;
+  float lora_scale = 1.f;
   bool dgrad = false;
 };
 constexpr int kSm90GatherTileM = 128;

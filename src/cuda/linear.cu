@@ -150,12 +150,19 @@ bool use_hopper_gather(const TensorView& weight, std::int64_t out_cols, std::ini
          all_aligned(ptrs);
 }
 
-// Runs it: out (plain) or h and act (SwiGLU, act set), x in token order (gather) or sorted, with a LoRA adapter's
-// k-block when lora_u is given; dgrad: out = x . W[e] (weight [E, k, n]). Placeholder rows are left unwritten.
+// LoRA's part of one gather GEMM (grouped_gemm_sm90.h): low = scale * x . P[e] in its k-loop, kept in `low` when
+// defined, and the k-block low . F[e]. P and F are A and B forwards, B and A in a dgrad.
+struct GatherLora {
+  TensorView p, f, low;
+  float scale = 1.f;
+};
+
+// Runs it: out (plain) or h and act (SwiGLU, act set), x in token order (gather) or sorted, with a LoRA adapter when
+// lora.p is defined; dgrad: out = x . W[e] (weight [E, k, n]). Placeholder rows are left unwritten.
 template <class T>
 void run_hopper_gather(const Plan& plan, const TensorView& x, bool gather, const TensorView& weight,
-                       const TensorView& out, const TensorView& act, const TensorView& tiles, const TensorView& lora_u,
-                       const TensorView& lora_b, cudaStream_t s, bool dgrad = false) {
+                       const TensorView& out, const TensorView& act, const TensorView& tiles, const GatherLora& lora,
+                       cudaStream_t s, bool dgrad = false) {
   expert_tile_offsets<<<1, 1024, 0, s>>>(plan.offsets.ptr<int>(), plan.experts, kSm90GatherTileM, tiles.ptr<int>());
   MOEFUSE_CUDA_LAUNCH_CHECK();
   Sm90GatherGemm g;
@@ -172,9 +179,11 @@ void run_hopper_gather(const Plan& plan, const TensorView& x, bool gather, const
   g.n = static_cast<int>(dgrad ? weight.shape[2] : act.defined() ? weight.shape[1] / 2 : weight.shape[1]);
   g.k = static_cast<int>(dgrad ? weight.shape[1] : weight.shape[2]);
   g.dgrad = dgrad;
-  g.lora_u = lora_u.data;
-  g.lora_b = lora_b.data;
-  g.rank = lora_u.defined() ? static_cast<int>(lora_u.shape[1]) : 0;
+  g.lora_p = lora.p.data;
+  g.lora_f = lora.f.data;
+  g.lora_low = lora.low.data;
+  g.rank = lora.p.defined() ? static_cast<int>(lora.p.shape[dgrad ? 2 : 1]) : 0;
+  g.lora_scale = lora.scale;
   run_gather_gemm_sm90(g, weight.dtype, s);
 }
 
@@ -232,7 +241,7 @@ void forward_impl(const Plan& plan, const TensorView& x, const TensorView& weigh
   const TensorView& rows = combine ? ws.rows : out;
 
   if (gather && use_hopper_gather(weight, n, {x.data, weight.data, rows.data})) {
-    run_hopper_gather<T>(plan, x, true, weight, rows, TensorView{}, ws.tiles, TensorView{}, TensorView{}, s);
+    run_hopper_gather<T>(plan, x, true, weight, rows, TensorView{}, ws.tiles, GatherLora{}, s);
   } else if (!gather && use_hopper(weight, {x.data, weight.data, rows.data, workspace.data})) {
     const Sm90Gemm g{GemmKind::fwd, x.data, weight.data, rows.data, plan.offsets.ptr<int>(), plan.experts, 0,
                      static_cast<int>(n), static_cast<int>(k)};
@@ -388,9 +397,9 @@ bool lora_k_block(const Lora& lora) {
 }
 
 // With an adapter the Hopper gather kernel serves the rows in sorted order too (the down projection): u = s * x .
-// A[e]^T first (lora.h), then W's k-blocks and [u | B[e]] into the same rows, so the low-rank part costs neither an
-// expansion into [M, out] rows nor a second per-token sum. The workspace is moe_lora_workspace_bytes' layout, which the
-// core's check covers.
+// A[e]^T beside W's k-blocks (kept in lora.u for the backward when given), then [u | B[e]] into the same rows, so the
+// low-rank part costs neither a pass over x nor an expansion into [M, out] rows nor a second per-token sum. The
+// workspace is moe_lora_workspace_bytes' layout, which the core's check covers.
 bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
                               bool gather, const TensorView& combine_weights, const TensorView& out,
                               const TensorView& workspace, void* stream) {
@@ -401,11 +410,13 @@ bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const Tenso
     return false;
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
-  const LoraRows lw = lora_forward_rows(plan, x, lora, gather, combine, workspace, s);
+  const LoraRows lw = lora_forward_workspace(plan, lora, gather, combine, workspace);
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     const TensorView& rows = combine ? lw.rows : out;
-    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, lw.tiles, lw.low, lora.b, s);
+    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, lw.tiles, {lora.a, lora.b, lora.u, lora.scale},
+                         s);
+    if (lora.u.defined()) launch_zero_placeholders<T>(lora.u, plan, s);
     if (combine)
       launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), 1.f, false, out, s);
     else
@@ -414,8 +425,8 @@ bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const Tenso
   return true;
 }
 
-// With an adapter of rank a multiple of 8 up to 64, u = s * x . A[e]^T is formed first (lora.h) and the Hopper kernel
-// takes [u | B[e]] as one more k-block.
+// With an adapter of rank a multiple of 8 up to 64, the Hopper kernel forms u = s * x . A[e]^T beside W's k-blocks
+// (kept in lora.u when given) and takes [u | B[e]] as one more k-block.
 void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
                                const TensorView& h, const TensorView& a, const TensorView& workspace, void* stream) {
   const std::int64_t r = lora.defined() ? lora.a.shape[1] : 0;
@@ -429,11 +440,12 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
   detail::Carver c(workspace);
-  const LoraRows lw = r ? lora_forward_rows(plan, x, lora, true, false, workspace, s)
-                        : LoraRows{carve_forward(c, plan, weight, true, false).tiles, {}, {}};
+  const TensorView tiles = r ? lora_forward_workspace(plan, lora, true, false, workspace).tiles
+                              : carve_forward(c, plan, weight, true, false).tiles;
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    run_hopper_gather<T>(plan, x, true, weight, h, a, lw.tiles, lw.low, lora.b, s);
+    run_hopper_gather<T>(plan, x, true, weight, h, a, tiles, {lora.a, lora.b, lora.u, lora.scale}, s);
+    if (lora.u.defined()) launch_zero_placeholders<T>(lora.u, plan, s);
     launch_zero_placeholders<T>(h, plan, s);
     launch_zero_placeholders<T>(a, plan, s);
   });
@@ -457,9 +469,10 @@ void moe_linear_backward(const Plan& plan, const TensorView& x, const TensorView
   });
 }
 
-// The up projection's backward with an adapter (no combine) on Hopper: the adapter's factors first (lora.h), then
-// one dgrad GEMM over W's k-blocks and [gb | A[e]] into the grad_x rows, so its K = r product needs no expansion into
-// [M, in] rows nor a second per-token sum. Workspace: moe_lora_backward_workspace_bytes' layout.
+// The up projection's backward with an adapter (no combine) on Hopper: one dgrad GEMM forms gb = s * grad_out . B[e]
+// beside W's k-blocks and adds [gb | A[e]] into the grad_x rows, so the K = r products need neither a pass over
+// grad_out, an expansion into [M, in] rows nor a second per-token sum; then the adapter's gradients (lora.h).
+// Workspace: moe_lora_backward_workspace_bytes' layout.
 bool moe_linear_backward_fused(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora,
                                bool gather, const TensorView& combine_weights, const TensorView& grad_out,
                                const TensorView& grad_x, const LoraGrads& grad_lora,
@@ -470,24 +483,27 @@ bool moe_linear_backward_fused(const Plan& plan, const TensorView& x, const Tens
     return false;
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
-  const LoraRows lw = lora_backward_factors(plan, x, lora, gather, grad_out, grad_lora, workspace, s);
+  const LoraRows lw = lora_backward_workspace(plan, lora, gather, workspace);
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     const TensorView& rows = gather ? lw.rows : grad_x;
-    run_hopper_gather<T>(plan, grad_out, false, weight, rows, TensorView{}, lw.tiles, lw.low, lora.a, s, true);
+    const TensorView gb = grad_lora.a.defined() ? lw.low : TensorView{};
+    run_hopper_gather<T>(plan, grad_out, false, weight, rows, TensorView{}, lw.tiles, {lora.b, lora.a, gb, lora.scale},
+                         s, true);
     if (gather)
       launch_gather_sum<T>(rows, plan, nullptr, 1.f, false, grad_x, s);
     else
       launch_zero_placeholders<T>(grad_x, plan, s);
   });
+  lora_backward_grads(plan, x, lora, gather, grad_out, grad_lora, workspace, s);
   return true;
 }
 
 // The Hopper form: gather grad_out once, dgrad into rows [M, I], one row pass (swiglu_dgrad_rows), and the wgrad
 // from the same gathered grad_out and the scaled a rows, so grad_out is gathered once and a never stored. Without a
 // weight gradient (frozen, or with a LoRA adapter) the dgrad is the gather kernel instead, with grad_out gathered in
-// its loads and an adapter's [gb | A[e]] as one more k-block (lora.h), so no copy of grad_out is made; the adapter's
-// gradients come from the rows after the row pass.
+// its loads, an adapter's gb = s * grad_out . B[e] formed beside W's k-blocks and [gb | A[e]] as one more k-block
+// (lora.h), so no copy of grad_out is made; the adapter's gradients come from the rows after the row pass.
 bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight, const Lora& lora,
                                   const TensorView& combine_weights, const TensorView& grad_out,
                                   const TensorView& grad_h, const TensorView& grad_weight, const LoraGrads& grad_lora,
@@ -523,9 +539,9 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (gather_dgrad) {
-      const TensorView gb = lora.defined() ? lora_sorted_project(plan, lora, grad_out, true, ws.lora, s)
-                                           : TensorView{};
-      run_hopper_gather<T>(plan, grad_out, true, weight, ws.rows, TensorView{}, ws.tiles, gb, lora.a, s, true);
+      const GatherLora gl = lora.defined() ? GatherLora{lora.b, lora.a, lora_sorted_gb(plan, lora, ws.lora), lora.scale}
+                                           : GatherLora{};
+      run_hopper_gather<T>(plan, grad_out, true, weight, ws.rows, TensorView{}, ws.tiles, gl, s, true);
     } else {
       launch_gather_sorted<T>(grad_out, plan, nullptr, ws.gathered, s);
       run_grouped_gemm_sm90({GemmKind::dgrad, ws.gathered.data, weight.data, ws.rows.data, offsets, plan.experts, 0,

@@ -10,7 +10,8 @@
 //             grad_x += gb . A[e]        dgrad GEMM, K = r, accumulating epilogue
 // A result in token order (forward with combine, grad_x with gather) is written as sorted rows into workspace first,
 // then summed per token (rows.cuh), which keeps every sum in a fixed order. u and gb are stored in the weight dtype.
-// On Hopper the K = r GEMMs run instead as one more k-block of the base GEMM (linear.cu, lora.h).
+// On Hopper the base GEMM forms u or gb in its own k-loop and runs the K = r GEMM as one more k-block (linear.cu,
+// lora.h); the wgrads stay here.
 #include "core/backend.h"
 #include "core/workspace.h"
 #include "cuda/common.cuh"
@@ -166,6 +167,18 @@ void forward_impl(const Plan& plan, const TensorView& x, const Lora& lora, bool 
   add_lowrank<T>(plan, ws, u, lora.b, true, cw.defined(), cw.defined() ? cw.ptr<float>() : nullptr, 1.f, out, tc, s);
 }
 
+// grad_B[e] = g^T . uw and grad_A[e] = gb^T . x, each where wanted; g and x gathered from token order where said.
+template <class T>
+void factor_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& uw,
+                  const TensorView& gb, const TensorView& x, bool gather_x, const LoraGrads& grad_lora, bool tc,
+                  cudaStream_t s) {
+  const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
+  if (grad_lora.b.defined())
+    grad_factor<T>(plan, {g.data, out, 0, gather_g}, {uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
+  if (grad_lora.a.defined())
+    grad_factor<T>(plan, {gb.data, r, 0, false}, {x.data, in, 0, gather_x}, r, in, grad_lora.a, tc, s);
+}
+
 // See the CPU backend for the algebra: u = s * x.A^T (lora.u when given), du = s * w * g.B, grad_B[e] = g^T . (w * u),
 // grad_A[e] = du^T . x, grad_x rows += du . A[e], grad_cw += <g.B, u>. backward_factors does all but grad_x's part and
 // leaves gb (= du after lora_rows) in the workspace.
@@ -174,15 +187,11 @@ void backward_factors(const Plan& plan, const Workspace& ws, const TensorView& x
                       const TensorView& cw, const TensorView& grad_out, const LoraGrads& grad_lora,
                       const TensorView& grad_cw, bool tc, cudaStream_t s) {
   const bool combine = cw.defined();
-  const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
   const TensorView u = lora.u.defined() ? lora.u : project_u<T>(plan, ws.tiles, x, gather, lora, ws.u, tc, s);
   to_rank<T, GemmKind::dgrad>(plan, ws.tiles, grad_out, combine, lora.b, 1.f, ws.gb, tc, s);
   const TensorView uw = combine ? ws.u : u;  // lora.u is the forward's: weighted into the workspace, not in place
   launch_lora_rows<T>(plan, u, combine ? uw : TensorView{}, ws.gb, cw, grad_cw, lora.scale, s);
-  if (grad_lora.b.defined())
-    grad_factor<T>(plan, {grad_out.data, out, 0, combine}, {uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
-  if (grad_lora.a.defined())
-    grad_factor<T>(plan, {ws.gb.data, r, 0, false}, {x.data, in, 0, gather}, r, in, grad_lora.a, tc, s);
+  factor_grads<T>(plan, lora, grad_out, combine, uw, ws.gb, x, gather, grad_lora, tc, s);
 }
 
 template <class T>
@@ -210,7 +219,6 @@ SortedWorkspace carve_sorted(detail::Carver& c, const Plan& plan, const Lora& lo
 template <class T>
 void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
                        const TensorView& cw, const LoraGrads& grad_lora, const SortedWorkspace& ws, cudaStream_t s) {
-  const std::int64_t r = lora.a.shape[1], in = lora.a.shape[2], out = lora.b.shape[1];
   const bool tc = use_tensor_cores(lora, {g.data, wa.data, lora.a.data, grad_lora.a.data, grad_lora.b.data});
   if (grad_lora.b.defined()) {
     // uw = s * wa . A[e]^T: the forward's u weighted, or from wa
@@ -218,10 +226,8 @@ void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, 
       launch_lora_rows<T>(plan, lora.u, ws.uw, TensorView{}, cw, TensorView{}, 1.f, s);
     else
       to_rank<T, GemmKind::fwd>(plan, ws.tiles, wa, false, lora.a, lora.scale, ws.uw, tc, s);
-    grad_factor<T>(plan, {g.data, out, 0, gather_g}, {ws.uw.data, r, 0, false}, out, r, grad_lora.b, tc, s);
   }
-  if (grad_lora.a.defined())
-    grad_factor<T>(plan, {ws.gb.data, r, 0, false}, {wa.data, in, 0, false}, r, in, grad_lora.a, tc, s);
+  factor_grads<T>(plan, lora, g, gather_g, ws.uw, ws.gb, wa, false, grad_lora, tc, s);
 }
 
 }  // namespace
@@ -260,16 +266,33 @@ void moe_lora_backward_add(const Plan& plan, const TensorView& x, const Lora& lo
   });
 }
 
-LoraRows lora_forward_rows(const Plan& plan, const TensorView& x, const Lora& lora, bool gather, bool combine,
-                           const TensorView& workspace, cudaStream_t stream) {
+LoraRows lora_forward_workspace(const Plan& plan, const Lora& lora, bool gather, bool combine,
+                                const TensorView& workspace) {
   detail::Carver c(workspace);
   const Workspace ws = carve(c, plan, lora, gather, combine, false);
-  TensorView u;
+  return {ws.tiles, ws.u, ws.rows};
+}
+
+LoraRows lora_backward_workspace(const Plan& plan, const Lora& lora, bool gather, const TensorView& workspace) {
+  detail::Carver c(workspace);
+  const Workspace ws = carve(c, plan, lora, gather, false, true);
+  return {ws.tiles, ws.gb, ws.rows};
+}
+
+void lora_backward_grads(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
+                         const TensorView& grad_out, const LoraGrads& grad_lora, const TensorView& workspace,
+                         cudaStream_t stream) {
+  detail::Carver c(workspace);
+  const Workspace ws = carve(c, plan, lora, gather, false, true);
   dispatch_float(lora.a.dtype, [&](auto tag) {
-    const bool tc = use_tensor_cores(lora, {x.data, lora.a.data, ws.u.data, lora.u.data});
-    u = project_u<decltype(tag)>(plan, ws.tiles, x, gather, lora, ws.u, tc, stream);
+    using T = decltype(tag);
+    const bool tc = use_tensor_cores(
+        lora, {x.data, lora.a.data, lora.b.data, lora.u.data, grad_out.data, grad_lora.a.data, grad_lora.b.data});
+    const TensorView u = !grad_lora.b.defined() || lora.u.defined()
+                             ? lora.u
+                             : project_u<T>(plan, ws.tiles, x, gather, lora, ws.u, tc, stream);
+    factor_grads<T>(plan, lora, grad_out, false, u, ws.gb, x, gather, grad_lora, tc, stream);
   });
-  return {ws.tiles, u, ws.rows};
 }
 
 std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora) {
@@ -278,29 +301,9 @@ std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora) {
   return c.bytes();
 }
 
-LoraRows lora_backward_factors(const Plan& plan, const TensorView& x, const Lora& lora, bool gather,
-                               const TensorView& grad_out, const LoraGrads& grad_lora, const TensorView& workspace,
-                               cudaStream_t stream) {
+TensorView lora_sorted_gb(const Plan& plan, const Lora& lora, const TensorView& workspace) {
   detail::Carver c(workspace);
-  const Workspace ws = carve(c, plan, lora, gather, false, true);
-  dispatch_float(lora.a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const bool tc = use_tensor_cores(
-        lora, {x.data, lora.a.data, lora.b.data, lora.u.data, grad_out.data, grad_lora.a.data, grad_lora.b.data});
-    backward_factors<T>(plan, ws, x, lora, gather, TensorView{}, grad_out, grad_lora, TensorView{}, tc, stream);
-  });
-  return {ws.tiles, ws.gb, ws.rows};
-}
-
-TensorView lora_sorted_project(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g,
-                               const TensorView& workspace, cudaStream_t stream) {
-  detail::Carver c(workspace);
-  const SortedWorkspace ws = carve_sorted(c, plan, lora);
-  dispatch_float(lora.a.dtype, [&](auto tag) {
-    const bool tc = use_tensor_cores(lora, {g.data, lora.b.data, ws.gb.data});
-    to_rank<decltype(tag), GemmKind::dgrad>(plan, ws.tiles, g, gather_g, lora.b, lora.scale, ws.gb, tc, stream);
-  });
-  return ws.gb;
+  return carve_sorted(c, plan, lora).gb;
 }
 
 void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,

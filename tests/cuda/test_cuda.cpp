@@ -339,15 +339,17 @@ TEST(CudaLinear, LoraMatchesCpu) {
   REQUIRE_GPU();
   for (DType d : mt::kFloatTypes)
     for (const LinearCase& c : {kLinearCases[0], kLinearCases[1], kLinearCases[3], kLinearCases[4]})
-      for (int rank : {16, 4, 40})  // narrow tiles (r <= 32), SIMT (r % 8 != 0), wide tiles
+      // Hopper's rank-side accumulator 16, 32 and 64 wide (24 and 40 zero-padded), the portable kernel's narrow
+      // (r <= 32) and wide tiles, SIMT (r % 8 != 0)
+      for (int rank : {16, 24, 4, 40})
         for (bool combine : {false, true}) check_lora(c, d, rank, combine);
 }
 
 TEST(CudaLinear, LoraSavedRowsMatchCpu) {
   REQUIRE_GPU();
   for (DType d : mt::kFloatTypes)
-    for (const LinearCase& c : {kLinearCases[1], kLinearCases[3]})  // Hopper with bf16 / f16 and r = 16; odd dims
-      for (int rank : {16, 4})
+    for (const LinearCase& c : {kLinearCases[1], kLinearCases[3]})  // Hopper with bf16 / f16; odd dims
+      for (int rank : {16, 40, 4})
         for (bool combine : {false, true}) check_lora(c, d, rank, combine, true);
 }
 
