@@ -1,11 +1,13 @@
 // nanobind module moefuse._C: the C++ API, one function per op, tensors in through DLPack (no torch C++ ABI).
-// Python owns every buffer; this file only converts arguments.
+// Python owns every buffer; this file only converts arguments. An op sizes its own workspace and asks Python for it
+// through `alloc`, so that its arguments cross DLPack once per call (each crossing costs microseconds of host time).
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -71,6 +73,22 @@ moefuse::Lora to_lora(const OptLora& l) {
 }
 
 void* to_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
+// An op's workspace: alloc(nbytes) -> a u8 tensor from Python, not called for 0 bytes; the array keeps it alive for
+// the call.
+struct Scratch {
+  OptArray array;
+  TensorView view;
+};
+
+Scratch scratch(const nb::callable& alloc, std::size_t nbytes) {
+  Scratch s;
+  if (nbytes) {
+    s.array = nb::cast<Array>(alloc(nbytes));
+    s.view = to_view(*s.array, "workspace");
+  }
+  return s;
+}
 
 // A plan crosses as (tokens, top_k, experts, counts, offsets, sorted_pairs, pair_positions, invalid); the arrays
 // are kept alive here for the duration of the call.
@@ -165,20 +183,15 @@ NB_MODULE(_C, m) {
 
   // Routing plan.
   m.def(
-      "routing_plan_workspace_bytes",
-      [](const nb::tuple& plan, const Array& ids) {
-        PlanArg p = to_plan(plan);
-        return moefuse::routing_plan_workspace_bytes(p.plan, to_view(ids, "topk_ids"));
-      },
-      "plan"_a, "topk_ids"_a);
-  m.def(
       "routing_plan",
-      [](const Array& ids, const nb::tuple& plan, const OptArray& workspace, std::uintptr_t stream) {
+      [](const Array& ids, const nb::tuple& plan, const nb::callable& alloc, std::uintptr_t stream) {
         PlanArg p = to_plan(plan);
+        const TensorView iv = to_view(ids, "topk_ids");
+        const Scratch ws = scratch(alloc, moefuse::routing_plan_workspace_bytes(p.plan, iv));
         nb::gil_scoped_release nogil;
-        moefuse::routing_plan(to_view(ids, "topk_ids"), p.plan, to_view(workspace, "workspace"), to_stream(stream));
+        moefuse::routing_plan(iv, p.plan, ws.view, to_stream(stream));
       },
-      "topk_ids"_a, "plan"_a, "workspace"_a.none(), "stream"_a = 0);
+      "topk_ids"_a, "plan"_a, "alloc"_a, "stream"_a = 0);
   m.def(
       "check_plan",
       [](const nb::tuple& plan, std::uintptr_t stream) {
@@ -190,49 +203,34 @@ NB_MODULE(_C, m) {
 
   // Grouped expert linear; lora = (a, b, scale, u) selects the LoRA overloads (None: no adapter).
   m.def(
-      "moe_linear_workspace_bytes",
-      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
-         const OptLora& lora) {
-        PlanArg p = to_plan(plan);
-        return moefuse::moe_linear_workspace_bytes(p.plan, to_view(x, "x"), to_view(weight, "weight"), to_lora(lora),
-                                                   gather, to_view(combine, "combine_weights"));
-      },
-      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "lora"_a.none() = nb::none());
-  m.def(
       "moe_linear_forward",
       [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
-         const Array& out, const OptArray& workspace, std::uintptr_t stream, const OptLora& lora) {
+         const Array& out, const nb::callable& alloc, std::uintptr_t stream, const OptLora& lora) {
         PlanArg p = to_plan(plan);
+        const TensorView xv = to_view(x, "x"), wv = to_view(weight, "weight"), cv = to_view(combine, "combine_weights");
+        const moefuse::Lora lv = to_lora(lora);
+        const Scratch ws = scratch(alloc, moefuse::moe_linear_workspace_bytes(p.plan, xv, wv, lv, gather, cv));
         nb::gil_scoped_release nogil;
-        moefuse::moe_linear_forward(p.plan, to_view(x, "x"), to_view(weight, "weight"), to_lora(lora), gather,
-                                    to_view(combine, "combine_weights"), to_view(out, "out"),
-                                    to_view(workspace, "workspace"), to_stream(stream));
+        moefuse::moe_linear_forward(p.plan, xv, wv, lv, gather, cv, to_view(out, "out"), ws.view, to_stream(stream));
       },
-      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "out"_a, "workspace"_a.none(),
-      "stream"_a = 0, "lora"_a.none() = nb::none());
-  m.def(
-      "moe_linear_backward_workspace_bytes",
-      [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
-         const OptLora& lora) {
-        PlanArg p = to_plan(plan);
-        return moefuse::moe_linear_backward_workspace_bytes(p.plan, to_view(x, "x"), to_view(weight, "weight"),
-                                                            to_lora(lora), gather, to_view(combine, "combine_weights"));
-      },
-      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "lora"_a.none() = nb::none());
+      "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "out"_a, "alloc"_a, "stream"_a = 0,
+      "lora"_a.none() = nb::none());
   m.def(
       "moe_linear_backward",
       [](const nb::tuple& plan, const Array& x, const Array& weight, bool gather, const OptArray& combine,
          const Array& grad_out, const OptArray& grad_x, const OptArray& grad_weight, const OptArray& grad_combine,
-         const OptArray& workspace, std::uintptr_t stream, const OptLora& lora, const OptArray& grad_lora_a,
+         const nb::callable& alloc, std::uintptr_t stream, const OptLora& lora, const OptArray& grad_lora_a,
          const OptArray& grad_lora_b) {
         PlanArg p = to_plan(plan);
         const TensorView xv = to_view(x, "x"), wv = to_view(weight, "weight"), cv = to_view(combine, "combine_weights");
         const TensorView gov = to_view(grad_out, "grad_out"), gxv = to_view(grad_x, "grad_x");
-        const TensorView gcv = to_view(grad_combine, "grad_combine_weights"), wsv = to_view(workspace, "workspace");
+        const TensorView gcv = to_view(grad_combine, "grad_combine_weights");
+        const moefuse::Lora lv = to_lora(lora);
+        const Scratch ws = scratch(alloc, moefuse::moe_linear_backward_workspace_bytes(p.plan, xv, wv, lv, gather, cv));
         if (!lora && !grad_lora_a && !grad_lora_b) {
           nb::gil_scoped_release nogil;
           moefuse::moe_linear_backward(p.plan, xv, wv, gather, cv, gov, gxv, to_view(grad_weight, "grad_weight"), gcv,
-                                       wsv, to_stream(stream));
+                                       ws.view, to_stream(stream));
           return;
         }
         if (grad_weight)
@@ -240,11 +238,11 @@ NB_MODULE(_C, m) {
                                "weight");
         const moefuse::LoraGrads grad_lora{to_view(grad_lora_a, "grad_lora_a"), to_view(grad_lora_b, "grad_lora_b")};
         nb::gil_scoped_release nogil;
-        moefuse::moe_linear_backward(p.plan, xv, wv, to_lora(lora), gather, cv, gov, gxv, grad_lora, gcv, wsv,
+        moefuse::moe_linear_backward(p.plan, xv, wv, lv, gather, cv, gov, gxv, grad_lora, gcv, ws.view,
                                      to_stream(stream));
       },
       "plan"_a, "x"_a, "weight"_a, "gather"_a, "combine_weights"_a.none(), "grad_out"_a, "grad_x"_a.none(),
-      "grad_weight"_a.none(), "grad_combine_weights"_a.none(), "workspace"_a.none(), "stream"_a = 0,
+      "grad_weight"_a.none(), "grad_combine_weights"_a.none(), "alloc"_a, "stream"_a = 0,
       "lora"_a.none() = nb::none(), "grad_lora_a"_a.none() = nb::none(), "grad_lora_b"_a.none() = nb::none());
 
   // SwiGLU.
@@ -265,99 +263,77 @@ NB_MODULE(_C, m) {
   // The experts alone (routing given from outside), each projection with an optional stacked LoRA (a, b, scale, u).
   m.def("moe_experts_saved_bytes", &moefuse::moe_experts_saved_bytes, "cfg"_a, "tokens"_a, "dtype"_a);
   m.def(
-      "moe_experts_forward_workspace_bytes",
-      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& gate_up, const Array& down,
-         const OptLora& gate_up_lora, const OptLora& down_lora) {
-        return moefuse::moe_experts_forward_workspace_bytes(cfg, to_view(x, "x"),
-                                                            to_expert_weights(gate_up, down, gate_up_lora, down_lora));
-      },
-      "cfg"_a, "x"_a, "gate_up"_a, "down"_a, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none());
-  m.def(
-      "moe_experts_backward_workspace_bytes",
-      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& gate_up, const Array& down,
-         const OptLora& gate_up_lora, const OptLora& down_lora) {
-        return moefuse::moe_experts_backward_workspace_bytes(
-            cfg, to_view(x, "x"), to_expert_weights(gate_up, down, gate_up_lora, down_lora));
-      },
-      "cfg"_a, "x"_a, "gate_up"_a, "down"_a, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none());
-  m.def(
       "moe_experts_forward",
       [](const moefuse::MoeConfig& cfg, const Array& x, const Array& topk_ids, const Array& topk_weights,
-         const Array& gate_up, const Array& down, const Array& out, const Array& saved, const OptArray& workspace,
+         const Array& gate_up, const Array& down, const Array& out, const Array& saved, const nb::callable& alloc,
          std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora) {
-        moefuse::moe_experts_forward(cfg, to_view(x, "x"), to_view(topk_ids, "topk_ids"),
-                                     to_view(topk_weights, "topk_weights"),
-                                     to_expert_weights(gate_up, down, gate_up_lora, down_lora), to_view(out, "out"),
-                                     to_view(saved, "saved"), to_view(workspace, "workspace"), to_stream(stream));
+        const TensorView xv = to_view(x, "x");
+        const moefuse::MoeWeights w = to_expert_weights(gate_up, down, gate_up_lora, down_lora);
+        const Scratch ws = scratch(alloc, moefuse::moe_experts_forward_workspace_bytes(cfg, xv, w));
+        nb::gil_scoped_release nogil;
+        moefuse::moe_experts_forward(cfg, xv, to_view(topk_ids, "topk_ids"), to_view(topk_weights, "topk_weights"), w,
+                                     to_view(out, "out"), to_view(saved, "saved"), ws.view, to_stream(stream));
       },
-      "cfg"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "gate_up"_a, "down"_a, "out"_a, "saved"_a, "workspace"_a.none(),
-      "stream"_a = 0, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none(), release);
+      "cfg"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "gate_up"_a, "down"_a, "out"_a, "saved"_a, "alloc"_a,
+      "stream"_a = 0, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none());
   m.def(
       "moe_experts_backward",
       [](const moefuse::MoeConfig& cfg, const Array& x, const Array& topk_weights, const Array& gate_up,
          const Array& down, const Array& saved, const Array& grad_out, const OptArray& grad_x,
          const OptArray& grad_gate_up, const OptArray& grad_down, const OptArray& grad_topk_weights,
-         const OptArray& workspace, std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora,
+         const nb::callable& alloc, std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora,
          const OptArray& grad_gate_up_a, const OptArray& grad_gate_up_b, const OptArray& grad_down_a,
          const OptArray& grad_down_b) {
         moefuse::MoeGrads grads = to_grads(grad_x, std::nullopt, grad_gate_up, grad_down);
         grads.gate_up_lora = {to_view(grad_gate_up_a, "grads.gate_up_lora.a"),
                               to_view(grad_gate_up_b, "grads.gate_up_lora.b")};
         grads.down_lora = {to_view(grad_down_a, "grads.down_lora.a"), to_view(grad_down_b, "grads.down_lora.b")};
-        moefuse::moe_experts_backward(cfg, to_view(x, "x"), to_view(topk_weights, "topk_weights"),
-                                      to_expert_weights(gate_up, down, gate_up_lora, down_lora),
-                                      to_view(saved, "saved"), to_view(grad_out, "grad_out"), grads,
-                                      to_view(grad_topk_weights, "grad_topk_weights"),
-                                      to_view(workspace, "workspace"), to_stream(stream));
+        const TensorView xv = to_view(x, "x");
+        const moefuse::MoeWeights w = to_expert_weights(gate_up, down, gate_up_lora, down_lora);
+        const Scratch ws = scratch(alloc, moefuse::moe_experts_backward_workspace_bytes(cfg, xv, w));
+        nb::gil_scoped_release nogil;
+        moefuse::moe_experts_backward(cfg, xv, to_view(topk_weights, "topk_weights"), w, to_view(saved, "saved"),
+                                      to_view(grad_out, "grad_out"), grads,
+                                      to_view(grad_topk_weights, "grad_topk_weights"), ws.view, to_stream(stream));
       },
       "cfg"_a, "x"_a, "topk_weights"_a, "gate_up"_a, "down"_a, "saved"_a, "grad_out"_a, "grad_x"_a.none(),
-      "grad_gate_up"_a.none(), "grad_down"_a.none(), "grad_topk_weights"_a.none(), "workspace"_a.none(),
-      "stream"_a = 0, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none(),
-      "grad_gate_up_a"_a.none() = nb::none(), "grad_gate_up_b"_a.none() = nb::none(),
-      "grad_down_a"_a.none() = nb::none(), "grad_down_b"_a.none() = nb::none(), release);
+      "grad_gate_up"_a.none(), "grad_down"_a.none(), "grad_topk_weights"_a.none(), "alloc"_a, "stream"_a = 0,
+      "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none(), "grad_gate_up_a"_a.none() = nb::none(),
+      "grad_gate_up_b"_a.none() = nb::none(), "grad_down_a"_a.none() = nb::none(),
+      "grad_down_b"_a.none() = nb::none());
 
   // The whole block.
   m.def("moe_saved_bytes", &moefuse::moe_saved_bytes, "cfg"_a, "tokens"_a, "dtype"_a);
   m.def(
-      "moe_forward_workspace_bytes",
-      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down) {
-        return moefuse::moe_forward_workspace_bytes(cfg, to_view(x, "x"), to_weights(router, gate_up, down));
-      },
-      "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a);
-  m.def(
-      "moe_backward_workspace_bytes",
-      [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down,
-         const OptArray& grad_x, const OptArray& grad_router, const OptArray& grad_gate_up,
-         const OptArray& grad_down) {
-        return moefuse::moe_backward_workspace_bytes(cfg, to_view(x, "x"), to_weights(router, gate_up, down),
-                                                     to_grads(grad_x, grad_router, grad_gate_up, grad_down));
-      },
-      "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "grad_x"_a.none(), "grad_router"_a.none(),
-      "grad_gate_up"_a.none(), "grad_down"_a.none());
-  m.def(
       "moe_forward",
       [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down,
-         const Array& out, const Array& router_logits, const Array& saved, const OptArray& workspace,
+         const Array& out, const Array& router_logits, const Array& saved, const nb::callable& alloc,
          std::uintptr_t stream) {
-        moefuse::moe_forward(cfg, to_view(x, "x"), to_weights(router, gate_up, down), to_view(out, "out"),
-                             to_view(router_logits, "router_logits"), to_view(saved, "saved"),
-                             to_view(workspace, "workspace"), to_stream(stream));
+        const TensorView xv = to_view(x, "x");
+        const moefuse::MoeWeights w = to_weights(router, gate_up, down);
+        const Scratch ws = scratch(alloc, moefuse::moe_forward_workspace_bytes(cfg, xv, w));
+        nb::gil_scoped_release nogil;
+        moefuse::moe_forward(cfg, xv, w, to_view(out, "out"), to_view(router_logits, "router_logits"),
+                             to_view(saved, "saved"), ws.view, to_stream(stream));
       },
-      "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "out"_a, "router_logits"_a, "saved"_a, "workspace"_a.none(),
-      "stream"_a = 0, release);
+      "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "out"_a, "router_logits"_a, "saved"_a, "alloc"_a,
+      "stream"_a = 0);
   m.def(
       "moe_backward",
       [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down,
          const Array& router_logits, const Array& saved, const Array& grad_out, const OptArray& grad_router_logits,
          const OptArray& grad_x, const OptArray& grad_router, const OptArray& grad_gate_up, const OptArray& grad_down,
-         const OptArray& workspace, std::uintptr_t stream) {
-        moefuse::moe_backward(cfg, to_view(x, "x"), to_weights(router, gate_up, down),
-                              to_view(router_logits, "router_logits"), to_view(saved, "saved"),
-                              to_view(grad_out, "grad_out"), to_view(grad_router_logits, "grad_router_logits"),
-                              to_grads(grad_x, grad_router, grad_gate_up, grad_down), to_view(workspace, "workspace"),
-                              to_stream(stream));
+         const nb::callable& alloc, std::uintptr_t stream) {
+        const TensorView xv = to_view(x, "x");
+        const moefuse::MoeWeights w = to_weights(router, gate_up, down);
+        const moefuse::MoeGrads grads = to_grads(grad_x, grad_router, grad_gate_up, grad_down);
+        const Scratch ws = scratch(alloc, moefuse::moe_backward_workspace_bytes(cfg, xv, w, grads));
+        nb::gil_scoped_release nogil;
+        moefuse::moe_backward(cfg, xv, w, to_view(router_logits, "router_logits"), to_view(saved, "saved"),
+                              to_view(grad_out, "grad_out"), to_view(grad_router_logits, "grad_router_logits"), grads,
+                              ws.view, to_stream(stream));
       },
       "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "router_logits"_a, "saved"_a, "grad_out"_a,
       "grad_router_logits"_a.none(), "grad_x"_a.none(), "grad_router"_a.none(), "grad_gate_up"_a.none(),
-      "grad_down"_a.none(), "workspace"_a.none(), "stream"_a = 0, release);
+      "grad_down"_a.none(), "alloc"_a, "stream"_a = 0);
 }

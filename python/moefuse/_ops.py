@@ -54,18 +54,19 @@ def _realigned(t: torch.Tensor) -> torch.Tensor:
 _cpu_scratch = threading.local()
 
 
-def _workspace(nbytes: int, device: torch.device) -> torch.Tensor | None:
-    """Scratch for one C++ call. On CUDA the caching allocator recycles memory; on the CPU torch does not, and fresh
-    pages cost about 15% of a block's forward, so each thread keeps one grow-only buffer (CPU ops run synchronously,
-    and every op uses its workspace only inside one call)."""
-    if not nbytes:
-        return None
-    if device.type != "cpu":
-        return _aligned_empty(nbytes, device)
+def _cpu_workspace(nbytes: int) -> torch.Tensor:
+    """On the CPU torch does not recycle memory, and fresh pages cost about 15% of a block's forward, so each thread
+    keeps one grow-only buffer (CPU ops run synchronously, and every op uses its workspace only inside one call)."""
     buf = getattr(_cpu_scratch, "buf", None)
     if buf is None or buf.numel() < nbytes:
-        buf = _cpu_scratch.buf = _aligned_empty(nbytes, device)
+        buf = _cpu_scratch.buf = _aligned_empty(nbytes, torch.device("cpu"))
     return buf[:nbytes]
+
+
+def _workspace(device: torch.device):
+    """The `alloc(nbytes)` a C++ call takes: it sizes its own scratch and asks for it. On CUDA the caching allocator
+    recycles the memory."""
+    return _cpu_workspace if device.type == "cpu" else functools.partial(_aligned_empty, device=device)
 
 
 def _dtype(t: torch.Tensor, name: str):
@@ -109,8 +110,7 @@ def _make_plan(topk_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, tupl
     tokens, top_k = topk_ids.shape
     plan = torch.zeros(plan_numel(tokens * top_k, experts), dtype=torch.int32, device=topk_ids.device)
     arg = _plan_arg(plan, tokens, top_k, experts)
-    ws = _workspace(_C.routing_plan_workspace_bytes(arg, topk_ids), topk_ids.device)
-    _C.routing_plan(topk_ids, arg, ws, _stream(topk_ids.device))
+    _C.routing_plan(topk_ids, arg, _workspace(topk_ids.device), _stream(topk_ids.device))
     if _DEBUG and topk_ids.is_cuda:
         _C.check_plan(arg, _stream(topk_ids.device))
     return plan, arg
@@ -169,8 +169,7 @@ def moe_fused_linear(
     arg = _plan_arg(plan, tokens, top_k, weight.shape[0])
     out = x.new_empty(tokens if cw is not None else tokens * top_k, weight.shape[1], dtype=weight.dtype)
     with _on(x.device):
-        ws = _workspace(_C.moe_linear_workspace_bytes(arg, x, weight, gather, cw), x.device)
-        _C.moe_linear_forward(arg, x, weight, gather, cw, out, ws, _stream(x.device))
+        _C.moe_linear_forward(arg, x, weight, gather, cw, out, _workspace(x.device), _stream(x.device))
     return out
 
 
@@ -199,9 +198,8 @@ def moe_fused_linear_backward(
     arg = _plan_arg(plan, tokens, top_k, weight.shape[0])
     gx, gw, gc = _linear_grads_like(x, weight, cw, needs)
     with _on(x.device):
-        ws = _workspace(_C.moe_linear_backward_workspace_bytes(arg, x, weight, gather, cw), x.device)
         _C.moe_linear_backward(arg, x, weight, gather, cw, grad_out, *(g if n else None for g, n in
-                               zip((gx, gw, gc), needs)), ws, _stream(x.device))  # fmt: skip
+                               zip((gx, gw, gc), needs)), _workspace(x.device), _stream(x.device))  # fmt: skip
     return gx, gw, gc
 
 
@@ -311,8 +309,8 @@ def experts(
     gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u)
     dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u)
     with _on(x.device):
-        ws = _workspace(_C.moe_experts_forward_workspace_bytes(cfg, x, gate_up, down, gu_lora, dn_lora), x.device)
-        _C.moe_experts_forward(cfg, x, ids, w, gate_up, down, out, saved, ws, _stream(x.device), gu_lora, dn_lora)
+        _C.moe_experts_forward(cfg, x, ids, w, gate_up, down, out, saved, _workspace(x.device), _stream(x.device),
+                               gu_lora, dn_lora)  # fmt: skip
     return out, saved
 
 
@@ -357,8 +355,7 @@ def experts_backward(
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
     cfg = _config(gate_up, w.shape[1], False)
     with _on(x.device):
-        ws = _workspace(_C.moe_experts_backward_workspace_bytes(cfg, x, gate_up, down, gu_lora, dn_lora), x.device)
-        _C.moe_experts_backward(cfg, x, w, gate_up, down, saved, grad_out, gx, ggu, gdown, gw, ws,
+        _C.moe_experts_backward(cfg, x, w, gate_up, down, saved, grad_out, gx, ggu, gdown, gw, _workspace(x.device),
                                 _stream(x.device), gu_lora, dn_lora, ggu_a, ggu_b, gdn_a, gdn_b)  # fmt: skip
     return grads
 
@@ -455,8 +452,8 @@ def moe_block(
     nbytes = _saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize)
     saved = _saved_empty(_C.moe_saved_bytes, cfg, x, gate_up, top_k, nbytes)
     with _on(x.device):
-        ws = _workspace(_C.moe_forward_workspace_bytes(cfg, x, router_weight, gate_up, down), x.device)
-        _C.moe_forward(cfg, x, router_weight, gate_up, down, out, logits, saved, ws, _stream(x.device))
+        _C.moe_forward(cfg, x, router_weight, gate_up, down, out, logits, saved, _workspace(x.device),
+                       _stream(x.device))  # fmt: skip
     return out, logits, saved
 
 
@@ -493,9 +490,8 @@ def moe_block_backward(
     grads = _block_grads_like(x, router_weight, gate_up, down, needs)
     wanted = [g if n else None for g, n in zip(grads, needs)]
     with _on(x.device):
-        ws = _workspace(_C.moe_backward_workspace_bytes(cfg, x, router_weight, gate_up, down, *wanted), x.device)
         _C.moe_backward(cfg, x, router_weight, gate_up, down, router_logits, _realigned(saved), grad_out, grl,
-                        *wanted, ws, _stream(x.device))  # fmt: skip
+                        *wanted, _workspace(x.device), _stream(x.device))  # fmt: skip
     return grads
 
 
