@@ -19,8 +19,6 @@ rank ends with the whole gradient (PEFT's own path cannot run there: its W + B.A
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from peft.tuners.lora import layer as peft_layer
 
@@ -87,28 +85,42 @@ def _expert_parallel_rows(param: torch.Tensor, lora: StackedLora) -> StackedLora
 class ParamWrapper(peft_layer.ParamWrapper):
     """A PEFT ParamWrapper on a fused expert parameter whose adapter the "moefuse" experts function applies."""
 
-    @contextmanager
-    def _activate_lora(self, active_adapters):
+    def forward(self, x, *args, **kwargs):
         experts = self.get_base_layer()
-        if _implementation(experts) != NAME:  # the implementation was switched since: PEFT's own path stays right
-            with super()._activate_lora(active_adapters):
-                yield
-            return
-        name = _adapter(self, active_adapters)
+        if _implementation(experts) != NAME or "adapter_names" in kwargs or not self._plain():
+            return super().forward(x, *args, **kwargs)  # PEFT's own path (merged, disabled, another implementation)
+        # This wrapper and the plain moefuse wrappers nested in it hand their adapters over, then the experts module
+        # runs once: PEFT's per-wrapper calls cost host time that a layer step waits for.
+        handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: compile traces item writes, not setdefault
+        layer, names = self, []
+        try:
+            while isinstance(layer, ParamWrapper) and layer._plain():
+                if layer._hand(experts, handed):
+                    names.append(layer.parameter_name)
+                layer = layer.base_layer
+            return layer(x, *args, **kwargs)
+        finally:
+            for name in names:
+                del handed[name]
+
+    def _plain(self) -> bool:
+        return not (self.disable_adapters or self.merged)
+
+    def _hand(self, experts: torch.nn.Module, handed: dict) -> bool:
+        """Puts this wrapper's active adapter into `handed`, as views of PEFT's tensors; False when none is active."""
+        name = _adapter(self, self.active_adapters)
         if name is None:
-            yield
-            return
+            return False
+        if self.parameter_name in handed:
+            raise MoefuseError(f"moefuse: two PEFT wrappers adapt experts.{self.parameter_name} at once; moefuse runs "
+                               "one adapter per parameter (merge or disable the other)")  # fmt: skip
         param = getattr(experts, self.parameter_name)  # get_param(), without walking the wrappers again
         # Views, no copies: the op stages PEFT's strided (and often f32) adapters into the weights' dtype itself, and
         # writes their gradients back into PEFT's layout.
         lora = peft_stacked_views(self.lora_A[name].weight, self.lora_B[name].weight, tuple(param.shape),
                                   param_wrapper_layout(self))  # fmt: skip
-        handed = getattr(experts, LORA_ATTR)  # made by use_moefuse_lora: compile traces item writes, not setdefault
         handed[self.parameter_name] = (*_expert_parallel_rows(param, lora), self.scaling[name])
-        try:
-            yield
-        finally:
-            del handed[self.parameter_name]
+        return True
 
 
 def use_moefuse_lora(model: torch.nn.Module) -> torch.nn.Module:

@@ -183,6 +183,18 @@ def test_compiles_fullgraph_with_the_adapters():
 
 
 @torch.no_grad()
+def test_disabled_and_merged_adapters_run_as_peft_runs_them():
+    fused, ref = moefuse_and_peft()
+    with fused.disable_adapter(), ref.disable_adapter():
+        torch.testing.assert_close(fused(**batch()).logits, ref(**batch()).logits, **TOL)
+    want = ref(**batch()).logits
+    fused.merge_adapter()  # the wrappers stay, merged: they must not add their adapter a second time
+    torch.testing.assert_close(fused(**batch()).logits, want, **TOL)
+    fused.unmerge_adapter()
+    torch.testing.assert_close(fused(**batch()).logits, want, **TOL)
+
+
+@torch.no_grad()
 def test_switching_the_implementation_back_falls_back_to_peft():
     fused, ref = moefuse_and_peft()
     fused.base_model.model.set_experts_implementation("eager")
