@@ -421,8 +421,8 @@ void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   const std::int64_t blocks = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
   if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
   const CUtensorMap wmap = weight_map(g, dtype), fmap = factor_map<RN>(g, dtype, wmap);
-  const Args args{g.x,       g.out, g.act, g.pairs,  g.offsets, g.tile_offsets, g.top_k, g.experts,
-                  g.n,       g.k,   g.lora_p, g.lora_f, g.lora_low, g.rank, g.lora_scale};
+  const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts,
+                  g.n, g.k, g.lora_p, g.lora_f, g.lora_low, g.rank, g.lora_scale};
   auto kernel = gather_gemm<T, SWIGLU, RN, DGRAD>;
   set_smem_limit(kernel, kSmemBytes<RN>);
   kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes<RN>, stream>>>(wmap, fmap, args);

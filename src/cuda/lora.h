@@ -5,7 +5,8 @@
 //
 // moe_lora_{,backward_}workspace_bytes' layout (LoraRows): the tile schedule (E+1 ints), the low-rank rows [M, r], and
 // the rows [M, n] for a result in token order (forward with combine, backward with gather; else undefined).
-//   lora_forward_workspace (the forwards):  low = u = s * x[src(s)] . A[e]^T when lora.u is not given
+//   lora_forward_workspace (the forwards):  the schedule and the rows; the kernel keeps u in lora.u when given, and
+//     no one reads it otherwise (low is the portable path's room for it)
 //   lora_backward_workspace (moe_linear_backward without combine, i.e. the up projection):  low = gb =
 //     s * grad_out . B[e], which the kernel writes for lora_backward_grads;
 //   lora_backward_grads (after the dgrad):  grad B[e] = grad_out^T . u (u formed here when lora.u is not given),

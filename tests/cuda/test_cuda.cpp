@@ -339,9 +339,9 @@ TEST(CudaLinear, LoraMatchesCpu) {
   REQUIRE_GPU();
   for (DType d : mt::kFloatTypes)
     for (const LinearCase& c : {kLinearCases[0], kLinearCases[1], kLinearCases[3], kLinearCases[4]})
-      // Hopper's rank-side accumulator 16, 32 and 64 wide (24 and 40 zero-padded), the portable kernel's narrow
+      // Hopper's rank-side accumulator 16, 32 and 64 wide (8, 24 and 40 zero-padded), the portable kernel's narrow
       // (r <= 32) and wide tiles, SIMT (r % 8 != 0)
-      for (int rank : {16, 24, 4, 40})
+      for (int rank : {16, 8, 24, 4, 40})
         for (bool combine : {false, true}) check_lora(c, d, rank, combine);
 }
 
