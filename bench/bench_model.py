@@ -118,8 +118,8 @@ def table(rows):
             continue
         ratios = [base.get((r["mode"], how)) for how in (r["compiled"], "no")]
         same, eager = (f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "" for b in ratios)
-        print(f"| {r['mode']} | {r['impl']} | {r['compiled']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {same} | "
-              f"{eager} | {r['peak_GiB']:.1f} |")
+        print(f"| {r['mode']} | {r['impl']} | {r['compiled']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+              f"{same} | {eager} | {r['peak_GiB']:.1f} |")
 
 
 if __name__ == "__main__":

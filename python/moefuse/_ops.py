@@ -63,9 +63,10 @@ def _cpu_workspace(nbytes: int) -> torch.Tensor:
     return buf[:nbytes]
 
 
+@functools.lru_cache
 def _workspace(device: torch.device):
-    """The `alloc(nbytes)` a C++ call takes: it sizes its own scratch and asks for it. On CUDA the caching allocator
-    recycles the memory."""
+    """The `alloc(nbytes)` a C++ call takes (one per device): it sizes its own scratch and asks for it. On CUDA the
+    caching allocator recycles the memory."""
     return _cpu_workspace if device.type == "cpu" else functools.partial(_aligned_empty, device=device)
 
 

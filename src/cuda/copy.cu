@@ -25,7 +25,8 @@ __global__ void copy_along_kernel(const S* __restrict__ src, D* __restrict__ dst
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t x = i % g.n[0], y = i / g.n[0] % g.n[1], z = i / g.n[0] / g.n[1];
-    dst[x * g.dst[0] + y * g.dst[1] + z * g.dst[2]] = from_f32<D>(to_f32(src[x * g.src[0] + y * g.src[1] + z * g.src[2]]));
+    const float v = to_f32(src[x * g.src[0] + y * g.src[1] + z * g.src[2]]);
+    dst[x * g.dst[0] + y * g.dst[1] + z * g.dst[2]] = from_f32<D>(v);
   }
 }
 

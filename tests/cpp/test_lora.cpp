@@ -627,7 +627,7 @@ TEST(MoeBlockLoraErrors, FrozenBase) {
   EXPECT_THROW(run(grads_of(gx.view(), TensorView{}, TensorView{}, gd.view())), moefuse::Error);
 }
 
-// ---- adapters in other layouts and dtypes (PEFT's) --------------------------------------------------------------------
+// ---- adapters in other layouts and dtypes (PEFT's) -------------------------------------------------------------
 // f32 storage of `v` [E, d1, d2] with the expert dim fastest, as PEFT's lora_B [out, r*E] holds [E, out, r]; the
 // view reads it as [E, d1, d2].
 struct ExpertMinor {
@@ -647,8 +647,9 @@ struct ExpertMinor {
 // Values of an expert-minor view, in [E, d1, d2] order.
 Vec expert_major(const Vec& storage, const TensorView& v) {
   Vec out(storage.size());
+  const std::int64_t per_expert = v.shape[1] * v.shape[2];
   for (std::int64_t e = 0; e < v.shape[0]; ++e)
-    for (std::int64_t i = 0; i < v.shape[1] * v.shape[2]; ++i) out[e * v.shape[1] * v.shape[2] + i] = storage[i * v.shape[0] + e];
+    for (std::int64_t i = 0; i < per_expert; ++i) out[e * per_expert + i] = storage[i * v.shape[0] + e];
   return out;
 }
 
@@ -684,7 +685,8 @@ void expect_staged_adapters_match(ToDevice to_device, Values values) {
     const TensorView out = fresh(Tensor(c.dtype, {c.T, c.H})), gx = fresh(Tensor(c.dtype, {c.T, c.H})),
                      logits = fresh(Tensor(c.dtype, {c.T, c.E})),
                      saved = fresh(scratch(moefuse::moe_saved_bytes(cfg, c.T, c.dtype)));
-    moefuse::moe_forward(cfg, x, w, out, logits, saved, fresh(scratch(moefuse::moe_forward_workspace_bytes(cfg, x, w))));
+    const TensorView fws = fresh(scratch(moefuse::moe_forward_workspace_bytes(cfg, x, w)));
+    moefuse::moe_forward(cfg, x, w, out, logits, saved, fws);
     moefuse::MoeGrads grads = grads_of(gx, TensorView{}, TensorView{}, TensorView{});
     grads.gate_up_lora = {g[0], g[1]};
     grads.down_lora = {g[2], g[3]};
