@@ -105,6 +105,18 @@ __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2hal
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
 
+// SwiGLU's backward at one element of a dgrad row v (grad_out . W[e], not yet scaled by the routing weight w), with
+// h = [g | u]: a = silu(g) * u rounded to T as the forward stores it, the scaled da rounded as a stored grad_a would
+// be, then the gradients of g and u.
+struct DSwiglu {
+  float a, dg, du;
+};
+template <class T>
+__device__ __forceinline__ DSwiglu dswiglu(float v, float g, float u, float w) {
+  const float sig = sigmoid(g), a = to_f32(from_f32<T>(g * sig * u)), da = to_f32(from_f32<T>(v * w));
+  return {a, da * u * sig * (1.f + g * (1.f - sig)), da * g * sig};
+}
+
 // Two values as one 4-byte pair of T (16-bit T).
 template <class T>
 __device__ __forceinline__ std::uint32_t pack2(float a, float b) {

@@ -107,13 +107,11 @@ __global__ void swiglu_dgrad_rows(T* __restrict__ rows, const T* __restrict__ h,
     load_vec<T, VEC>(hr + inter + c, u);
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-      const float sig = sigmoid(g[i]);
-      a[i] = to_f32(from_f32<T>(g[i] * sig * u[i]));
-      dot += v[i] * a[i];
-      const float da = to_f32(from_f32<T>(v[i] * scale));
-      dg[i] = da * u[i] * sig * (1.f + g[i] * (1.f - sig));
-      du[i] = da * g[i] * sig;
-      a[i] *= scale;
+      const DSwiglu d = dswiglu<T>(v[i], g[i], u[i], scale);
+      dot += v[i] * d.a;
+      dg[i] = d.dg;
+      du[i] = d.du;
+      a[i] = d.a * scale;
     }
     if (grad_h) {
       store_vec<T, VEC>(grad_h + pos * 2 * inter + c, dg);
@@ -518,15 +516,20 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
                                                               lora.b.data, workspace.data});
   if (lora.defined() && !gather_dgrad) return false;
   const bool lora_grads = grad_lora.a.defined() || grad_lora.b.defined();
+  // The adapter's grad A inside the row pass (lora_rows.cu).
+  const bool rows_grad_a = gather_dgrad && lora.defined() && grad_lora.a.defined() &&
+                           grad_lora.a.dtype == weight.dtype && all_aligned({grad_lora.a.data});
+  const int slices = lora_swiglu_rows_slices(in_f);
   detail::Carver c(workspace.device);
   const auto carve = [&](detail::Carver& cv) {
     struct {
-      TensorView gathered, rows, sm90, lora, tiles;  // tiles: the gather kernel's schedule
+      TensorView gathered, rows, sm90, lora, tiles, dots, sorted_w;  // tiles: the gather kernel's schedule
     } w{cv.take(weight.dtype, {m, out_f}), cv.take(weight.dtype, {m, in_f}),
         cv.take_bytes(std::max(sm90_workspace_bytes(GemmKind::dgrad, plan.experts, weight.device),
                                sm90_workspace_bytes(GemmKind::wgrad, plan.experts, weight.device))),
         cv.take_bytes(lora.defined() ? lora_sorted_workspace_bytes(plan, lora) : 0),
-        cv.take(DType::i32, {plan.experts + 1})};
+        cv.take(DType::i32, {plan.experts + 1}), cv.take(DType::f32, {rows_grad_a ? m : 0, slices}),
+        cv.take(DType::f32, {rows_grad_a ? m : 0})};
     return w;
   };
   carve(c);
@@ -548,11 +551,23 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
                              static_cast<int>(in_f), static_cast<int>(out_f)},
                             weight.device, ws.sm90.data, s);
     }
-    if (m > 0) {
+    const float* cw = combine_weights.ptr<float>();
+    if (rows_grad_a && m > 0) {
+      lora_swiglu_rows(plan, ws.rows, h, cw, lora_sorted_gb(plan, lora, ws.lora), grad_lora.a,
+                       grad_lora.b.defined() && !lora.u.defined(), grad_h,
+                       grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w, s);
+      if (grad_h.defined()) launch_zero_placeholders<T>(grad_h, plan, s);
+      if (grad_combine_weights.defined()) {
+        reduce_row_dots<<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kThreads)), kThreads, 0, s>>>(
+            ws.dots.ptr<float>(), slices, slices, plan.pair_positions.ptr<int>(), offsets, plan.experts, m,
+            grad_combine_weights.ptr<float>());
+        MOEFUSE_CUDA_LAUNCH_CHECK();
+      }
+    } else if (m > 0) {
       constexpr int kWarpsPerBlock = kThreads / 32;
       swiglu_dgrad_rows<T><<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kWarpsPerBlock)), kThreads, 0, s>>>(
           ws.rows.ptr<T>(), h.ptr<T>(), in_f, plan.pair_positions.ptr<int>(), offsets, plan.experts, m,
-          combine_weights.ptr<float>(), grad_h.defined() ? grad_h.ptr<T>() : nullptr,
+          cw, grad_h.defined() ? grad_h.ptr<T>() : nullptr,
           grad_combine_weights.defined() ? grad_combine_weights.ptr<float>() : nullptr,
           grad_weight.defined() || lora_grads);
       MOEFUSE_CUDA_LAUNCH_CHECK();
@@ -561,7 +576,8 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
       run_grouped_gemm_sm90({GemmKind::wgrad, ws.gathered.data, ws.rows.data, grad_weight.data, offsets, plan.experts,
                              static_cast<int>(out_f), static_cast<int>(in_f), 0},
                             weight.device, ws.sm90.data, s);
-    if (lora_grads) lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, grad_lora, ws.lora, s);
+    const LoraGrads rest{rows_grad_a ? TensorView{} : grad_lora.a, grad_lora.b};
+    if (lora_grads) lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, rest, ws.lora, s);
   });
   return true;
 }

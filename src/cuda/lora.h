@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "moefuse/ops.h"
 
@@ -45,5 +46,14 @@ TensorView lora_sorted_gb(const Plan& plan, const Lora& lora, const TensorView& 
 void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
                        const TensorView& combine_weights, const LoraGrads& grad_lora, const TensorView& workspace,
                        cudaStream_t stream);
+
+// The row pass itself with grad A[e] = gb^T . (w * a) summed in it (lora_rows.cu), so that the down adapter's grad A
+// needs no w * a rows: grad_h = dswiglu(h, w * rows) where given, the row dots' partials [M, slices] for
+// reduce_row_dots where `dots` is defined, and w * a written over rows only when keep_wa (for a grad B formed from
+// it). sorted_w [M] is scratch. Placeholder rows are left alone.
+int lora_swiglu_rows_slices(std::int64_t inter);
+void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
+                      const TensorView& gb, const TensorView& grad_a, bool keep_wa, const TensorView& grad_h,
+                      const TensorView& dots, const TensorView& sorted_w, cudaStream_t s);
 
 }  // namespace moefuse::cuda
