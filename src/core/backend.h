@@ -8,6 +8,16 @@
 #include "moefuse/ops.h"
 #include "moefuse/tensor.h"
 
+namespace moefuse {
+// The up projection's adapter, handed to the down projection's backward when the experts run both: u = s * x . A[e]^T
+// as its forward left it, and where its grad B goes. A fused form that can sums grad B = grad_h^T . u in the pass
+// that writes grad_h, and says so in `done`; else the up projection's own backward forms it.
+struct UpLoraGrad {
+  TensorView u, grad_b;
+  bool done = false;
+};
+}  // namespace moefuse
+
 #define MOEFUSE_BACKEND_DECLARATIONS                                                                                \
   void router_forward(const TensorView& logits, int top_k, bool renormalize, const TensorView& topk_ids,          \
                       const TensorView& topk_weights, void* stream);                                               \
@@ -64,13 +74,14 @@
                                  const Lora& lora, const TensorView& h, const TensorView& a,                        \
                                  const TensorView& workspace, void* stream);                                        \
   /* swiglu_linear_backward in one fused form, when this backend has one for these arguments and the workspace      \
-     (sized for the composed form) holds it; false: nothing was done and the core runs the composed form. */        \
+     (sized for the composed form) holds it; false: nothing was done and the core runs the composed form. up: see   \
+     UpLoraGrad (null: none). */                                                                                    \
   bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight,                \
                                     const Lora& lora, const TensorView& combine_weights,                           \
                                     const TensorView& grad_out, const TensorView& grad_h,                          \
                                     const TensorView& grad_weight, const LoraGrads& grad_lora,                     \
                                     const TensorView& grad_combine_weights, const TensorView& workspace,           \
-                                    void* stream);                                                                  \
+                                    UpLoraGrad* up, void* stream);                                                  \
   void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void* stream);      \
                                                                                                                     \
   /* dst = src, cast to dst's dtype: same 3-D shape, any strides (core/block.cpp stages adapters with it). */     \
@@ -92,3 +103,11 @@ namespace cuda {
 MOEFUSE_BACKEND_DECLARATIONS
 }  // namespace cuda
 }  // namespace moefuse
+
+namespace moefuse::detail {
+// swiglu_linear_backward with an adapter (ops.cpp), also offering the fused form the up projection's adapter.
+void swiglu_linear_backward(const Plan& plan, const TensorView& h, const TensorView& weight, const Lora& lora,
+                            const TensorView& combine_weights, const TensorView& grad_out, const TensorView& grad_h,
+                            const LoraGrads& grad_lora, const TensorView& grad_combine_weights,
+                            const TensorView& workspace, UpLoraGrad& up, void* stream);
+}  // namespace moefuse::detail

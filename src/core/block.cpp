@@ -283,16 +283,19 @@ void experts_backward(const TensorView& x, const MoeWeights& w, const TensorView
       down_grads{grad_target(dn.a, b.down_grads.a, x.dtype), grad_target(dn.b, b.down_grads.b, x.dtype)};
   // Down projection through the activation: a is recomputed from h; the routing-weight gradient comes out of the
   // same pass.
+  // With adapters on both, the down projection's row pass may sum the up adapter's grad B from the grad_h it writes.
   const TensorView grad_h = need_grad_h ? b.grad_h : TensorView{};
+  UpLoraGrad up;
+  if (b.gate_up_lora.u.defined()) up = {b.gate_up_lora.u, gate_up_grads.b};
   if (w.down_lora.defined())
-    swiglu_linear_backward(s.plan, s.h, w.down, b.down_lora, topk_weights, grad_out, grad_h, down_grads,
-                           grad_topk_weights, b.scratch, stream);
+    detail::swiglu_linear_backward(s.plan, s.h, w.down, b.down_lora, topk_weights, grad_out, grad_h, down_grads,
+                                   grad_topk_weights, b.scratch, up, stream);
   else
     swiglu_linear_backward(s.plan, s.h, w.down, topk_weights, grad_out, grad_h, grads.down, grad_topk_weights,
                            b.scratch, stream);
   if (need_grad_h)  // up projection (gathered x)
     projection_backward(s.plan, x, w.gate_up, b.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
-                        gate_up_grads, TensorView{}, b.scratch, stream);
+                        {gate_up_grads.a, up.done ? TensorView{} : gate_up_grads.b}, TensorView{}, b.scratch, stream);
   copy_staged(op, {{gate_up_grads.a, gu.a}, {gate_up_grads.b, gu.b}, {down_grads.a, dn.a}, {down_grads.b, dn.b}},
               stream);
 }

@@ -376,7 +376,8 @@ std::size_t swiglu_linear_bytes(const char* op, const Plan& plan, const TensorVi
 void swiglu_linear_bwd(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
                        const Lora& lora, const TensorView& combine_weights, const TensorView& grad_out,
                        const TensorView& grad_h, const TensorView& grad_weight, const LoraGrads& grad_lora,
-                       const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
+                       const TensorView& grad_combine_weights, const TensorView& workspace, UpLoraGrad* up,
+                       void* stream) {
   check_swiglu_linear(op, plan, h, weight, lora, combine_weights);
   const Device d = plan.counts.device;
   const DType dt = weight.dtype;
@@ -392,7 +393,7 @@ void swiglu_linear_bwd(const char* op, const Plan& plan, const TensorView& h, co
   check_lora_grads(op, lora, weight, grad_lora);
   expect_workspace(op, workspace, swiglu_linear_bytes(op, plan, h, weight, lora, combine_weights), d);
   if (BACKEND(op, d, swiglu_linear_backward_fused, plan, h, weight, lora, combine_weights, grad_out, grad_h,
-              grad_weight, grad_lora, grad_combine_weights, workspace, stream))
+              grad_weight, grad_lora, grad_combine_weights, workspace, up, stream))
     return;
   detail::Carver c(workspace);
   const SwigluLinearWork w = layout_swiglu_linear(plan, h, weight, lora, combine_weights, c);
@@ -422,7 +423,7 @@ void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, T
                             TensorView grad_out, TensorView grad_h, TensorView grad_weight,
                             TensorView grad_combine_weights, TensorView workspace, void* stream) {
   swiglu_linear_bwd("swiglu_linear_backward", plan, h, weight, Lora{}, combine_weights, grad_out, grad_h, grad_weight,
-                    LoraGrads{}, grad_combine_weights, workspace, stream);
+                    LoraGrads{}, grad_combine_weights, workspace, nullptr, stream);
 }
 
 void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, const Lora& lora,
@@ -430,7 +431,16 @@ void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, c
                             const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
                             void* stream) {
   swiglu_linear_bwd("swiglu_linear_backward", plan, h, weight, lora, combine_weights, grad_out, grad_h, TensorView{},
-                    grad_lora, grad_combine_weights, workspace, stream);
+                    grad_lora, grad_combine_weights, workspace, nullptr, stream);
+}
+
+void detail::swiglu_linear_backward(const Plan& plan, const TensorView& h, const TensorView& weight, const Lora& lora,
+                                    const TensorView& combine_weights, const TensorView& grad_out,
+                                    const TensorView& grad_h, const LoraGrads& grad_lora,
+                                    const TensorView& grad_combine_weights, const TensorView& workspace,
+                                    UpLoraGrad& up, void* stream) {
+  swiglu_linear_bwd("swiglu_linear_backward", plan, h, weight, lora, combine_weights, grad_out, grad_h, TensorView{},
+                    grad_lora, grad_combine_weights, workspace, &up, stream);
 }
 
 void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* stream) {

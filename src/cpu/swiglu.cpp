@@ -30,7 +30,7 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
 
 bool swiglu_linear_backward_fused(const Plan&, const TensorView&, const TensorView&, const Lora&, const TensorView&,
                                   const TensorView&, const TensorView&, const TensorView&, const LoraGrads&,
-                                  const TensorView&, const TensorView&, void*) {
+                                  const TensorView&, const TensorView&, UpLoraGrad*, void*) {
   return false;
 }
 

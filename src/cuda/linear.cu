@@ -505,7 +505,8 @@ bool moe_linear_backward_fused(const Plan& plan, const TensorView& x, const Tens
 bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const TensorView& weight, const Lora& lora,
                                   const TensorView& combine_weights, const TensorView& grad_out,
                                   const TensorView& grad_h, const TensorView& grad_weight, const LoraGrads& grad_lora,
-                                  const TensorView& grad_combine_weights, const TensorView& workspace, void* stream) {
+                                  const TensorView& grad_combine_weights, const TensorView& workspace, UpLoraGrad* up,
+                                  void* stream) {
   const std::int64_t m = plan.tokens * plan.top_k, out_f = weight.shape[1], in_f = weight.shape[2];
   if (!use_hopper(weight, {h.data, weight.data, grad_out.data, grad_h.data, grad_weight.data, workspace.data}))
     return false;
@@ -516,9 +517,12 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
                                                               lora.b.data, workspace.data});
   if (lora.defined() && !gather_dgrad) return false;
   const bool lora_grads = grad_lora.a.defined() || grad_lora.b.defined();
-  // The adapter's grad A inside the row pass (lora_rows.cu).
+  // The adapter's grad A inside the row pass (lora_rows.cu), and the up adapter's grad B when it is offered.
   const bool rows_grad_a = gather_dgrad && lora.defined() && grad_lora.a.defined() &&
                            grad_lora.a.dtype == weight.dtype && all_aligned({grad_lora.a.data});
+  const bool rows_up = rows_grad_a && up && up->u.defined() && up->grad_b.defined() &&
+                       up->u.dtype == weight.dtype && up->grad_b.dtype == weight.dtype &&
+                       up->u.shape[1] % 8 == 0 && up->u.shape[1] <= 64 && all_aligned({up->u.data, up->grad_b.data});
   const int slices = lora_swiglu_rows_slices(in_f);
   detail::Carver c(workspace.device);
   const auto carve = [&](detail::Carver& cv) {
@@ -552,12 +556,14 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
                             weight.device, ws.sm90.data, s);
     }
     const float* cw = combine_weights.ptr<float>();
-    if (rows_grad_a && m > 0) {
+    if (rows_grad_a) {  // also without rows: experts without rows get zero gradients
       lora_swiglu_rows(plan, ws.rows, h, cw, lora_sorted_gb(plan, lora, ws.lora), grad_lora.a,
-                       grad_lora.b.defined() && !lora.u.defined(), grad_h,
+                       grad_lora.b.defined() && !lora.u.defined(), rows_up ? up->u : TensorView{},
+                       rows_up ? up->grad_b : TensorView{}, grad_h,
                        grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w, s);
+      if (rows_up) up->done = true;
       if (grad_h.defined()) launch_zero_placeholders<T>(grad_h, plan, s);
-      if (grad_combine_weights.defined()) {
+      if (grad_combine_weights.defined() && m > 0) {
         reduce_row_dots<<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kThreads)), kThreads, 0, s>>>(
             ws.dots.ptr<float>(), slices, slices, plan.pair_positions.ptr<int>(), offsets, plan.experts, m,
             grad_combine_weights.ptr<float>());

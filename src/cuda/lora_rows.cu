@@ -1,12 +1,14 @@
 // swiglu_linear_backward's row pass with the down projection's adapter (lora.h: lora_swiglu_rows). Beside the
 // dSwiGLU rows and the routing-weight dots it sums the adapter's grad A[e] = gb^T . (w * a) over the expert's rows
-// itself, so w * a is never written for a wgrad to read back.
+// itself, so w * a is never written for a wgrad to read back; given the up projection's u, also that adapter's
+// grad B[e] = grad_h^T . u, so grad_h is not read back for it either.
 //
 // A block owns one expert and 64 columns of I, and walks the expert's sorted rows 32 at a time: the chunk's dgrad
-// rows, h's gate and up columns, routing weights and gb rows come by cp.async through a 4-stage ring; each thread
-// forms 8 columns of one row (grad_h to memory, w * a to shared memory); then each warp adds its 8 columns of
-// gb^T . (w * a) with mma.sync (M = rank, N = 8, K = the chunk's 32 rows). One block sums an expert's rows in a fixed
-// order, so the result is deterministic; an expert without rows gets zeros.
+// rows, h's gate and up columns, routing weights, gb rows (and u rows) come by cp.async through a 4-stage ring; each
+// thread forms 8 columns of one row (grad_h to memory, w * a and grad_h to shared memory); then mma.sync adds the
+// chunk (K = its 32 rows): each warp 8 columns of gb^T . (w * a) (M = rank) and 16 of the block's 128 grad_h columns
+// of grad_h^T . u (N = rank). One block sums an expert's rows in a fixed order, so the result is deterministic; an
+// expert without rows gets zeros.
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.cuh"
@@ -18,12 +20,15 @@ namespace {
 constexpr int kRows = 32, kCols = 64, kStages = 4, kThreads = 256;
 
 // Rows of the tiles the MMAs read are padded by 16 bytes, so that the 8 rows one ldmatrix reads hit distinct banks.
-template <class T, int RA>
+template <class T, int RA, int RB>
 struct Smem {
+  static constexpr int kUpRows = RB > 0 ? kRows : 1;
   T raw[kStages][3][kRows][kCols];  // the dgrad rows, h's gate columns, h's up columns
   T gb[kStages][kRows][RA + 8];
+  T u[kStages][kUpRows][RB + 8];
   float w[kStages][kRows];
   T wa[kRows][kCols + 8];
+  T gh[kUpRows][2 * kCols + 8];  // the chunk's grad_h: gate columns, then up columns
 };
 
 template <class T>
@@ -39,6 +44,9 @@ struct Args {
   const T* gb;   // [M, rank]: s * grad_out . B[e]
   int rank;
   T* grad_a;     // [E, rank, I]
+  const T* up_u;  // [M, up_rank]: the up projection adapter's u = s * x . A[e]^T, or null
+  int up_rank;
+  T* grad_up_b;   // [E, 2I, up_rank]
 };
 
 // sorted_w[pos] = w[sorted_pairs[pos]] for the routed rows.
@@ -48,10 +56,20 @@ __global__ void sort_weights(const float* __restrict__ w, const int* __restrict_
   if (pos < offsets[experts]) sorted_w[pos] = w[sorted_pairs[pos]];
 }
 
-template <class T, int RA>
-__global__ void __launch_bounds__(kThreads, 2) swiglu_rows_grad_a(const Args<T> p) {
+// The low-rank rows of a chunk into shared memory in 16-byte pieces, zero past the rank and the expert's end.
+template <class T, int R, int LD>
+__device__ __forceinline__ void load_low(T (*dst)[LD], const T* src, int rank, int first, int end, int tid) {
+  if (tid < kRows * (R / 8)) {
+    const int rr = tid / (R / 8), piece = tid % (R / 8), q = first + rr;
+    const bool ok = q < end && piece * 8 < rank;
+    cp_async16(&dst[rr][piece * 8], ok ? src + static_cast<std::int64_t>(q) * rank + piece * 8 : src, ok);
+  }
+}
+
+template <class T, int RA, int RB>
+__global__ void __launch_bounds__(kThreads, 2) swiglu_rows_lora_grads(const Args<T> p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  auto& sm = *reinterpret_cast<Smem<T, RA>*>(smem);
+  auto& sm = *reinterpret_cast<Smem<T, RA, RB>*>(smem);
   const int e = blockIdx.x / p.slices, slice = blockIdx.x % p.slices, c0 = slice * kCols;
   const int start = p.offsets[e], end = p.offsets[e + 1], chunks = (end - start + kRows - 1) / kRows;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -70,15 +88,11 @@ __global__ void __launch_bounds__(kThreads, 2) swiglu_rows_grad_a(const Args<T> 
       const int q = start + i * kRows + tid;
       cp_async4(&sm.w[stage][tid], q < end ? p.sorted_w + q : p.sorted_w, q < end);
     }
-    if (tid < kRows * (RA / 8)) {  // gb's rows in 16-byte pieces, zero past the rank
-      const int rr = tid / (RA / 8), piece = tid % (RA / 8), q = start + i * kRows + rr;
-      const bool gok = q < end && piece * 8 < p.rank;
-      cp_async16(&sm.gb[stage][rr][piece * 8], gok ? p.gb + static_cast<std::int64_t>(q) * p.rank + piece * 8 : p.gb,
-                 gok);
-    }
+    load_low<T, RA>(sm.gb[stage], p.gb, p.rank, start + i * kRows, end, tid);
+    if constexpr (RB > 0) load_low<T, RB>(sm.u[stage], p.up_u, p.up_rank, start + i * kRows, end, tid);
   };
 
-  float acc[RA / 16][4] = {};
+  float acc[RA / 16][4] = {}, acc_b[RB > 0 ? RB / 8 : 1][4] = {};
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < chunks) load(s, s);
@@ -114,6 +128,10 @@ __global__ void __launch_bounds__(kThreads, 2) swiglu_rows_grad_a(const Args<T> 
       if (p.wa_out) store_vec<T, 8>(p.wa_out + pos * inter + col, wa);
     }
     store_vec<T, 8>(&sm.wa[r][part * 8], wa);
+    if constexpr (RB > 0) {
+      store_vec<T, 8>(&sm.gh[r][part * 8], dg);
+      store_vec<T, 8>(&sm.gh[r][kCols + part * 8], du);
+    }
     if (p.dots) {  // the 8 threads of a row are 8 adjacent lanes
 #pragma unroll
       for (int o = 1; o < 8; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
@@ -122,42 +140,84 @@ __global__ void __launch_bounds__(kThreads, 2) swiglu_rows_grad_a(const Args<T> 
     __syncthreads();
 
     // acc += gb^T . wa over the chunk's rows: A[q][k] = gb[k][q] and B[k][n] = wa[k][8 warp + n], both stored k-major,
-    // so both come through ldmatrix.trans; lane l addresses row l % 8 of 8x8 matrix l / 8.
+    // so both come through ldmatrix.trans; lane l addresses row l % 8 of 8x8 matrix l / 8. An A operand's four
+    // matrices are (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15) of its k step.
     std::uint32_t b[4];  // wa rows 0-7, 8-15, 16-23, 24-31 of this warp's 8 columns: k16 steps 0 and 1
     tc::ldmatrix_x4<true>(b, &sm.wa[lane][8 * warp]);
 #pragma unroll
     for (int kk = 0; kk < kRows / 16; ++kk) {
 #pragma unroll
       for (int mi = 0; mi < RA / 16; ++mi) {
-        std::uint32_t a[4];  // (k 0-7, q 0-7), (k 0-7, q 8-15), (k 8-15, q 0-7), (k 8-15, q 8-15) of this k step
+        std::uint32_t a[4];
         tc::ldmatrix_x4<true>(a, &sm.gb[st][16 * kk + (lane / 16) * 8 + lane % 8][16 * mi + (lane / 8) % 2 * 8]);
         tc::mma16816<T>(acc[mi], a, b[2 * kk], b[2 * kk + 1]);
+      }
+      // acc_b += grad_h^T . u: A[c][k] = gh[k][16 warp + c], B[k][q] = u[k][q]; one ldmatrix gives two n8 tiles' B.
+      if constexpr (RB > 0) {
+        std::uint32_t a[4];
+        tc::ldmatrix_x4<true>(a, &sm.gh[16 * kk + (lane / 16) * 8 + lane % 8][16 * warp + (lane / 8) % 2 * 8]);
+#pragma unroll
+        for (int nj = 0; nj < RB / 16; ++nj) {
+          std::uint32_t bu[4];  // (k 0-7, q 0-7), (k 8-15, q 0-7), (k 0-7, q 8-15), (k 8-15, q 8-15) of 16 nj
+          tc::ldmatrix_x4<true>(bu, &sm.u[st][16 * kk + (lane / 8) % 2 * 8 + lane % 8][16 * nj + (lane / 16) * 8]);
+          tc::mma16816<T>(acc_b[2 * nj], a, bu[0], bu[1]);
+          tc::mma16816<T>(acc_b[2 * nj + 1], a, bu[2], bu[3]);
+        }
       }
     }
   }
 
   // Accumulator (mi, c): q = 16 mi + lane / 4 (+ 8 for c >= 2), column 8 warp + 2 (lane % 4) + c % 2.
   const int cc = c0 + 8 * warp + 2 * (lane % 4);
-  if (cc >= p.inter) return;
 #pragma unroll
   for (int mi = 0; mi < RA / 16; ++mi)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int q = 16 * mi + lane / 4 + 8 * half;
-      if (q < p.rank)
+      if (q < p.rank && cc < p.inter)
         *reinterpret_cast<std::uint32_t*>(p.grad_a + (static_cast<std::int64_t>(e) * p.rank + q) * inter + cc) =
             pack2<T>(acc[mi][2 * half], acc[mi][2 * half + 1]);
     }
+  // acc_b (ni, c): grad_h column 16 warp + lane / 4 (+ 8 for c >= 2) of the block's 128,
+  // q = 8 ni + 2 (lane % 4) + c % 2.
+  if constexpr (RB > 0) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int c = 16 * warp + lane / 4 + 8 * half, j = c0 + c % kCols;
+      if (j >= p.inter) continue;
+      T* row = p.grad_up_b + (static_cast<std::int64_t>(e) * 2 * inter + c / kCols * inter + j) * p.up_rank;
+#pragma unroll
+      for (int ni = 0; ni < RB / 8; ++ni) {
+        const int q = 8 * ni + 2 * (lane % 4);
+        if (q < p.up_rank)
+          *reinterpret_cast<std::uint32_t*>(row + q) = pack2<T>(acc_b[ni][2 * half], acc_b[ni][2 * half + 1]);
+      }
+    }
+  }
 }
 
-template <class T, int RA>
+template <class T, int RA, int RB>
 void launch(const Args<T>& args, int experts, cudaStream_t s) {
   const std::int64_t blocks = static_cast<std::int64_t>(experts) * args.slices;
   if (blocks > 0x7fffffff) throw Error("moefuse: LoRA row pass grid too large");
-  auto kernel = swiglu_rows_grad_a<T, RA>;
-  set_smem_limit(kernel, sizeof(Smem<T, RA>));
-  kernel<<<static_cast<unsigned>(blocks), kThreads, sizeof(Smem<T, RA>), s>>>(args);
+  auto kernel = swiglu_rows_lora_grads<T, RA, RB>;
+  constexpr std::size_t smem = sizeof(Smem<T, RA, RB>);
+  set_smem_limit(kernel, smem);
+  kernel<<<static_cast<unsigned>(blocks), kThreads, smem, s>>>(args);
   MOEFUSE_CUDA_LAUNCH_CHECK();
+}
+
+// Calls f(integral_constant<R>) with the rank rounded up to the MMAs' 16 (0 stays 0).
+template <class F>
+void with_rank(int rank, F&& f) {
+  if (rank == 0)
+    f(std::integral_constant<int, 0>{});
+  else if (rank <= 16)
+    f(std::integral_constant<int, 16>{});
+  else if (rank <= 32)
+    f(std::integral_constant<int, 32>{});
+  else
+    f(std::integral_constant<int, 64>{});
 }
 
 }  // namespace
@@ -165,27 +225,33 @@ void launch(const Args<T>& args, int experts, cudaStream_t s) {
 int lora_swiglu_rows_slices(std::int64_t inter) { return static_cast<int>(ceil_div<std::int64_t>(inter, kCols)); }
 
 void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
-                      const TensorView& gb, const TensorView& grad_a, bool keep_wa, const TensorView& grad_h,
-                      const TensorView& dots, const TensorView& sorted_w, cudaStream_t s) {
+                      const TensorView& gb, const TensorView& grad_a, bool keep_wa, const TensorView& up_u,
+                      const TensorView& grad_up_b, const TensorView& grad_h, const TensorView& dots,
+                      const TensorView& sorted_w, cudaStream_t s) {
   const std::int64_t m = plan.tokens * plan.top_k, inter = rows.shape[1];
-  if (m == 0 || plan.experts == 0) return;
-  sort_weights<<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kThreads)), kThreads, 0, s>>>(
-      combine_weights, plan.sorted_pairs.ptr<int>(), plan.offsets.ptr<int>(), plan.experts, sorted_w.ptr<float>());
-  MOEFUSE_CUDA_LAUNCH_CHECK();
-  const int rank = static_cast<int>(gb.shape[1]);
+  if (plan.experts == 0) return;
+  if (m > 0) {
+    sort_weights<<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kThreads)), kThreads, 0, s>>>(
+        combine_weights, plan.sorted_pairs.ptr<int>(), plan.offsets.ptr<int>(), plan.experts, sorted_w.ptr<float>());
+    MOEFUSE_CUDA_LAUNCH_CHECK();
+  }
+  const int rank = static_cast<int>(gb.shape[1]), up_rank = up_u.defined() ? static_cast<int>(up_u.shape[1]) : 0;
   dispatch_float(rows.dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
       const Args<T> args{rows.ptr<T>(), h.ptr<T>(), sorted_w.ptr<float>(), plan.offsets.ptr<int>(),
                          static_cast<int>(inter), lora_swiglu_rows_slices(inter),
-                         grad_h.defined() ? grad_h.ptr<T>() : nullptr, keep_wa ? const_cast<T*>(rows.ptr<T>()) : nullptr,
-                         dots.defined() ? dots.ptr<float>() : nullptr, gb.ptr<T>(), rank, grad_a.ptr<T>()};
-      if (rank <= 16)
-        launch<T, 16>(args, plan.experts, s);
-      else if (rank <= 32)
-        launch<T, 32>(args, plan.experts, s);
-      else
-        launch<T, 64>(args, plan.experts, s);
+                         grad_h.defined() ? grad_h.ptr<T>() : nullptr,
+                         keep_wa ? const_cast<T*>(rows.ptr<T>()) : nullptr,
+                         dots.defined() ? dots.ptr<float>() : nullptr, gb.ptr<T>(), rank, grad_a.ptr<T>(),
+                         up_u.defined() ? up_u.ptr<T>() : nullptr, up_rank,
+                         grad_up_b.defined() ? grad_up_b.ptr<T>() : nullptr};
+      with_rank(rank, [&](auto ra) {
+        with_rank(up_rank, [&](auto rb) {
+          constexpr int RA = decltype(ra)::value, RB = decltype(rb)::value;
+          if constexpr (RA > 0) launch<T, RA, RB>(args, plan.experts, s);
+        });
+      });
     }
   });
 }

@@ -550,20 +550,14 @@ struct LoraBlock {
 
 class MoeBlockLora : public ::testing::TestWithParam<BlockLoraCase> {};
 
-// Against the float64 block on the merged weights, routed on the library's logits (as in test_block).
-TEST_P(MoeBlockLora, MatchesBlockOnMergedWeights) {
-  const auto c = GetParam();
-  Rng rng;
-  LoraBlock blk(c, rng);
-  blk.forward();
-  Vec lib_logits = blk.logits.values();
-  auto r = ref::block_forward(blk.b, blk.merged_p, &lib_logits);
-  EXPECT_CLOSE(blk.out.values(), r.out, tol(c.dtype));
-
-  Vec gout_v = rng.normals(c.T * c.H);
-  Tensor gout = make(c.dtype, {c.T, c.H}, gout_v);
-  auto g = blk.backward(gout);
-  auto rg = ref::block_backward(blk.b, blk.merged_p, lib_logits, gout_v, nullptr);
+// A run of the block (out, and the gradients for grad_out gout_v) against the float64 block on the merged weights,
+// routed on the run's own logits (as in test_block).
+void expect_matches_merged(const LoraBlock& blk, const Vec& logits, const Vec& out, const Vec& gout_v,
+                           const LoraBlock::Result& g) {
+  const BlockLoraCase& c = blk.c;
+  auto r = ref::block_forward(blk.b, blk.merged_p, &logits);
+  EXPECT_CLOSE(out, r.out, tol(c.dtype));
+  auto rg = ref::block_backward(blk.b, blk.merged_p, logits, gout_v, nullptr);
   EXPECT_CLOSE(g.x, rg.x, tol(c.dtype));
   EXPECT_CLOSE(g.router, rg.router, tol(c.dtype));
   Vec da, db;
@@ -573,6 +567,17 @@ TEST_P(MoeBlockLora, MatchesBlockOnMergedWeights) {
   through_merge(rg.down, blk.a_down_v, blk.b_down_v, c.E, blk.down, da, db);
   EXPECT_CLOSE(g.a_down, da, tol(c.dtype));
   EXPECT_CLOSE(g.b_down, db, tol(c.dtype));
+}
+
+TEST_P(MoeBlockLora, MatchesBlockOnMergedWeights) {
+  const auto c = GetParam();
+  Rng rng;
+  LoraBlock blk(c, rng);
+  blk.forward();
+  Vec gout_v = rng.normals(c.T * c.H);
+  Tensor gout = make(c.dtype, {c.T, c.H}, gout_v);
+  auto g = blk.backward(gout);
+  expect_matches_merged(blk, blk.logits.values(), blk.out.values(), gout_v, g);
 
   if (c.dtype != DType::f32) return;
   // The library block on the merged weights (rounded to f32) agrees too.
@@ -853,6 +858,46 @@ TEST_P(MoeLora, CudaMatchesReference) {
       for (int i = 0; i < 4; ++i) EXPECT_EQ(got[i], first[i]) << "gradient " << i << " differs between runs";
     }
   }
+}
+
+// The block with adapters on both projections at sizes the Hopper forms take (multiples of 8, ranks up to 64, where
+// the down projection's row pass also sums the up adapter's grad B), against the float64 block.
+TEST(MoeBlockLora, CudaMatchesBlockOnMergedWeights) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  for (DType dt : {DType::bf16, DType::f16})
+    for (const BlockLoraCase& c : {BlockLoraCase{300, 64, 136, 12, 4, 16, 24, dt},  // I = 136: a part-filled slice
+                                   BlockLoraCase{40, 128, 72, 60, 8, 40, 16, dt},   // idle experts, rank 40
+                                   BlockLoraCase{1, 64, 64, 5, 1, 8, 64, dt}}) {    // one token, top_k = 1
+      SCOPED_TRACE(std::string(name(dt)) + " T" + std::to_string(c.T) + " I" + std::to_string(c.I));
+      Rng rng;
+      LoraBlock blk(c, rng);
+      DeviceArena arena;
+      const moefuse::MoeConfig cfg = blk.config();
+      moefuse::MoeWeights w = weights_of(arena.copy(blk.router.view()), arena.copy(blk.gate_up.view()),
+                                         arena.copy(blk.down_w.view()));
+      const float s = static_cast<float>(kScale);
+      w.gate_up_lora = {arena.copy(blk.a_up.view()), arena.copy(blk.b_up.view()), s};
+      w.down_lora = {arena.copy(blk.a_down.view()), arena.copy(blk.b_down.view()), s};
+      const TensorView x = arena.copy(blk.x.view()), out = arena.copy(blk.out.view(), false),
+                       logits = arena.copy(blk.logits.view(), false), saved = arena.copy(blk.saved.view(), false);
+      moefuse::moe_forward(cfg, x, w, out, logits, saved,
+                           arena.workspace(moefuse::moe_forward_workspace_bytes(cfg, x, w)));
+
+      Vec gout_v = rng.normals(c.T * c.H);
+      const TensorView gout = arena.copy(make(c.dtype, {c.T, c.H}, gout_v).view());
+      const TensorView gx = arena.copy(blk.x.view(), false), gr = arena.copy(blk.router.view(), false),
+                       gau = arena.copy(blk.a_up.view(), false), gbu = arena.copy(blk.b_up.view(), false),
+                       gad = arena.copy(blk.a_down.view(), false), gbd = arena.copy(blk.b_down.view(), false);
+      moefuse::MoeGrads g = grads_of(gx, gr, TensorView{}, TensorView{});
+      g.gate_up_lora = {gau, gbu};
+      g.down_lora = {gad, gbd};
+      moefuse::moe_backward(cfg, x, w, logits, saved, gout, TensorView{}, g,
+                            arena.workspace(moefuse::moe_backward_workspace_bytes(cfg, x, w, g)));
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      expect_matches_merged(blk, device_values(logits), device_values(out), gout_v,
+                            {device_values(gx), device_values(gr), device_values(gau), device_values(gbu),
+                             device_values(gad), device_values(gbd)});
+    }
 }
 
 TEST(MoeBlockLoraStaging, CudaStridedF32AdaptersMatchContiguous) {
