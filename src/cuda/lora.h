@@ -17,7 +17,7 @@
 // in rows. lora_sorted_workspace_bytes sizes the workspace of both calls below:
 //   lora_sorted_gb (for the dgrad):  where the kernel leaves gb = s * g . B[e]
 //   lora_sorted_grads (after the row pass):  grad B[e] = g^T . (s * wa . A[e]^T), that is w * lora.u when the
-//     forward left u there;  grad A[e] = gb^T . wa
+//     forward left u there;  grad A[e] = gb^T . wa, unless the row pass summed it (lora_swiglu_rows, below)
 // The row pass then gives the adapter's share of grad_h and of the combine-weight gradient (<rows, a>) with the
 // base's.
 #pragma once
