@@ -17,6 +17,8 @@ import argparse
 import torch
 from timing import elapsed_ms, profile, result_row, save
 
+import moefuse  # registers the "moefuse" experts implementation with Transformers
+
 
 def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +57,6 @@ def model(impl, mode, layers, seq, shape, device):
         lora["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     m = get_peft_model(m, LoraConfig(**lora))
     if impl == "moefuse" and mode == "attn_experts":
-        import moefuse
         moefuse.use_moefuse_lora(m)  # expert LoRA through moefuse's stacked path instead of PEFT's merged weights
     return m.train()
 
@@ -63,8 +64,7 @@ def model(impl, mode, layers, seq, shape, device):
 def step_fn(m, ids, compiled=None):
     fwd = torch.compile(m) if compiled == "model" else m
     if compiled == "layers":
-        for layer in (x for x in m.modules() if type(x).__name__.endswith("DecoderLayer")):
-            layer.compile()
+        moefuse.compile_decoder_layers(m)
 
     def step():
         fwd(input_ids=ids, labels=ids).loss.backward()
@@ -73,7 +73,6 @@ def step_fn(m, ids, compiled=None):
 
 def main():
     a = parse()
-    import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
     device, shape = ("cpu", SMOKE) if a.smoke else ("cuda", SHAPE)
     if a.smoke:
         a.batch, a.seq, a.iters = 2, 32, 2

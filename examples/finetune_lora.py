@@ -99,8 +99,7 @@ def fit(model, a, device, desc, quiet=False):
 def train(impl, a, dtype):
     model = lora(base_model(impl, a.device, dtype, a.seed), impl, a)
     if a.compile:
-        for layer in model.base_model.model.model.layers:
-            layer.compile()
+        moefuse.compile_decoder_layers(model)
     return (model, *fit(model, a, a.device, f"{impl:>8}"))
 
 

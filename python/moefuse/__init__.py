@@ -8,10 +8,11 @@ from . import _C
 from ._ops import MoefuseError, experts, moe_block, moe_fused_linear, routing_plan
 from .block import MoeBlock, reference_moe
 from . import hf  # registers experts_implementation="moefuse"
+from .hf import compile_decoder_layers
 from .lora import use_moefuse_lora
 
 __version__ = "0.1.0"
 has_cuda = _C.has_cuda
 
-__all__ = ["MoeBlock", "MoefuseError", "experts", "has_cuda", "moe_block", "moe_fused_linear", "reference_moe",
-           "routing_plan", "use_moefuse_lora"]
+__all__ = ["MoeBlock", "MoefuseError", "compile_decoder_layers", "experts", "has_cuda", "moe_block",
+           "moe_fused_linear", "reference_moe", "routing_plan", "use_moefuse_lora"]

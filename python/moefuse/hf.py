@@ -57,4 +57,17 @@ def moefuse_experts_forward(
     return out.to(hidden_states.dtype)
 
 
+def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
+    """torch.compile each decoder layer of a Transformers model in place (regional compilation), the way to compile
+    training with moefuse: the causal mask stays in eager code, where Transformers sees a batch without padding and
+    lets SDPA run causal with no mask, which it cannot see under tracing. Works through PEFT wrappers. Returns the
+    model."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise MoefuseError(f"compile_decoder_layers: {type(model).__name__} has no module named *DecoderLayer")
+    for layer in layers:
+        layer.compile(**compile_kwargs)
+    return model
+
+
 ALL_EXPERTS_FUNCTIONS.register(NAME, moefuse_experts_forward)

@@ -182,6 +182,15 @@ def test_compiles_fullgraph_with_the_adapters():
         torch.testing.assert_close(grads_c[name], grads_f[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compile_decoder_layers_compiles_each_layer_through_peft():
+    fused, _ = moefuse_and_peft()
+    layers = fused.base_model.model.model.layers
+    assert moefuse.compile_decoder_layers(fused) is fused
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    with pytest.raises(moefuse.MoefuseError, match="DecoderLayer"):
+        moefuse.compile_decoder_layers(torch.nn.Linear(2, 2))
+
+
 @torch.no_grad()
 def test_disabled_and_merged_adapters_run_as_peft_runs_them():
     fused, ref = moefuse_and_peft()
