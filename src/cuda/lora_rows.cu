@@ -4,7 +4,7 @@
 // grad B[e] = grad_h^T . u, so grad_h is not read back for it either.
 //
 // A block owns one expert and 64 columns of I, and walks the expert's sorted rows 32 at a time: the chunk's dgrad
-// rows, h's gate and up columns, routing weights, gb rows (and u rows) come by cp.async through a 4-stage ring; each
+// rows, h's gate and up columns, routing weights, gb rows (and u rows) come by cp.async through a 3-stage ring; each
 // thread forms 8 columns of one row (grad_h to memory, w * a and grad_h to shared memory); then mma.sync adds the
 // chunk (K = its 32 rows): each warp 8 columns of gb^T . (w * a) (M = rank) and 16 of the block's 128 grad_h columns
 // of grad_h^T . u (N = rank). One block sums an expert's rows in a fixed order, so the result is deterministic; an
@@ -17,7 +17,8 @@
 namespace moefuse::cuda {
 namespace {
 
-constexpr int kRows = 32, kCols = 64, kStages = 4, kThreads = 256;
+// 3 stages: 318 µs on the 30B layer against 324-328 with 4 and 371 with 6 (H200, bench/RESULTS.md 2026-11-28 fourth).
+constexpr int kRows = 32, kCols = 64, kStages = 3, kThreads = 256;
 
 // Rows of the tiles the MMAs read are padded by 16 bytes, so that the 8 rows one ldmatrix reads hit distinct banks.
 template <class T, int RA, int RB>
