@@ -243,7 +243,7 @@ void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView
       const Args<T> args{rows.ptr<T>(), h.ptr<T>(), sorted_w.ptr<float>(), plan.offsets.ptr<int>(),
                          static_cast<int>(inter), lora_swiglu_rows_slices(inter),
                          grad_h.defined() ? grad_h.ptr<T>() : nullptr,
-                         keep_wa ? const_cast<T*>(rows.ptr<T>()) : nullptr,
+                         keep_wa ? rows.ptr<T>() : nullptr,
                          dots.defined() ? dots.ptr<float>() : nullptr, gb.ptr<T>(), rank, grad_a.ptr<T>(),
                          up_u.defined() ? up_u.ptr<T>() : nullptr, up_rank,
                          grad_up_b.defined() ? grad_up_b.ptr<T>() : nullptr};
