@@ -90,6 +90,20 @@ decltype(auto) dispatch_float(DType dtype, F&& f) {
   }
 }
 
+// Calls f(integral_constant<R>) with a LoRA rank rounded up to the width of the tensor-core kernels' rank-side
+// accumulators, 16, 32 or 64 (0, no adapter, stays 0).
+template <class F>
+void with_rank(int rank, F&& f) {
+  if (rank == 0)
+    f(std::integral_constant<int, 0>{});
+  else if (rank <= 16)
+    f(std::integral_constant<int, 16>{});
+  else if (rank <= 32)
+    f(std::integral_constant<int, 32>{});
+  else
+    f(std::integral_constant<int, 64>{});
+}
+
 __device__ __forceinline__ float to_f32(float v) { return v; }
 __device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }

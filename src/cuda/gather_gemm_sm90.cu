@@ -449,16 +449,8 @@ void run_gather_gemm_sm90(const Sm90GatherGemm& g, DType dtype, cudaStream_t str
   if (g.rows == 0 || g.experts == 0) return;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    if constexpr (!std::is_same_v<T, float>) {
-      if (!g.lora_p)
-        launch_form<T, 0>(g, dtype, stream);
-      else if (g.rank <= 16)
-        launch_form<T, 16>(g, dtype, stream);
-      else if (g.rank <= 32)
-        launch_form<T, 32>(g, dtype, stream);
-      else
-        launch_form<T, 64>(g, dtype, stream);
-    }
+    if constexpr (!std::is_same_v<T, float>)
+      with_rank(g.lora_p ? g.rank : 0, [&](auto rn) { launch_form<T, decltype(rn)::value>(g, dtype, stream); });
   });
 }
 

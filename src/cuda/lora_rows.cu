@@ -208,19 +208,6 @@ void launch(const Args<T>& args, int experts, cudaStream_t s) {
   MOEFUSE_CUDA_LAUNCH_CHECK();
 }
 
-// Calls f(integral_constant<R>) with the rank rounded up to the MMAs' 16 (0 stays 0).
-template <class F>
-void with_rank(int rank, F&& f) {
-  if (rank == 0)
-    f(std::integral_constant<int, 0>{});
-  else if (rank <= 16)
-    f(std::integral_constant<int, 16>{});
-  else if (rank <= 32)
-    f(std::integral_constant<int, 32>{});
-  else
-    f(std::integral_constant<int, 64>{});
-}
-
 }  // namespace
 
 int lora_swiglu_rows_slices(std::int64_t inter) { return static_cast<int>(ceil_div<std::int64_t>(inter, kCols)); }
@@ -248,10 +235,10 @@ void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView
                          up_u.defined() ? up_u.ptr<T>() : nullptr, up_rank,
                          grad_up_b.defined() ? grad_up_b.ptr<T>() : nullptr};
       with_rank(rank, [&](auto ra) {
-        with_rank(up_rank, [&](auto rb) {
-          constexpr int RA = decltype(ra)::value, RB = decltype(rb)::value;
-          if constexpr (RA > 0) launch<T, RA, RB>(args, plan.experts, s);
-        });
+        if constexpr (decltype(ra)::value > 0)
+          with_rank(up_rank, [&](auto rb) {
+            launch<T, decltype(ra)::value, decltype(rb)::value>(args, plan.experts, s);
+          });
       });
     }
   });

@@ -314,7 +314,9 @@ void check_lora(const LinearCase& c, DType d, int rank, bool combine, bool saved
   moefuse::moe_linear_forward(plan.cpu.plan(), x.c(), w.c(), lc, gather, cwc, out.c(), ws.c());
   moefuse::moe_linear_forward(plan.gpu(), x.g(), w.g(), lg, gather, cwg, out.g(), ws.g());
   EXPECT_MATCH(out, d);
-  if (saved_u) EXPECT_MATCH(u, d);
+  if (saved_u) {
+    EXPECT_MATCH(u, d);
+  }
 
   Both gout = Both::random(rng, d, {rows_out, c.out});
   Both gx = Both::poisoned(d, {gather ? c.T : M, c.in});
