@@ -2,7 +2,9 @@
 
 Every op allocates its outputs and workspaces with torch (so the caching allocator owns device memory), has a fake
 (meta) kernel with symbolic shapes (token counts never recompile: plan buffers are sized from T*k and E, never from
-routed counts), and an autograd formula whose backward is itself a custom op (so torch.compile can trace it).
+routed counts), and an autograd formula whose backward is itself a custom op (so torch.compile can trace it). The
+Transformers backend's eager calls of the experts op (run_experts) run the same code without torch.library's per-call
+layers.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import threading
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from . import _C
 
@@ -281,8 +284,7 @@ def _experts_saved_bytes(x, topk_weights, gate_up, gate_up_a=None, down_a=None):
     return core, core + _lora_rows_bytes(x.shape[0] * k, gate_up.element_size(), gate_up_a, down_a)
 
 
-@torch.library.custom_op("moefuse::experts", mutates_args=())
-def experts(
+def _experts_impl(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -315,6 +317,9 @@ def experts(
     return out, saved
 
 
+experts = torch.library.custom_op("moefuse::experts", mutates_args=())(_experts_impl)
+
+
 @experts.register_fake
 def _(x, topk_ids, topk_weights, gate_up, down, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0, down_a=None,
       down_b=None, down_scale=1.0):  # fmt: skip
@@ -327,8 +332,7 @@ def _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, do
     return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs))
 
 
-@torch.library.custom_op("moefuse::experts_backward", mutates_args=())
-def experts_backward(
+def _experts_backward_impl(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     topk_weights: torch.Tensor,
@@ -361,6 +365,9 @@ def experts_backward(
     return grads
 
 
+experts_backward = torch.library.custom_op("moefuse::experts_backward", mutates_args=())(_experts_backward_impl)
+
+
 @experts_backward.register_fake
 def _(grad_out, x, topk_weights, gate_up, down, saved, needs, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0,
       down_a=None, down_b=None, down_scale=1.0):  # fmt: skip
@@ -376,19 +383,61 @@ def _experts_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _experts_backward(ctx, grad_out, _grad_saved):
+def _experts_grads(ctx, grad_out, backward):
+    """The experts op's input gradients, `backward` being the experts_backward op or its Python body."""
     x, topk_weights, gate_up, down, saved, gate_up_a, gate_up_b, down_a, down_b = ctx.saved_tensors
     needs = _needs(ctx, 0, 2, 3, 4, 5, 6, 8, 9)
     if grad_out is None or not any(needs):
         return (None,) * 11
     gu_scale, dn_scale = ctx.scales
-    grads = torch.ops.moefuse.experts_backward(grad_out, x, topk_weights, gate_up, down, saved, needs, gate_up_a,
-                                               gate_up_b, gu_scale, down_a, down_b, dn_scale)  # fmt: skip
+    grads = backward(grad_out, x, topk_weights, gate_up, down, saved, needs, gate_up_a, gate_up_b, gu_scale, down_a,
+                     down_b, dn_scale)  # fmt: skip
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
     return gx, None, gw, ggu, gdown, ggu_a, ggu_b, None, gdn_a, gdn_b, None
 
 
-experts.register_autograd(_experts_backward, setup_context=_experts_setup)
+experts.register_autograd(lambda ctx, g, _: _experts_grads(ctx, g, torch.ops.moefuse.experts_backward),
+                          setup_context=_experts_setup)
+
+
+def _profiled(name, fn, *args):
+    """fn(*args), under the op's name in a running profiler (the eager path has no dispatcher entry to show)."""
+    if not torch.autograd.profiler._is_profiler_enabled:
+        return fn(*args)
+    with torch.profiler.record_function(name):
+        return fn(*args)
+
+
+class _EagerExperts(torch.autograd.Function):
+    """The experts op's Python bodies under the op's own setup_context and gradients, for calls that nothing
+    traces. torch.library's per-call layers (argument defaults, redispatch, its autograd wrapper) took 72 of the op's
+    230 µs of host time per forward+backward, 124 of 532 with adapters (bench/RESULTS.md, host time per call)."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        out = _profiled("moefuse::experts", _experts_impl, *args)
+        _experts_setup(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_saved):
+        return _profiled("moefuse::experts_backward", _experts_grads, ctx, grad_out, _experts_backward_impl)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def run_experts(*args):
+    """torch.ops.moefuse.experts(*args) (positional, as its schema orders them). Where nothing traces the call
+    (torch.compile, make_fx / export, fake tensors) and every tensor is a plain one (not a DTensor or other subclass),
+    the same code runs without torch.library's per-call layers."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or any(
+        isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args
+    ):
+        return torch.ops.moefuse.experts(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _EagerExperts.apply(*args)
+    return _profiled("moefuse::experts", _experts_impl, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -235,6 +235,30 @@ def test_experts_with_lora_opcheck():
     opcheck(ops.experts_backward, (*args, [False] * 5 + [True] + [False] * 2, *det))
 
 
+def test_run_experts_without_torch_library_layers_matches_the_op():
+    """run_experts' eager path (the op's Python bodies under a plain autograd.Function) gives the op's outputs and
+    gradients to the bit, with and without adapters; traced or without gradients it runs the op or the body."""
+    from moefuse._ops import run_experts
+
+    x, _, gate_up, down = block_tensors()
+    ids, w = routing()
+    ids[1, 2] = E  # placeholder: contributes nothing
+    for lora in ((None, None, 1.0, None, None, 1.0), lora_args(requires_grad=True)):
+        leaves = [t for t in (x, w, *lora) if isinstance(t, torch.Tensor)]
+        results = []
+        for call in (run_experts, ops.experts):
+            for t in leaves:
+                t.requires_grad_().grad = None
+            out = call(x, ids, w, gate_up, down, *lora)[0]
+            assert (out.grad_fn.name() == "_EagerExpertsBackward") == (call is run_experts)
+            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+            results.append([out.detach()] + [t.grad for t in leaves])
+        for got, want in zip(*results):
+            assert torch.equal(got, want)
+        with torch.no_grad():
+            assert torch.equal(run_experts(x, ids, w, gate_up, down, *lora)[0], results[1][0])
+
+
 def test_experts_take_strided_adapters_of_another_dtype():
     """Adapters as PEFT's weights hold them (b expert-minor, a strided view), here bf16 over f32 weights: the op
     stages them itself, gives what the same values contiguous in f32 give, and writes the gradients back through the
