@@ -2,9 +2,9 @@
 
 Every op allocates its outputs and workspaces with torch (so the caching allocator owns device memory), has a fake
 (meta) kernel with symbolic shapes (token counts never recompile: plan buffers are sized from T*k and E, never from
-routed counts), and an autograd formula whose backward is itself a custom op (so torch.compile can trace it). The
-Transformers backend's eager calls of the experts op (run_experts) run the same code without torch.library's per-call
-layers.
+routed counts), and an autograd formula whose backward is itself a custom op (so torch.compile can trace it). Eager
+calls of the experts and block ops (run_experts, run_moe_block: the Transformers backend and MoeBlock) run the same
+code without torch.library's per-call layers.
 """
 
 from __future__ import annotations
@@ -128,6 +128,50 @@ def _check_ids(topk_ids: torch.Tensor) -> None:
 def _needs(ctx, *idx):
     n = ctx.needs_input_grad  # shorter when trailing defaults were left out of the call
     return [i < len(n) and n[i] for i in idx]
+
+
+def _profiled(name, fn, *args):
+    """fn(*args), under the op's name in a running profiler (an eager call has no dispatcher entry to show)."""
+    if not torch.autograd.profiler._is_profiler_enabled:
+        return fn(*args)
+    with torch.profiler.record_function(name):
+        return fn(*args)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(name, impl, setup_context, grads):
+    """A caller of the op torch.ops.moefuse.<name> (positional arguments, in its schema's order) that, where nothing
+    traces the call (torch.compile, make_fx / export, fake tensors) and every tensor is a plain one (not a DTensor or
+    other subclass), runs the op's Python body `impl` through a plain autograd.Function with the op's own
+    setup_context and `grads` (ctx, *output grads -> input grads, from the backward op's Python body). torch.library's
+    per-call layers (argument defaults, redispatch, its autograd wrapper) took 72 of the experts op's 230 µs of host
+    time per forward+backward, 124 of 532 with adapters (bench/RESULTS.md, host time per call)."""
+    op = getattr(torch.ops.moefuse, name)
+
+    def forward(ctx, *args):
+        out = _profiled(f"moefuse::{name}", impl, *args)
+        setup_context(ctx, args, out)
+        return out
+
+    def backward(ctx, *grad_outputs):
+        return _profiled(f"moefuse::{name}_backward", grads, ctx, *grad_outputs)
+
+    # Named so that autograd graphs show it: moefuse_<name>Backward.
+    Eager = type(f"moefuse_{name}", (torch.autograd.Function,),
+                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})  # fmt: skip
+
+    def call(*args):
+        if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or any(
+            isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args
+        ):
+            return op(*args)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return Eager.apply(*args)
+        return _profiled(f"moefuse::{name}", impl, *args)
+
+    return call
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -398,46 +442,8 @@ def _experts_grads(ctx, grad_out, backward):
 
 experts.register_autograd(lambda ctx, g, _: _experts_grads(ctx, g, torch.ops.moefuse.experts_backward),
                           setup_context=_experts_setup)
-
-
-def _profiled(name, fn, *args):
-    """fn(*args), under the op's name in a running profiler (the eager path has no dispatcher entry to show)."""
-    if not torch.autograd.profiler._is_profiler_enabled:
-        return fn(*args)
-    with torch.profiler.record_function(name):
-        return fn(*args)
-
-
-class _EagerExperts(torch.autograd.Function):
-    """The experts op's Python bodies under the op's own setup_context and gradients, for calls that nothing
-    traces. torch.library's per-call layers (argument defaults, redispatch, its autograd wrapper) took 72 of the op's
-    230 µs of host time per forward+backward, 124 of 532 with adapters (bench/RESULTS.md, host time per call)."""
-
-    @staticmethod
-    def forward(ctx, *args):
-        out = _profiled("moefuse::experts", _experts_impl, *args)
-        _experts_setup(ctx, args, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_saved):
-        return _profiled("moefuse::experts_backward", _experts_grads, ctx, grad_out, _experts_backward_impl)
-
-
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-def run_experts(*args):
-    """torch.ops.moefuse.experts(*args) (positional, as its schema orders them). Where nothing traces the call
-    (torch.compile, make_fx / export, fake tensors) and every tensor is a plain one (not a DTensor or other subclass),
-    the same code runs without torch.library's per-call layers."""
-    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or any(
-        isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args
-    ):
-        return torch.ops.moefuse.experts(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        return _EagerExperts.apply(*args)
-    return _profiled("moefuse::experts", _experts_impl, *args)
+run_experts = _eager("experts", _experts_impl, _experts_setup,
+                     lambda ctx, g, _: _experts_grads(ctx, g, _experts_backward_impl))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -485,8 +491,7 @@ def _saved_empty(query, cfg, x, gate_up, top_k, nbytes) -> torch.Tensor:
     return saved
 
 
-@torch.library.custom_op("moefuse::moe_block", mutates_args=())
-def moe_block(
+def _moe_block_impl(
     x: torch.Tensor,
     router_weight: torch.Tensor,
     gate_up: torch.Tensor,
@@ -507,6 +512,9 @@ def moe_block(
     return out, logits, saved
 
 
+moe_block = torch.library.custom_op("moefuse::moe_block", mutates_args=())(_moe_block_impl)
+
+
 @moe_block.register_fake
 def _(x, router_weight, gate_up, down, top_k, renormalize):
     saved = x.new_empty(_saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize), dtype=torch.uint8)
@@ -517,8 +525,7 @@ def _block_grads_like(x, router_weight, gate_up, down, needs):
     return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip((x, router_weight, gate_up, down), needs))
 
 
-@torch.library.custom_op("moefuse::moe_block_backward", mutates_args=())
-def moe_block_backward(
+def _moe_block_backward_impl(
     grad_out: torch.Tensor,
     grad_router_logits: torch.Tensor | None,
     x: torch.Tensor,
@@ -545,6 +552,9 @@ def moe_block_backward(
     return grads
 
 
+moe_block_backward = torch.library.custom_op("moefuse::moe_block_backward", mutates_args=())(_moe_block_backward_impl)
+
+
 @moe_block_backward.register_fake
 def _(grad_out, grad_router_logits, x, router_weight, gate_up, down, router_logits, saved, top_k, renormalize, needs):
     return _block_grads_like(x, router_weight, gate_up, down, needs)
@@ -558,17 +568,20 @@ def _block_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused router_logits (no aux loss) passes no gradient
 
 
-def _block_backward(ctx, grad_out, grad_logits, _grad_saved):
+def _block_grads(ctx, grad_out, grad_logits, backward):
+    """The block op's input gradients, `backward` being the moe_block_backward op or its Python body."""
     x, router_weight, gate_up, down, logits, saved = ctx.saved_tensors
     needs = _needs(ctx, 0, 1, 2, 3)
     if (grad_out is None and grad_logits is None) or not any(needs):
         return None, None, None, None, None, None
     if grad_out is None:
         grad_out = torch.zeros_like(x)
-    grads = torch.ops.moefuse.moe_block_backward(
-        grad_out, grad_logits, x, router_weight, gate_up, down, logits, saved, ctx.top_k, ctx.renormalize, needs
-    )
+    grads = backward(grad_out, grad_logits, x, router_weight, gate_up, down, logits, saved, ctx.top_k, ctx.renormalize,
+                     needs)  # fmt: skip
     return (*(g if n else None for g, n in zip(grads, needs)), None, None)
 
 
-moe_block.register_autograd(_block_backward, setup_context=_block_setup)
+moe_block.register_autograd(lambda ctx, g, gl, _: _block_grads(ctx, g, gl, torch.ops.moefuse.moe_block_backward),
+                            setup_context=_block_setup)
+run_moe_block = _eager("moe_block", _moe_block_impl, _block_setup,
+                       lambda ctx, g, gl, _: _block_grads(ctx, g, gl, _moe_block_backward_impl))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._ops import MoefuseError
+from ._ops import MoefuseError, run_moe_block
 
 MODES = ("fused", "reference")
 
@@ -65,7 +65,7 @@ class MoeBlock(nn.Module):
         if self.mode == "reference":
             out, logits = reference_moe(*args)
         else:
-            out, logits, _ = torch.ops.moefuse.moe_block(*args)
+            out, logits, _ = run_moe_block(*args)
         return out.view(hidden_states.shape), logits
 
     def extra_repr(self) -> str:

@@ -70,6 +70,19 @@ def test_bf16_close_to_reference():
     assert (out.float() - ref_out.float()).norm() / ref_out.float().norm() < 2e-2
 
 
+def test_eager_path_matches_the_op(monkeypatch):
+    """MoeBlock's eager calls (no torch.library layers) give the block op's outputs and gradients to the bit."""
+    m = moefuse.MoeBlock.from_hf(hf_block())
+    x = torch.randn(2, 7, H, requires_grad=True)
+    assert m(x)[1].grad_fn.name() == "moefuse_moe_blockBackward"
+    eager = run(m, x)
+    monkeypatch.setattr(moefuse.block, "run_moe_block", torch.ops.moefuse.moe_block)
+    assert m(x)[1].grad_fn.name() != "moefuse_moe_blockBackward"
+    via_op = run(m, x)
+    for a, b in zip((eager[0], eager[1], *eager[2]), (via_op[0], via_op[1], *via_op[2])):
+        assert torch.equal(a, b)
+
+
 def test_frozen_experts():
     block = hf_block()
     block.experts.requires_grad_(False)
