@@ -663,9 +663,10 @@ Vec expert_major(const Vec& storage, const TensorView& v) {
 // adapters are fresh f32 values, so the staging's rounding is under test too. `to_device` copies a host view to
 // where the block runs; `values` reads one back. The default case has odd sizes; sizes in multiples of 8 let the CUDA
 // copies run in 16-byte pieces.
+constexpr BlockLoraCase kOddStaging{33, 37, 17, 8, 2, 4, 3, DType::bf16};
+
 template <class ToDevice, class Values>
-void expect_staged_adapters_match(ToDevice to_device, Values values,
-                                  BlockLoraCase c = {33, 37, 17, 8, 2, 4, 3, DType::bf16}) {
+void expect_staged_adapters_match(ToDevice to_device, Values values, BlockLoraCase c = kOddStaging) {
   Rng rng;
   LoraBlock blk(c, rng);
   const Vec raw[4] = {rng.normals(c.E * c.r_up * c.H, 0.2), rng.normals(c.E * 2 * c.I * c.r_up, 0.2),
@@ -904,8 +905,7 @@ TEST(MoeBlockLora, CudaMatchesBlockOnMergedWeights) {
 TEST(MoeBlockLoraStaging, CudaStridedF32AdaptersMatchContiguous) {
   if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
   DeviceArena arena;  // copies a strided view's storage and keeps its strides
-  for (const BlockLoraCase& c : {BlockLoraCase{33, 37, 17, 8, 2, 4, 3, DType::bf16},
-                                 BlockLoraCase{33, 32, 16, 8, 2, 8, 16, DType::bf16}}) {
+  for (const BlockLoraCase& c : {kOddStaging, BlockLoraCase{33, 32, 16, 8, 2, 8, 16, DType::bf16}}) {
     SCOPED_TRACE(c.H);
     expect_staged_adapters_match([&](const TensorView& v) { return arena.copy(v); }, device_values, c);
   }
