@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import threading
 
@@ -149,6 +150,8 @@ def _eager(name, impl, setup_context, grads):
     per-call layers (argument defaults, redispatch, its autograd wrapper) took 72 of the experts op's 230 µs of host
     time per forward+backward, 124 of 532 with adapters (bench/RESULTS.md, host time per call)."""
     op = getattr(torch.ops.moefuse, name)
+    # Trailing arguments left out take the body's defaults here, as the op's dispatcher fills them in for setup_context.
+    defaults = tuple(p.default for p in inspect.signature(impl).parameters.values())
 
     def forward(ctx, *args):
         out = _profiled(f"moefuse::{name}", impl, *args)
@@ -163,10 +166,12 @@ def _eager(name, impl, setup_context, grads):
                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})  # fmt: skip
 
     def call(*args):
-        if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or any(
+        traced = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+        if traced or len(args) > len(defaults) or inspect.Parameter.empty in defaults[len(args) :] or any(
             isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args
         ):
-            return op(*args)
+            return op(*args)  # traced, bad arguments (the op reports them) or a tensor subclass
+        args += defaults[len(args) :]
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return Eager.apply(*args)
         return _profiled(f"moefuse::{name}", impl, *args)
