@@ -142,14 +142,18 @@ def _profiled(name, fn, *args):
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _eager(name, impl, setup_context, grads):
-    """A caller of the op torch.ops.moefuse.<name> (positional arguments, in its schema's order) that, where nothing
-    traces the call (torch.compile, make_fx / export, fake tensors) and every tensor is a plain one (not a DTensor or
-    other subclass), runs the op's Python body `impl` through a plain autograd.Function with the op's own
-    setup_context and `grads` (ctx, *output grads -> input grads, from the backward op's Python body). torch.library's
-    per-call layers (argument defaults, redispatch, its autograd wrapper) took 72 of the experts op's 230 µs of host
-    time per forward+backward, 124 of 532 with adapters (bench/RESULTS.md, host time per call)."""
-    op = getattr(torch.ops.moefuse, name)
+def _with_autograd(op_def, impl, setup_context, grads, backward_impl):
+    """Registers the autograd of the custom op `op_def` (Python body `impl`): `setup_context`, and `grads(ctx,
+    backward, *output grads)` -> input grads, `backward` being the op's backward op (moefuse::<name>_backward).
+    Returns a caller of the op (positional arguments, in its schema's order) that, where nothing traces the call
+    (torch.compile, make_fx / export, fake tensors) and every tensor is a plain one (not a DTensor or other subclass),
+    runs `impl` through a plain autograd.Function with the same setup_context and grads, `backward` being then that
+    op's Python body `backward_impl`. torch.library's per-call layers (argument defaults, redispatch, its autograd
+    wrapper) took 72 of the experts op's 230 µs of host time per forward+backward, 124 of 532 with adapters
+    (bench/RESULTS.md, host time per call)."""
+    name = op_def._name  # "experts" for moefuse::experts
+    op, backward_op = getattr(torch.ops.moefuse, name), getattr(torch.ops.moefuse, f"{name}_backward")
+    op_def.register_autograd(lambda ctx, *g: grads(ctx, backward_op, *g), setup_context=setup_context)
     # Trailing arguments left out take the body's defaults here, as the op's dispatcher fills them in for setup_context.
     defaults = tuple(p.default for p in inspect.signature(impl).parameters.values())
 
@@ -159,7 +163,7 @@ def _eager(name, impl, setup_context, grads):
         return out
 
     def backward(ctx, *grad_outputs):
-        return _profiled(f"moefuse::{name}_backward", grads, ctx, *grad_outputs)
+        return _profiled(f"moefuse::{name}_backward", grads, ctx, backward_impl, *grad_outputs)
 
     # Named so that autograd graphs show it: moefuse_<name>Backward.
     Eager = type(f"moefuse_{name}", (torch.autograd.Function,),
@@ -432,7 +436,7 @@ def _experts_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _experts_grads(ctx, grad_out, backward):
+def _experts_grads(ctx, backward, grad_out, _grad_saved):
     """The experts op's input gradients, `backward` being the experts_backward op or its Python body."""
     x, topk_weights, gate_up, down, saved, gate_up_a, gate_up_b, down_a, down_b = ctx.saved_tensors
     needs = _needs(ctx, 0, 2, 3, 4, 5, 6, 8, 9)
@@ -445,10 +449,7 @@ def _experts_grads(ctx, grad_out, backward):
     return gx, None, gw, ggu, gdown, ggu_a, ggu_b, None, gdn_a, gdn_b, None
 
 
-experts.register_autograd(lambda ctx, g, _: _experts_grads(ctx, g, torch.ops.moefuse.experts_backward),
-                          setup_context=_experts_setup)
-run_experts = _eager("experts", _experts_impl, _experts_setup,
-                     lambda ctx, g, _: _experts_grads(ctx, g, _experts_backward_impl))
+run_experts = _with_autograd(experts, _experts_impl, _experts_setup, _experts_grads, _experts_backward_impl)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -573,7 +574,7 @@ def _block_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused router_logits (no aux loss) passes no gradient
 
 
-def _block_grads(ctx, grad_out, grad_logits, backward):
+def _block_grads(ctx, backward, grad_out, grad_logits, _grad_saved):
     """The block op's input gradients, `backward` being the moe_block_backward op or its Python body."""
     x, router_weight, gate_up, down, logits, saved = ctx.saved_tensors
     needs = _needs(ctx, 0, 1, 2, 3)
@@ -586,7 +587,4 @@ def _block_grads(ctx, grad_out, grad_logits, backward):
     return (*(g if n else None for g, n in zip(grads, needs)), None, None)
 
 
-moe_block.register_autograd(lambda ctx, g, gl, _: _block_grads(ctx, g, gl, torch.ops.moefuse.moe_block_backward),
-                            setup_context=_block_setup)
-run_moe_block = _eager("moe_block", _moe_block_impl, _block_setup,
-                       lambda ctx, g, gl, _: _block_grads(ctx, g, gl, _moe_block_backward_impl))
+run_moe_block = _with_autograd(moe_block, _moe_block_impl, _block_setup, _block_grads, _moe_block_backward_impl)
