@@ -5,8 +5,9 @@ layer as bench_layer.py times it), this is time the GPU sits idle.
 Rows: the experts op alone (frozen or with stacked adapters on both projections), called as torch.ops.moefuse.experts
 or through the eager caller the experts backend uses (moefuse._ops.run_experts: the same code without torch.library's
 per-call layers), and an HF Qwen3MoeSparseMoeBlock with the moefuse experts (frozen, or with PEFT LoRA on both expert
-projections through use_moefuse_lora), forward and forward+backward, microseconds per call (median of --repeats loops of --calls calls;
-on a GPU the loop synchronises once at its end, so the figure is the host's issue time while it exceeds the GPU's).
+projections through use_moefuse_lora), forward and forward+backward, microseconds per call (median of --repeats loops
+of --calls calls; on a GPU the loop synchronises once at its end, so the figure is the host's issue time while it
+exceeds the GPU's).
 
     python3 bench/bench_host.py [--device cpu|cuda] [--calls 200] [--repeats 5]
 """
