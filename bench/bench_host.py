@@ -3,11 +3,11 @@ a shape so small that the kernels hardly count. Where the GPU waits for the host
 layer as bench_layer.py times it), this is time the GPU sits idle.
 
 Rows: the experts op alone (frozen or with stacked adapters on both projections), called as torch.ops.moefuse.experts
-or through the eager caller the experts backend uses (moefuse._ops.run_experts: the same code without torch.library's
-per-call layers), and an HF Qwen3MoeSparseMoeBlock with the moefuse experts (frozen, or with PEFT LoRA on both expert
-projections through use_moefuse_lora), forward and forward+backward, microseconds per call (median of --repeats loops
-of --calls calls; on a GPU the loop synchronises once at its end, so the figure is the host's issue time while it
-exceeds the GPU's).
+or through its eager caller, which the package exports and the experts backend uses (moefuse.experts: the same code
+without torch.library's per-call layers), and an HF Qwen3MoeSparseMoeBlock with the moefuse experts (frozen, or with
+PEFT LoRA on both expert projections through use_moefuse_lora), forward and forward+backward, microseconds per call
+(median of --repeats loops of --calls calls; on a GPU the loop synchronises once at its end, so the figure is the
+host's issue time while it exceeds the GPU's).
 
     python3 bench/bench_host.py [--device cpu|cuda] [--calls 200] [--repeats 5]
 """
@@ -46,10 +46,10 @@ def op_rows(device, dtype):
     gate_up, down = r(E, 2 * I, H), r(E, H, I)
     a1, b1, a2, b2 = (t.requires_grad_() for t in (r(E, RANK, H), r(E, 2 * I, RANK), r(E, RANK, I), r(E, H, RANK)))
     lora = (a1, b1, 2.0, a2, b2, 2.0)  # gate_up's adapter and scale, then down's
-    from moefuse._ops import run_experts
+    import moefuse
 
     for name, extra in (("experts op, frozen", ()), ("experts op, LoRA", lora)):
-        for how, call in (("torch.ops", torch.ops.moefuse.experts), ("eager caller", run_experts)):
+        for how, call in (("torch.ops", torch.ops.moefuse.experts), ("moefuse.experts", moefuse.experts)):
             fwd = lambda call=call, extra=extra: call(x, ids, w, gate_up, down, *extra)[0]
             yield f"{name} ({how})", fwd, lambda fwd=fwd: fwd().sum().backward()
 

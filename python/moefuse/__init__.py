@@ -5,7 +5,9 @@ use_moefuse_lora(peft_model) runs PEFT's LoRA on the experts (target_parameters)
 """
 
 from . import _C
-from ._ops import MoefuseError, experts, moe_block, moe_fused_linear, routing_plan
+from ._ops import MoefuseError, routing_plan
+# The ops' eager callers: torch.ops.moefuse.* without torch.library's per-call host time (the ops when traced).
+from ._ops import run_experts as experts, run_moe_block as moe_block, run_moe_fused_linear as moe_fused_linear
 from .block import MoeBlock, reference_moe
 from . import hf  # registers experts_implementation="moefuse"
 from .hf import compile_decoder_layers

@@ -3,8 +3,9 @@
 Every op allocates its outputs and workspaces with torch (so the caching allocator owns device memory), has a fake
 (meta) kernel with symbolic shapes (token counts never recompile: plan buffers are sized from T*k and E, never from
 routed counts), and an autograd formula whose backward is itself a custom op (so torch.compile can trace it). Eager
-calls of the experts and block ops (run_experts, run_moe_block: the Transformers backend and MoeBlock) run the same
-code without torch.library's per-call layers.
+calls of the linear, experts and block ops go through run_moe_fused_linear, run_experts and run_moe_block, which run
+the same code without torch.library's per-call layers: the Transformers backend and MoeBlock use them, and the package
+exports them as moefuse.moe_fused_linear, moefuse.experts and moefuse.moe_block.
 """
 
 from __future__ import annotations
@@ -180,6 +181,8 @@ def _with_autograd(op_def, impl, setup_context, grads, backward_impl):
             return Eager.apply(*args)
         return _profiled(f"moefuse::{name}", impl, *args)
 
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = impl.__doc__
     return call
 
 
@@ -211,8 +214,7 @@ def _linear_tokens(x, top_k, gather, combine_weights):
     return x.shape[0] if gather else x.shape[0] // top_k
 
 
-@torch.library.custom_op("moefuse::moe_fused_linear", mutates_args=())
-def moe_fused_linear(
+def _moe_fused_linear_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     plan: torch.Tensor,
@@ -220,6 +222,9 @@ def moe_fused_linear(
     gather: bool,
     combine_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """out[s] = weight[e(s)] . x[src(s)] for every row s of `plan` (routing_plan) in expert-sorted order: x in token
+    order [T, in] when `gather`, else already sorted [T*k, in]; weight [E, out, in]. With `combine_weights` [T, k]
+    (f32) the rows are summed back into token order, each times its routing weight: out [T, out]; else [T*k, out]."""
     x, weight = x.contiguous(), weight.contiguous()
     cw = None if combine_weights is None else combine_weights.contiguous()
     tokens = _linear_tokens(x, top_k, gather, cw)
@@ -230,6 +235,9 @@ def moe_fused_linear(
     return out
 
 
+moe_fused_linear = torch.library.custom_op("moefuse::moe_fused_linear", mutates_args=())(_moe_fused_linear_impl)
+
+
 @moe_fused_linear.register_fake
 def _(x, weight, plan, top_k, gather, combine_weights=None):
     tokens = _linear_tokens(x, top_k, gather, combine_weights)
@@ -237,8 +245,7 @@ def _(x, weight, plan, top_k, gather, combine_weights=None):
     return x.new_empty(rows, weight.shape[1], dtype=weight.dtype)
 
 
-@torch.library.custom_op("moefuse::moe_fused_linear_backward", mutates_args=())
-def moe_fused_linear_backward(
+def _moe_fused_linear_backward_impl(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -260,6 +267,11 @@ def moe_fused_linear_backward(
     return gx, gw, gc
 
 
+moe_fused_linear_backward = torch.library.custom_op("moefuse::moe_fused_linear_backward", mutates_args=())(
+    _moe_fused_linear_backward_impl
+)
+
+
 def _linear_grads_like(x, weight, combine_weights, needs):
     like = (x, weight, combine_weights if combine_weights is not None else x.new_empty(0, dtype=torch.float32))
     return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, needs))
@@ -276,18 +288,18 @@ def _linear_setup(ctx, inputs, output):
     ctx.top_k, ctx.gather = top_k, gather
 
 
-def _linear_backward(ctx, grad_out):
+def _linear_grads(ctx, backward, grad_out):
+    """The linear op's input gradients, `backward` being the moe_fused_linear_backward op or its Python body."""
     x, weight, plan, combine_weights = ctx.saved_tensors
     needs = _needs(ctx, 0, 1, 5)
     needs[2] = needs[2] and combine_weights is not None
-    grads = torch.ops.moefuse.moe_fused_linear_backward(
-        grad_out, x, weight, plan, ctx.top_k, ctx.gather, combine_weights, needs
-    )
+    grads = backward(grad_out, x, weight, plan, ctx.top_k, ctx.gather, combine_weights, needs)
     gx, gw, gc = (g if n else None for g, n in zip(grads, needs))
     return gx, gw, None, None, None, gc
 
 
-moe_fused_linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+run_moe_fused_linear = _with_autograd(moe_fused_linear, _moe_fused_linear_impl, _linear_setup, _linear_grads,
+                                      _moe_fused_linear_backward_impl)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,32 @@ def test_moe_fused_linear_matches_torch():
     torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("gather,combine", [(True, True), (False, False)])
+def test_exported_linear_is_the_eager_caller_of_the_op(gather, combine):
+    """moefuse.moe_fused_linear runs the op's Python bodies under a plain autograd.Function: the op's outputs and
+    gradients to the bit; under torch.compile it is the op."""
+    ids, w = routing()
+    plan = _plan(ids)
+    x = torch.randn(T if gather else T * K, H)
+    weight = torch.randn(E, 2 * I, H)
+    leaves = [x, weight] + ([w] if combine else [])
+    results = []
+    for call in (moefuse.moe_fused_linear, ops.moe_fused_linear):
+        for t in leaves:
+            t.requires_grad_().grad = None
+        out = call(x, weight, plan, K, gather, w if combine else None)
+        assert (out.grad_fn.name() == "moefuse_moe_fused_linearBackward") == (call is moefuse.moe_fused_linear)
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    assert moefuse.moe_fused_linear.__name__ == "moe_fused_linear"
+    assert "routing_plan" in moefuse.moe_fused_linear.__doc__
+    compiled = torch.compile(lambda *a: moefuse.moe_fused_linear(*a), fullgraph=True, backend="eager")
+    assert torch.equal(compiled(x.detach(), weight.detach(), plan, K, gather, w.detach() if combine else None),
+                       results[0][0])
+
+
 def test_experts_opcheck():
     x, _, gate_up, down = block_tensors(requires_grad=True)
     ids, w = routing()
