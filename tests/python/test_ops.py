@@ -45,14 +45,16 @@ def test_moe_fused_linear_matches_torch():
     torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=CUDA)])
 @pytest.mark.parametrize("gather,combine", [(True, True), (False, False)])
-def test_exported_linear_is_the_eager_caller_of_the_op(gather, combine):
+def test_exported_linear_is_the_eager_caller_of_the_op(gather, combine, device, dtype):
     """moefuse.moe_fused_linear runs the op's Python bodies under a plain autograd.Function: the op's outputs and
     gradients to the bit; under torch.compile it is the op."""
     ids, w = routing()
+    ids, w = ids.to(device), w.to(device)
     plan = _plan(ids)
-    x = torch.randn(T if gather else T * K, H)
-    weight = torch.randn(E, 2 * I, H)
+    x = torch.randn(T if gather else T * K, H, device=device, dtype=dtype)
+    weight = torch.randn(E, 2 * I, H, device=device, dtype=dtype)
     leaves = [x, weight] + ([w] if combine else [])
     results = []
     for call in (moefuse.moe_fused_linear, ops.moe_fused_linear):
