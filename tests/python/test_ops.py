@@ -62,7 +62,7 @@ def test_exported_linear_is_the_eager_caller_of_the_op(gather, combine, device, 
             t.requires_grad_().grad = None
         out = call(x, weight, plan, K, gather, w if combine else None)
         assert (out.grad_fn.name() == "moefuse_moe_fused_linearBackward") == (call is moefuse.moe_fused_linear)
-        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        out.backward(torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out))
         results.append([out.detach()] + [t.grad for t in leaves])
     for got, want in zip(*results):
         assert torch.equal(got, want)
