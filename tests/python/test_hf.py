@@ -130,3 +130,76 @@ def test_negative_ids_raise():
     experts = tiny_model("moefuse").model.layers[0].mlp.experts
     with pytest.raises(ValueError, match="negative"):
         experts(torch.randn(2, 64), torch.tensor([[0, -1, 2], [1, 2, 3]]), torch.rand(2, K))
+
+
+# Other Transformers v5 MoE families whose experts have Qwen3-MoE's layout, with what their configs need beyond the
+# shared tiny sizes. Their routers, shared experts and attention stay Transformers' own; only the experts change.
+FAMILIES = {
+    "deepseek_v3": dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=None,
+                        n_group=1, topk_group=1, first_k_dense_replace=0, head_dim=8),
+    "ernie4_5_moe": {}, "flex_olmo": {}, "glm4_moe": {}, "granitemoe": {}, "hunyuan_v1_moe": {}, "jamba": {},
+    "minimax": {}, "mixtral": {}, "olmoe": {}, "phimoe": {}, "qwen2_moe": dict(shared_expert_intermediate_size=32),
+    "qwen3_next": {},
+}  # fmt: skip
+
+
+def family_model(model_type):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, head_dim=16, num_local_experts=E, num_experts=E,
+                 n_routed_experts=E, num_experts_per_tok=K, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                 bos_token_id=2)  # fmt: skip
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**sizes, **FAMILIES[model_type]}))
+
+
+def family_step(model, impl):
+    """Logits and every parameter gradient of one training step with experts_implementation=impl."""
+    model.set_experts_implementation(impl)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # PhiMoE's router samples while training
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = model(**batch(), use_cache=False)
+        out.loss.backward()
+    assert ("moefuse::experts" in {e.key for e in prof.key_averages()}) == (impl == "moefuse")
+    return out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_steps_match(got, want):
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    assert got[1].keys() == want[1].keys() and got[1]
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_other_moe_families_match_eager(model_type):
+    model = family_model(model_type)
+    want = family_step(model, "eager")
+    assert_steps_match(family_step(model, "moefuse"), want)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_other_moe_families_run_peft_expert_lora_as_peft_does(model_type):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+                      init_lora_weights=False)  # B nonzero, so the adapters change the outputs
+    model = get_peft_model(family_model(model_type), lora)
+    want = family_step(model, "eager")  # PEFT's own path: W + B.A formed on every forward
+    model.set_experts_implementation("moefuse")
+    moefuse.use_moefuse_lora(model)
+    assert_steps_match(family_step(model, "moefuse"), want)
+
+
+def test_a_family_with_another_layout_is_refused_by_flag():
+    """gpt-oss keeps its experts transposed and with biases: the backend names the flag instead of running."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=E,
+                               num_experts_per_tok=K, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.set_experts_implementation("moefuse")
+    with pytest.raises(moefuse.MoefuseError, match="is_transposed=True"):
+        model(**batch(), use_cache=False)
