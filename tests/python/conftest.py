@@ -5,6 +5,8 @@ import moefuse  # noqa: F401  (registers the ops and the "moefuse" experts backe
 
 # Small but not toy-regular: E and k are not powers of two.
 T, H, I, E, K = 13, 32, 24, 6, 3
+# Marks a test (or a parameter) that runs the CUDA backend.
+CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and moefuse.has_cuda()), reason="needs a GPU and CUDA")
 
 
 @pytest.fixture(autouse=True)

@@ -7,12 +7,11 @@ import torch
 from torch.library import opcheck
 
 import moefuse
-from conftest import K, batch, block_tensors, routing, tiny_model
+from conftest import CUDA, K, batch, block_tensors, routing, tiny_model
 from test_block import hf_block
 from test_lora import moefuse_and_peft
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and moefuse.has_cuda()),
-                                reason="needs a GPU and the CUDA backend")  # fmt: skip
+pytestmark = CUDA
 ops = torch.ops.moefuse
 
 

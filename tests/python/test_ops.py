@@ -5,10 +5,9 @@ import torch
 from torch.library import opcheck
 
 import moefuse
-from conftest import E, H, I, K, T, block_tensors, routing
+from conftest import CUDA, E, H, I, K, T, block_tensors, routing
 
 ops = torch.ops.moefuse
-CUDA = pytest.mark.skipif(not (torch.cuda.is_available() and moefuse.has_cuda()), reason="needs a GPU and CUDA")
 
 
 def _plan(ids):
