@@ -161,6 +161,9 @@ def _profiled(name, fn, *args):
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# The Python types each annotation of an op's body admits (the annotations are strings: `from __future__`).
+_KINDS = {"torch.Tensor": torch.Tensor, "torch.Tensor | None": (torch.Tensor, type(None)), "float": (float, int),
+          "int": int, "bool": bool, "list[bool]": list}  # fmt: skip
 
 
 def _with_autograd(op_def, impl, setup_context, grads, backward_impl):
@@ -175,8 +178,11 @@ def _with_autograd(op_def, impl, setup_context, grads, backward_impl):
     name = op_def._name  # "experts" for moefuse::experts
     op, backward_op = getattr(torch.ops.moefuse, name), getattr(torch.ops.moefuse, f"{name}_backward")
     op_def.register_autograd(lambda ctx, *g: grads(ctx, backward_op, *g), setup_context=setup_context)
+    params = inspect.signature(impl).parameters.values()
     # Trailing arguments left out take the body's defaults here, as the op's dispatcher fills them in for setup_context.
-    defaults = tuple(p.default for p in inspect.signature(impl).parameters.values())
+    defaults = tuple(p.default for p in params)
+    # What each argument may be; anything else goes to the op, whose schema check names the argument.
+    kinds = tuple(_KINDS[p.annotation] for p in params)
 
     def forward(ctx, *args):
         out = _profiled(f"moefuse::{name}", impl, *args)
@@ -192,9 +198,9 @@ def _with_autograd(op_def, impl, setup_context, grads, backward_impl):
 
     def call(*args):
         traced = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-        if traced or len(args) > len(defaults) or inspect.Parameter.empty in defaults[len(args) :] or any(
-            isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args
-        ):
+        if traced or len(args) > len(defaults) or inspect.Parameter.empty in defaults[len(args) :] or not all(
+            map(isinstance, args, kinds)
+        ) or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSORS for a in args):
             return op(*args)  # traced, bad arguments (the op reports them) or a tensor subclass
         args += defaults[len(args) :]
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -489,8 +495,15 @@ run_experts = _with_autograd(experts, _experts_impl, _experts_setup, _experts_gr
 # opaque state moe_backward needs (u8).
 
 
+def _expert_dims(gate_up: torch.Tensor):
+    """(experts, 2 * intermediate, hidden) of gate_up."""
+    if gate_up.dim() != 3:
+        raise MoefuseError(f"moefuse: gate_up must be [experts, 2 * intermediate, hidden], got {list(gate_up.shape)}")
+    return gate_up.shape
+
+
 def _config(gate_up: torch.Tensor, top_k: int, renormalize: bool):
-    experts, two_i, hidden = gate_up.shape
+    experts, two_i, hidden = _expert_dims(gate_up)
     return _C.MoeConfig(hidden, two_i // 2, experts, top_k, renormalize)
 
 
@@ -508,7 +521,7 @@ def _saved_affine(query, hidden: int, intermediate: int, experts: int, top_k: in
 
 
 def _saved_bytes(query, tokens, x, gate_up, top_k, renormalize):
-    e, two_i, hidden = gate_up.shape
+    e, two_i, hidden = _expert_dims(gate_up)
     per_token, fixed = _saved_affine(query, int(hidden), int(two_i) // 2, int(e), top_k, renormalize,
                                      _dtype(x, "x"))  # fmt: skip
     return per_token * tokens + fixed

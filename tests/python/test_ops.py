@@ -169,6 +169,21 @@ def test_mismatched_shapes():
         ops.experts(x[:-1], ids, w, gu, dn)
 
 
+def test_exported_callers_report_bad_arguments_as_the_ops_do():
+    """The eager callers hand what does not fit an op's schema to the op, which names the argument."""
+    x, rw, gu, dn = block_tensors(requires_grad=True)
+    ids, w = routing()
+    bad = [(moefuse.experts, (x.tolist(), ids, w, gu, dn), "argument 'x'"),
+           (moefuse.experts, (x, ids, w, gu, dn, None, None, "2"), "argument 'gate_up_scale'"),
+           (moefuse.moe_block, (x, rw, gu, dn, float(K), True), "argument 'top_k'"),
+           (moefuse.moe_fused_linear, (x, gu, _plan(ids), K, "yes"), "argument 'gather'"),
+           (moefuse.experts, (x, ids, w, gu[0], dn), "gate_up must be"),
+           (moefuse.moe_block, (x, rw, gu[0], dn, K, True), "gate_up must be")]  # fmt: skip
+    for call, args, message in bad:
+        with pytest.raises((RuntimeError, ValueError), match=message):
+            call(*args)
+
+
 def test_negative_expert_ids():
     x, _, gu, dn = block_tensors()
     ids, w = routing()
