@@ -103,8 +103,10 @@ def _dtype(t: torch.Tensor, name: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The routing plan lives in one flat i32 tensor: [sorted_pairs | pair_positions | offsets | counts | invalid], each
-# segment starting on a 256-byte boundary. Its size depends on T*k and E only.
+# The routing plan lives in one flat i32 tensor: [sorted_pairs | pair_positions | offsets | counts | invalid | tail],
+# each segment starting on a 256-byte boundary. Its size depends on T*k and E only. The tail, (T*k) % 64 + E % 64
+# unused entries, makes that size differ whenever T*k or E alone does, so that a plan used with another top_k or
+# expert count than it was made for fails the size check instead of routing rows wrongly.
 
 
 def _pad(n):
@@ -112,7 +114,7 @@ def _pad(n):
 
 
 def plan_numel(pairs, experts: int):
-    return 2 * _pad(pairs) + _pad(experts + 1) + _pad(experts) + 1
+    return 2 * _pad(pairs) + _pad(experts + 1) + _pad(experts) + 1 + pairs % 64 + experts % 64
 
 
 def _plan_arg(plan: torch.Tensor, tokens: int, top_k: int, experts: int) -> tuple:
@@ -123,10 +125,11 @@ def _plan_arg(plan: torch.Tensor, tokens: int, top_k: int, experts: int) -> tupl
     off = 2 * pos
     cnt = off + _pad(experts + 1)
     inv = cnt + _pad(experts)
-    if plan.dtype != torch.int32 or plan.dim() != 1 or plan.numel() != inv + 1:
+    numel = plan_numel(m, experts)
+    if plan.dtype != torch.int32 or plan.dim() != 1 or plan.numel() != numel:
         raise MoefuseError(
-            f"moefuse: plan must be int32[{inv + 1}] for {tokens} tokens, top_k {top_k} and {experts} experts, "
-            f"got {plan.dtype}{list(plan.shape)}"
+            f"moefuse: plan must be int32[{numel}] for {tokens} tokens, top_k {top_k} and {experts} experts (as "
+            f"routing_plan makes it for them), got {plan.dtype}{list(plan.shape)}"
         )
     return (tokens, top_k, experts, plan[cnt : cnt + experts], plan[off : off + experts + 1], plan[:m],
             plan[pos : pos + m], plan[inv : inv + 1])  # fmt: skip

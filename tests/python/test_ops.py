@@ -184,6 +184,35 @@ def test_exported_callers_report_bad_arguments_as_the_ops_do():
             call(*args)
 
 
+def test_a_plan_used_with_another_top_k_or_expert_count_is_refused():
+    """A plan's size tells T*k and E apart, even where the padded segments would coincide (5 tokens: 15 and 20
+    pairs; 6 and 5 experts)."""
+    ids, w = routing(t=5)
+    plan = _plan(ids)
+    x, weight = torch.randn(5, H), torch.randn(E, 2 * I, H)
+    moefuse.moe_fused_linear(x, weight, plan, K, True)
+    with pytest.raises(ValueError, match="top_k 4"):
+        moefuse.moe_fused_linear(x, weight, plan, K + 1, True)
+    with pytest.raises(ValueError, match=f"{E - 1} experts"):
+        moefuse.moe_fused_linear(x, weight[:-1], plan, K, True)
+
+
+def test_linear_path_compiles_without_recompiling_for_new_token_counts():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    weight = torch.randn(E, 2 * I, H)
+
+    def f(x, ids, w):
+        return moefuse.moe_fused_linear(x, weight, moefuse.routing_plan(ids, E), K, True, w)
+
+    compiled = torch.compile(f, fullgraph=True, dynamic=True)
+    for t in (11, 29):
+        ids, w = routing(t=t)
+        x = torch.randn(t, H)
+        torch.testing.assert_close(compiled(x, ids, w), f(x, ids, w))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, dict(torch._dynamo.utils.counters["stats"])
+
+
 def test_negative_expert_ids():
     x, _, gu, dn = block_tensors()
     ids, w = routing()
