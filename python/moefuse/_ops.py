@@ -172,7 +172,7 @@ _KINDS = {"torch.Tensor": torch.Tensor, "torch.Tensor | None": (torch.Tensor, ty
 def _with_autograd(op_def, impl, setup_context, grads, backward_impl):
     """Registers the autograd of the custom op `op_def` (Python body `impl`): `setup_context`, and `grads(ctx,
     backward, *output grads)` -> input grads, `backward` being the op's backward op (moefuse::<name>_backward).
-    Returns a caller of the op (positional arguments, in its schema's order) that, where nothing traces the call
+    Returns a caller of the op (arguments as the op takes them, by position or name) that, where nothing traces the call
     (torch.compile, make_fx / export, fake tensors) and every tensor is a plain one (not a DTensor or other subclass),
     runs `impl` through a plain autograd.Function with the same setup_context and grads, `backward` being then that
     op's Python body `backward_impl`. torch.library's per-call layers (argument defaults, redispatch, its autograd
@@ -181,7 +181,8 @@ def _with_autograd(op_def, impl, setup_context, grads, backward_impl):
     name = op_def._name  # "experts" for moefuse::experts
     op, backward_op = getattr(torch.ops.moefuse, name), getattr(torch.ops.moefuse, f"{name}_backward")
     op_def.register_autograd(lambda ctx, *g: grads(ctx, backward_op, *g), setup_context=setup_context)
-    params = inspect.signature(impl).parameters.values()
+    signature = inspect.signature(impl)
+    params = signature.parameters.values()
     # Trailing arguments left out take the body's defaults here, as the op's dispatcher fills them in for setup_context.
     defaults = tuple(p.default for p in params)
     # What each argument may be; anything else goes to the op, whose schema check names the argument.
@@ -199,7 +200,11 @@ def _with_autograd(op_def, impl, setup_context, grads, backward_impl):
     Eager = type(f"moefuse_{name}", (torch.autograd.Function,),
                  {"forward": staticmethod(forward), "backward": staticmethod(backward)})  # fmt: skip
 
-    def call(*args):
+    def call(*args, **kwargs):
+        if kwargs:  # by name: to positions (a name the op does not take raises TypeError here)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args = bound.args
         traced = torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
         if traced or len(args) > len(defaults) or inspect.Parameter.empty in defaults[len(args) :] or not all(
             map(isinstance, args, kinds)

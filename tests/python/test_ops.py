@@ -184,6 +184,20 @@ def test_exported_callers_report_bad_arguments_as_the_ops_do():
             call(*args)
 
 
+def test_exported_callers_take_arguments_by_name():
+    x, _, gu, dn = block_tensors()
+    ids, w = routing()
+    a, b = torch.randn(E, 4, I), torch.randn(E, H, 4)
+    want = ops.experts(x, ids, w, gu, dn, down_a=a, down_b=b, down_scale=0.5)[0]
+    got = moefuse.experts(x, ids, w, gu, dn, down_a=a, down_b=b, down_scale=0.5)[0]
+    assert torch.equal(got, want) and not torch.equal(got, moefuse.experts(x, ids, w, gu, dn)[0])
+    plan = _plan(ids)
+    assert torch.equal(moefuse.moe_fused_linear(x, gu, plan, top_k=K, gather=True),
+                       ops.moe_fused_linear(x, gu, plan, K, True))  # fmt: skip
+    with pytest.raises(TypeError, match="gather"):
+        moefuse.moe_fused_linear(x, gu, plan, K, gathered=True)
+
+
 def test_a_plan_used_with_another_top_k_or_expert_count_is_refused():
     """A plan's size tells T*k and E apart, even where the padded segments would coincide (5 tokens: 15 and 20
     pairs; 6 and 5 experts)."""
