@@ -19,7 +19,11 @@ def test_opcheck_cuda():
     args = [t.cuda().detach().requires_grad_() for t in block_tensors()]
     opcheck(ops.moe_block, (*args, K, True))
     ids, w = routing()
-    opcheck(ops.experts, (args[0], ids.cuda(), w.cuda().requires_grad_(), args[2], args[3]))
+    ids, w = ids.cuda(), w.cuda().requires_grad_()
+    opcheck(ops.experts, (args[0], ids, w, args[2], args[3]))
+    opcheck(ops.routing_plan, (ids, args[2].shape[0]))
+    plan = ops.routing_plan(ids, args[2].shape[0])
+    opcheck(ops.moe_fused_linear, (args[0], args[2], plan, K, True, w))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
