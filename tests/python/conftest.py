@@ -27,6 +27,22 @@ def routing(t=T, k=K, e=E):
     return ids, torch.rand(t, k)
 
 
+def eager_and_op_steps(eager, op, args, leaves):
+    """[output, leaf grads...] of one step through a moefuse eager caller and through its op, the output (the first
+    one of a tuple) backpropagated from the same ramp. The eager step must run its own autograd.Function (named
+    moefuse_<op>Backward), the op's not."""
+    steps = []
+    for call in (eager, op):
+        for t in leaves:
+            t.requires_grad_().grad = None
+        out = call(*args)
+        out = out[0] if isinstance(out, tuple) else out
+        assert (out.grad_fn.name() == f"moefuse_{eager.__name__}Backward") == (call is eager)
+        out.backward(torch.linspace(-1, 1, out.numel(), device=out.device, dtype=out.dtype).view_as(out))
+        steps.append([out.detach()] + [t.grad for t in leaves])
+    return steps
+
+
 def tiny_qwen3_moe_config(**kw):
     from transformers import Qwen3MoeConfig
 

@@ -7,7 +7,7 @@ import torch
 from torch.library import opcheck
 
 import moefuse
-from conftest import CUDA, K, batch, block_tensors, routing, tiny_model
+from conftest import CUDA, E, K, batch, block_tensors, routing, tiny_model
 from test_block import hf_block
 from test_lora import moefuse_and_peft
 
@@ -21,8 +21,8 @@ def test_opcheck_cuda():
     ids, w = routing()
     ids, w = ids.cuda(), w.cuda().requires_grad_()
     opcheck(ops.experts, (args[0], ids, w, args[2], args[3]))
-    opcheck(ops.routing_plan, (ids, args[2].shape[0]))
-    plan = ops.routing_plan(ids, args[2].shape[0])
+    opcheck(ops.routing_plan, (ids, E))
+    plan = ops.routing_plan(ids, E)
     opcheck(ops.moe_fused_linear, (args[0], args[2], plan, K, True, w))
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.library import opcheck
 
 import moefuse
-from conftest import E, H, I, K, batch, block_tensors, routing, tiny_model
+from conftest import E, H, I, K, batch, block_tensors, eager_and_op_steps, routing, tiny_model
 from moefuse.convert import (POSITIONAL, SWAPPED, StackedLora, param_wrapper_layout, stacked_from_param_wrapper,
                              stacked_to_peft)  # fmt: skip
 
@@ -245,14 +245,7 @@ def test_run_experts_without_torch_library_layers_matches_the_op():
     ids[1, 2] = E  # placeholder: contributes nothing
     for lora in ((), lora_args(requires_grad=True)):  # no adapters: the defaults left out, as callers may
         leaves = [t for t in (x, w, *lora) if isinstance(t, torch.Tensor)]
-        results = []
-        for call in (run_experts, ops.experts):
-            for t in leaves:
-                t.requires_grad_().grad = None
-            out = call(x, ids, w, gate_up, down, *lora)[0]
-            assert (out.grad_fn.name() == "moefuse_expertsBackward") == (call is run_experts)
-            out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
-            results.append([out.detach()] + [t.grad for t in leaves])
+        results = eager_and_op_steps(run_experts, ops.experts, (x, ids, w, gate_up, down, *lora), leaves)
         for got, want in zip(*results):
             assert torch.equal(got, want)
         with torch.no_grad():

@@ -5,7 +5,7 @@ import torch
 from torch.library import opcheck
 
 import moefuse
-from conftest import CUDA, E, H, I, K, T, block_tensors, routing
+from conftest import CUDA, E, H, I, K, T, block_tensors, eager_and_op_steps, routing
 
 ops = torch.ops.moefuse
 
@@ -55,14 +55,8 @@ def test_exported_linear_is_the_eager_caller_of_the_op(gather, combine, device, 
     x = torch.randn(T if gather else T * K, H, device=device, dtype=dtype)
     weight = torch.randn(E, 2 * I, H, device=device, dtype=dtype)
     leaves = [x, weight] + ([w] if combine else [])
-    results = []
-    for call in (moefuse.moe_fused_linear, ops.moe_fused_linear):
-        for t in leaves:
-            t.requires_grad_().grad = None
-        out = call(x, weight, plan, K, gather, w if combine else None)
-        assert (out.grad_fn.name() == "moefuse_moe_fused_linearBackward") == (call is moefuse.moe_fused_linear)
-        out.backward(torch.linspace(-1, 1, out.numel(), device=device, dtype=dtype).view_as(out))
-        results.append([out.detach()] + [t.grad for t in leaves])
+    args = (x, weight, plan, K, gather, w if combine else None)
+    results = eager_and_op_steps(moefuse.moe_fused_linear, ops.moe_fused_linear, args, leaves)
     for got, want in zip(*results):
         assert torch.equal(got, want)
     assert moefuse.moe_fused_linear.__name__ == "moe_fused_linear"
