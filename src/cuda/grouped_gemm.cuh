@@ -185,9 +185,9 @@ struct Config {
 };
 using Wide = Config<128, 128, 2>;
 using NarrowN = Config<128, 32, 8>;
-// The rank-side wgrads stream each expert's rows through a block with almost no math per byte, so their time is load
-// latency: 4 blocks of 2 stages per SM beat 2 of 3 by 10 % on the H100, where the fwd/dgrad forms lose 4 % by it
-// (bench/RESULTS.md, 2026-11-28).
+// The rank-side wgrads stream each expert's rows through a block with almost no math per byte: 4 blocks of 2 stages
+// per SM beat 2 of 3 by 10 % on the H100 and 3 of 3 by 15 % on the H200, where the fwd/dgrad forms lose 4 % by it
+// (bench/RESULTS.md, 2026-11-28 and 2026-11-29 second).
 using NarrowWgradN = Config<128, 32, 8, 2, 4>;
 using NarrowWgradM = Config<32, 128, 1, 2, 4>;
 
@@ -228,17 +228,20 @@ __device__ __forceinline__ void scale_pair(std::uint32_t& r, std::uint32_t s) {
 }
 
 // Stage load of a tile stored with k as its rows: BK rows from k0 (sorted rows, or W[e]'s rows in dgrad), columns
-// [col0, col0 + W) of an operand with row stride ld, into a shared tile of row width R.
+// [col0, col0 + W) of an operand with row stride ld, into a shared tile of row width R. Four threads share a row, each
+// copy of the four covering 64 contiguous bytes of it, so that a thread looks a gathered row up (a load and a
+// division) once per stage rather than once per 16 bytes: LoRA's rank-side wgrads are bound by instruction issue, not
+// by memory (bench/RESULTS.md, 2026-11-29 second).
 template <class T, int W, int R>
 __device__ __forceinline__ void load_k_rows(T* dst, const GemmParams& p, bool gather, std::int64_t ld, const T* base,
                                             int k0, int k_end, int col0, int cols, int tid) {
-  constexpr int CH = W / 8, PER = THREADS / CH;
-  const int c = static_cast<unsigned>(tid) % CH, col = col0 + c * 8;
+  static_assert(THREADS == 4 * BK && W % 32 == 0, "four threads per k row");
+  const int r = static_cast<unsigned>(tid) / 4, s = k0 + r;
+  const std::int64_t row = s >= k_end ? -1 : gather ? p.pairs[s] / p.top_k : s;
 #pragma unroll
-  for (int i = 0; i < BK / PER; ++i) {
-    const int r = static_cast<unsigned>(tid) / CH + PER * i, s = k0 + r;
-    const bool ok = s < k_end && col < cols;
-    const std::int64_t row = gather && ok ? p.pairs[s] / p.top_k : s;
+  for (int i = 0; i < W / 32; ++i) {
+    const int c = static_cast<unsigned>(tid) % 4 + 4 * i, col = col0 + c * 8;
+    const bool ok = row >= 0 && col < cols;
     cp_async16(dst + swz<R>(r, c), ok ? base + row * ld + col : base, ok);
   }
 }
@@ -313,6 +316,9 @@ __global__ void __launch_bounds__(THREADS, C::MIN_BLOCKS) grouped_gemm_tc(const 
 
   float acc[MI][NI][4] = {};
   const int nk = (tl.k_end - tl.k0 + BK - 1) / BK;
+  // Narrow tiles skip the mma tiles wholly past the problem's rows or columns (LoRA's rank side pads r = 16 to 32).
+  constexpr bool kSkip = BM < 64 || BN < 64;
+  const int m_left = (kWgrad ? p.m : tl.m_end) - tl.m0 - wm * WM, n_left = p.n - tl.n0 - wn * WN;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) load_stage(s, s);
@@ -335,6 +341,7 @@ __global__ void __launch_bounds__(THREADS, C::MIN_BLOCKS) grouped_gemm_tc(const 
       std::uint32_t af[MI][4], bf[NI][2];
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi) {
+        if (kSkip && mi * 16 >= m_left) break;
         const int m = wm * WM + mi * 16;
         if constexpr (!kWgrad) {
           const int r = m + (lane & 15);
@@ -349,6 +356,7 @@ __global__ void __launch_bounds__(THREADS, C::MIN_BLOCKS) grouped_gemm_tc(const 
         const std::uint32_t lo = pack2<T>(sc[0], sc[1]), hi = pack2<T>(sc[8], sc[9]);
 #pragma unroll
         for (int mi = 0; mi < MI; ++mi) {
+          if (kSkip && mi * 16 >= m_left) break;
           scale_pair<T>(af[mi][0], lo);
           scale_pair<T>(af[mi][1], lo);
           scale_pair<T>(af[mi][2], hi);
@@ -374,7 +382,8 @@ __global__ void __launch_bounds__(THREADS, C::MIN_BLOCKS) grouped_gemm_tc(const 
 #pragma unroll
       for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < NI; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
+        for (int ni = 0; ni < NI; ++ni)
+          if (!kSkip || (mi * 16 < m_left && ni * 8 < n_left)) mma16816<T>(acc[mi][ni], af[mi], bf[ni][0], bf[ni][1]);
     }
   }
   cp_async_wait<0>();
