@@ -17,8 +17,10 @@
 // runs beside W's in every k-block into a second, RN-column accumulator, P's tile coming by TMA with W's; so x is
 // read once for both. Then low, rounded, becomes the A operand of one more k-block [low | F[e]] (F = B[e],
 // DGRAD A[e]), whose product reaches the epilogue (the activation, or the plain rows) without a pass over the output.
-// Every n-tile block of an m-tile forms the same low (RN / BN more MMAs); the first one also stores it for the
-// backward.
+// Every n-tile block of an m-tile would form the same low, so with more than one n-tile the GEMM runs as two
+// launches: the first n-tile's blocks form low and store it, then the other blocks load it (block_tile). Forming it
+// in every block cost the LoRA forms 6-9 % of their time; the two launches save 4 % (bench/RESULTS.md, 2026-11-29
+// second), the rest going to the second launch's start and tail and to A rows no longer shared by all n-tiles.
 #include <cudaTypedefs.h>
 
 #include <array>
@@ -107,7 +109,16 @@ struct Args {
   void* lora_low;      // LoRA: where low's rows [M, rank] are kept, or null
   int rank;
   float lora_scale;
+  int phase;  // block_tile
 };
+
+// The block's (m-tile, n-tile). Phase 0: every tile, n fastest (so that blocks running together share A rows).
+// Phase 1: the first n-tile of every m-tile; phase 2: the others, n fastest, after phase 1 stored low.
+__device__ __forceinline__ void block_tile(int phase, int n_tiles, int& mt, int& nt) {
+  const int b = blockIdx.x, others = n_tiles - 1;
+  mt = phase == 0 ? b / n_tiles : phase == 1 ? b : b / others;
+  nt = phase == 0 ? b % n_tiles : phase == 1 ? 0 : 1 + b % others;
+}
 
 __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, std::uint64_t* bar, void* dst, int c0, int c1,
                                             int c2, int c3) {
@@ -125,10 +136,9 @@ using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
 // with SwiGLU), each row's first RN k-elements, zero past rank; DGRAD: F = A[e]'s rank rows [e][q][col0, col0 + BN)
 // in the n-major chunks, zero rows from rank to RN. (Its A operand, low, the consumers write.)
 template <class T, bool SWIGLU, bool DGRAD, int RN>
-__device__ __forceinline__ void load_lora_block(const Args& p, T* sb, int e, int t) {
+__device__ __forceinline__ void load_lora_block(const Args& p, T* sb, int e, int nt, int t) {
   constexpr int kHalfRows = SWIGLU ? BN / 2 : BN;
-  // The tile's coordinates again rather than kept live over the k loop: the loader runs in 40 registers.
-  const int n_tiles = (p.n + kHalfRows - 1) / kHalfRows, col0 = blockIdx.x % n_tiles * kHalfRows;
+  const int col0 = nt * kHalfRows;
   const T* f = static_cast<const T*>(p.lora_f) + static_cast<std::int64_t>(e) * (SWIGLU ? 2 : 1) * p.n * p.rank;
   if constexpr (DGRAD) {
     constexpr int kPieces = BN / 8;  // 16-byte pieces of one factor row in the tile
@@ -156,9 +166,10 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   static_assert(!(SWIGLU && DGRAD));
   constexpr bool LORA = RN > 0;
   constexpr int kTileN = SWIGLU ? BN / 2 : BN;  // output columns per tile
-  const int n_tiles = (p.n + kTileN - 1) / kTileN;
-  const int nt = blockIdx.x % n_tiles, mt = blockIdx.x / n_tiles;
+  int mt, nt;
+  block_tile(p.phase, (p.n + kTileN - 1) / kTileN, mt, nt);
   if (mt >= p.tile_offsets[p.experts]) return;
+  const bool form_low = LORA && p.phase != 2;  // else low comes from p.lora_low
   const int e = expert_of_tile(p.tile_offsets, p.experts, mt);
   const int m0 = p.offsets[e] + (mt - p.tile_offsets[e]) * BM, m_end = p.offsets[e + 1];
 
@@ -200,8 +211,8 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       const int s = kb % STAGES;
       reinterpret_cast<Barrier&>(sm.empty[s]).wait(((kb / STAGES) & 1) ^ 1);
       if (t == 0) {
-        reinterpret_cast<TxBarrier&>(sm.full[s]).arrive_and_expect_tx((BN + RN) * BK * sizeof(T));
-        if constexpr (LORA) tma_load_4d(&fmap, &sm.full[s], sm.f[s], DGRAD ? 0 : kb * BK, DGRAD ? kb * BK : 0, 0, e);
+        reinterpret_cast<TxBarrier&>(sm.full[s]).arrive_and_expect_tx((BN + (form_low ? RN : 0)) * BK * sizeof(T));
+        if (form_low) tma_load_4d(&fmap, &sm.full[s], sm.f[s], DGRAD ? 0 : kb * BK, DGRAD ? kb * BK : 0, 0, e);
         if constexpr (DGRAD) {
 #pragma unroll
           for (int c = 0; c < BN / kChunkN; ++c)
@@ -223,7 +234,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       const int s = w_blocks % STAGES;
       reinterpret_cast<Barrier&>(sm.empty[s]).wait(((w_blocks / STAGES) & 1) ^ 1);
       if (t == 0) reinterpret_cast<Barrier&>(sm.full[s]).arrive();  // no TMA in this stage
-      load_lora_block<T, SWIGLU, DGRAD, RN>(p, sm.b[s], e, t);
+      load_lora_block<T, SWIGLU, DGRAD, RN>(p, sm.b[s], e, nt, t);
       issued(w_blocks);
     }
     cp_async_wait<0>();
@@ -251,6 +262,25 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   Tensor tFrA = thr_f.make_fragment_A(thr_f.partition_A(sA));
   Tensor tFrF = thr_f.make_fragment_B(thr_f.partition_B(sF));
   Tensor acc_f = partition_fragment_C(mma_f, Shape<Int<BM>, Int<TL::kRn>>{});
+  // Phase 2: this thread's 16-byte pieces of low (its warpgroup's 64 rows, RN columns, zero past m_end and the rank),
+  // loaded now and written into the LoRA stage after the k-loop.
+  constexpr int kLowPieces = LORA ? RN / 16 : 1;
+  uint4 low_in[kLowPieces] = {};
+  const auto low_piece = [&](int i, int& r, int& piece) {
+    const int q = ct % 128 + 128 * i;
+    r = ct / 128 * 64 + q / (TL::kRn / 8);
+    piece = q % (TL::kRn / 8);
+  };
+  if (LORA && !form_low) {
+#pragma unroll
+    for (int i = 0; i < kLowPieces; ++i) {
+      int r, piece;
+      low_piece(i, r, piece);
+      if (m0 + r < m_end && piece * 8 < p.rank)
+        low_in[i] = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.lora_low) +
+                                                    static_cast<std::int64_t>(m0 + r) * p.rank + piece * 8);
+    }
+  }
 
   mma.accumulate_ = GMMA::ScaleOut::Zero;
   mma_f.accumulate_ = GMMA::ScaleOut::Zero;
@@ -258,9 +288,9 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
     const int s = kb % STAGES;
     reinterpret_cast<TxBarrier&>(sm.full[s]).wait((kb / STAGES) & 1);
     warpgroup_fence_operand(acc);
-    if constexpr (LORA) warpgroup_fence_operand(acc_f);
+    if (form_low) warpgroup_fence_operand(acc_f);
     warpgroup_arrive();
-    if constexpr (LORA) {
+    if (form_low) {
 #pragma unroll
       for (int kk = 0; kk < size<2>(tFrA); ++kk) {
         cute::gemm(mma_f, tFrA(_, _, kk, s), tFrF(_, _, kk, s), acc_f);
@@ -284,16 +314,25 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
     // reads (that stage's last A tile is long consumed, and the loaders leave this one alone). The first n-tile's
     // blocks keep low's rows for the backward.
     const int s = w_blocks % STAGES;
-    warpgroup_fence_operand(acc_f);
-    Tensor cf = thr_f.partition_C(make_identity_tensor(Shape<Int<BM>, Int<TL::kRn>>{}));
-    T* low = nt == 0 ? static_cast<T*>(p.lora_low) : nullptr;
+    if (form_low) {
+      warpgroup_fence_operand(acc_f);
+      Tensor cf = thr_f.partition_C(make_identity_tensor(Shape<Int<BM>, Int<TL::kRn>>{}));
+      T* low = nt == 0 ? static_cast<T*>(p.lora_low) : nullptr;
 #pragma unroll
-    for (int i = 0; i < size(acc_f); i += 2) {
-      const int r = get<0>(cf(i)), c = get<1>(cf(i));
-      const std::uint32_t v = pack2<T>(p.lora_scale * acc_f(i), p.lora_scale * acc_f(i + 1));
-      *reinterpret_cast<std::uint32_t*>(sm.a[s] + swz<BK>(r, c / 8) + c % 8) = v;
-      if (low && m0 + r < m_end && c < p.rank)
-        *reinterpret_cast<std::uint32_t*>(low + static_cast<std::int64_t>(m0 + r) * p.rank + c) = v;
+      for (int i = 0; i < size(acc_f); i += 2) {
+        const int r = get<0>(cf(i)), c = get<1>(cf(i));
+        const std::uint32_t v = pack2<T>(p.lora_scale * acc_f(i), p.lora_scale * acc_f(i + 1));
+        *reinterpret_cast<std::uint32_t*>(sm.a[s] + swz<BK>(r, c / 8) + c % 8) = v;
+        if (low && m0 + r < m_end && c < p.rank)
+          *reinterpret_cast<std::uint32_t*>(low + static_cast<std::int64_t>(m0 + r) * p.rank + c) = v;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < kLowPieces; ++i) {
+        int r, piece;
+        low_piece(i, r, piece);
+        *reinterpret_cast<uint4*>(sm.a[s] + swz<BK>(r, piece)) = low_in[i];
+      }
     }
     cutlass::arch::fence_view_async_shared();  // generic-proxy writes, read by wgmma through the async proxy
     cutlass::arch::NamedBarrier::arrive_and_wait(128, ct / 128);
@@ -418,15 +457,21 @@ CUtensorMap factor_map(const Sm90GatherGemm& g, DType dtype, const CUtensorMap& 
 template <class T, bool SWIGLU, int RN, bool DGRAD>
 void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
   const std::int64_t n_tiles = ceil_div<std::int64_t>(g.n, SWIGLU ? BN / 2 : BN);
-  const std::int64_t blocks = (ceil_div<std::int64_t>(g.rows, BM) + g.experts) * n_tiles;
-  if (blocks > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
+  const std::int64_t m_tiles = ceil_div<std::int64_t>(g.rows, BM) + g.experts;  // a bound: tile_offsets has the count
+  if (m_tiles * n_tiles > 0x7fffffff) throw Error("moefuse: grouped GEMM grid too large");
+  const bool split = RN > 0 && n_tiles > 1;  // block_tile's phases 1 and 2
+  if (split && !g.lora_low) throw Error("moefuse: the gather GEMM needs lora_low for an adapter over several n-tiles");
   const CUtensorMap wmap = weight_map(g, dtype), fmap = factor_map<RN>(g, dtype, wmap);
-  const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts,
-                  g.n, g.k, g.lora_p, g.lora_f, g.lora_low, g.rank, g.lora_scale};
   auto kernel = gather_gemm<T, SWIGLU, RN, DGRAD>;
   set_smem_limit(kernel, kSmemBytes<RN>);
-  kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes<RN>, stream>>>(wmap, fmap, args);
-  MOEFUSE_CUDA_LAUNCH_CHECK();
+  const int phases[2] = {split ? 1 : 0, 2};
+  for (int i = 0; i < (split ? 2 : 1); ++i) {
+    const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts, g.n, g.k,
+                    g.lora_p, g.lora_f, g.lora_low, g.rank, g.lora_scale, phases[i]};
+    const std::int64_t blocks = m_tiles * (phases[i] == 0 ? n_tiles : phases[i] == 1 ? 1 : n_tiles - 1);
+    kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes<RN>, stream>>>(wmap, fmap, args);
+    MOEFUSE_CUDA_LAUNCH_CHECK();
+  }
 }
 
 // The form, then the adapter's rank rounded up to the rank-side accumulator's width (0: no adapter).

@@ -40,7 +40,8 @@ struct Sm90Gemm {
 // With lora_p set (a LoRA adapter, rank a multiple of 8 up to 64) every row also gets low[s] . lora_f[e]^T before the
 // activation, low[s] = lora_scale * x[src(s)] . lora_p[e]^T being formed in the same k-loop: lora_p [E, rank, k],
 // lora_f [E, rows of W, rank]; dgrad: low[s] = lora_scale * x[src(s)] . lora_p[e] and low[s] . lora_f[e], with
-// lora_p [E, k, rank], lora_f [E, rank, n]. low's sorted rows [M, rank] are stored in lora_low when it is set.
+// lora_p [E, k, rank], lora_f [E, rank, n]. low's sorted rows [M, rank] are stored in lora_low when it is set;
+// it must be when n spans more than one tile (the later n-tiles read low there).
 // bf16 or f16; k and n multiples of 8, x, W, out and act 16-byte aligned. tile_offsets: M-tiles of 128 rows before
 // each expert (expert_tile_offsets with bm = 128).
 struct Sm90GatherGemm {

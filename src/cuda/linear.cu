@@ -148,8 +148,9 @@ bool use_hopper_gather(const TensorView& weight, std::int64_t out_cols, std::ini
          all_aligned(ptrs);
 }
 
-// LoRA's part of one gather GEMM (grouped_gemm_sm90.h): low = scale * x . P[e] in its k-loop, kept in `low` when
-// defined, and the k-block low . F[e]. P and F are A and B forwards, B and A in a dgrad.
+// LoRA's part of one gather GEMM (grouped_gemm_sm90.h): low = scale * x . P[e] in its k-loop, kept in `low` (the
+// caller's u or gb, else workspace: the kernel's later n-tiles read low there), and the k-block low . F[e]. P and F
+// are A and B forwards, B and A in a dgrad.
 struct GatherLora {
   TensorView p, f, low;
   float scale = 1.f;
@@ -412,8 +413,8 @@ bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const Tenso
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     const TensorView& rows = combine ? lw.rows : out;
-    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, lw.tiles, {lora.a, lora.b, lora.u, lora.scale},
-                         s);
+    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, lw.tiles,
+                         {lora.a, lora.b, lora.u.defined() ? lora.u : lw.low, lora.scale}, s);
     if (lora.u.defined()) launch_zero_placeholders<T>(lora.u, plan, s);
     if (combine)
       launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), 1.f, false, out, s);
@@ -430,7 +431,8 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
   const std::int64_t r = lora.defined() ? lora.a.shape[1] : 0;
   if ((r && !lora_k_block(lora)) ||
       !use_hopper_gather(weight, a.shape[1],
-                         {x.data, weight.data, h.data, a.data, lora.a.data, lora.b.data, lora.u.data})) {
+                         {x.data, weight.data, h.data, a.data, lora.a.data, lora.b.data, lora.u.data,
+                          r ? workspace.data : nullptr})) {
     cuda::moe_linear_forward(plan, x, weight, true, TensorView{}, h, workspace, stream);
     if (lora.defined()) cuda::moe_lora_forward_add(plan, x, lora, true, TensorView{}, h, workspace, stream);
     return cuda::swiglu_forward(h, a, stream);
@@ -438,11 +440,12 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
   detail::Carver c(workspace);
-  const TensorView tiles = r ? lora_forward_workspace(plan, lora, true, false, workspace).tiles
-                              : carve_forward(c, plan, weight, true, false).tiles;
+  const LoraRows lw = r ? lora_forward_workspace(plan, lora, true, false, workspace)
+                        : LoraRows{carve_forward(c, plan, weight, true, false).tiles, {}, {}};
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    run_hopper_gather<T>(plan, x, true, weight, h, a, tiles, {lora.a, lora.b, lora.u, lora.scale}, s);
+    run_hopper_gather<T>(plan, x, true, weight, h, a, lw.tiles,
+                         {lora.a, lora.b, lora.u.defined() ? lora.u : lw.low, lora.scale}, s);
     if (lora.u.defined()) launch_zero_placeholders<T>(lora.u, plan, s);
     launch_zero_placeholders<T>(h, plan, s);
     launch_zero_placeholders<T>(a, plan, s);
@@ -485,9 +488,8 @@ bool moe_linear_backward_fused(const Plan& plan, const TensorView& x, const Tens
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     const TensorView& rows = gather ? lw.rows : grad_x;
-    const TensorView gb = grad_lora.a.defined() ? lw.low : TensorView{};
-    run_hopper_gather<T>(plan, grad_out, false, weight, rows, TensorView{}, lw.tiles, {lora.b, lora.a, gb, lora.scale},
-                         s, true);
+    run_hopper_gather<T>(plan, grad_out, false, weight, rows, TensorView{}, lw.tiles,
+                         {lora.b, lora.a, lw.low, lora.scale}, s, true);
     if (gather)
       launch_gather_sum<T>(rows, plan, nullptr, 1.f, false, grad_x, s);
     else
