@@ -8,7 +8,9 @@ moefuse.use_moefuse_lora, hf_grouped_mm through PEFT's own merged-weight path; o
 FLOPs: 6*T*k*H*I forward; x3 for forward+backward with every gradient; x2 with frozen experts or LoRA (the LoRA
 FLOPs are not counted). "extra GiB" is the peak memory of a forward+backward beyond what was allocated before it
 (inputs, weights, gradients of the previous step). "vs frozen" is a LoRA row's forward+backward time over the same
-impl's frozen forward+backward (forward+dX) time.
+impl's frozen forward+backward (forward+dX) time. Each step is timed alone (synchronised), so its time includes
+the GPU waiting for the host at its start; "GPU ms" (CUDA) leaves that out (Timer.gpu_only), and "vs frozen (GPU)"
+compares those.
 
     python3 bench/bench_layer.py [--shape 30b|235b] [--tokens 4096,16384] [--impls ...] [--modes trained,frozen,lora]
 """
@@ -57,6 +59,14 @@ class Timer:
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
+
+    def gpu_only(self, fn):
+        """The GPU's own time for fn (CUDA only): a spinning kernel of about 4 ms goes first, so the host has issued
+        fn's kernels before the GPU reaches them; its time, measured alone, is subtracted. What this leaves out of
+        __call__'s time is the GPU waiting for the host."""
+        cycles = int(4e-3 * torch.cuda.get_device_properties(torch.cuda.current_device()).clock_rate * 1e3)
+        spin = lambda: torch.cuda._sleep(cycles)
+        return self(lambda: (spin(), fn())) - self(spin)
 
 
 def hf_block(shape, impl, dtype, device, state=None):
@@ -135,6 +145,8 @@ def run_impl(impl, T, shape, dtype, device, mode, timer, ref, x0, y_ref, prof=Fa
         timer.sync()
         r["extra_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     r["fwdbwd_ms"] = timer(step)
+    if device == "cuda":
+        r["fwdbwd_gpu_ms"] = timer.gpu_only(step)
     if prof:
         profile(step, device, f"{impl}, {mode}, T={T}")
     return r
@@ -177,8 +189,8 @@ def main():
 def print_table(rows):
     ok = {(r["T"], r["mode"], r["impl"]): r for r in rows if "error" not in r}
     print("\n| shape | T | weights | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | vs dense | vs frozen "
-          "| extra GiB | rel err |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| fwd+bwd GPU ms | vs frozen (GPU) | extra GiB | rel err |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['shape']} | {r['T']} | {r['mode']} | {r['impl']} | error: {r['error'][:80]} |")
@@ -187,8 +199,11 @@ def print_table(rows):
         vs = f"{d['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}" if d else ""
         f = ok.get((r["T"], "frozen", r["impl"])) if r["mode"] == "lora" else None
         vs_frozen = f"{r['fwdbwd_ms'] / f['fwdbwd_ms']:.2f}" if f else ""
+        gpu = r.get("fwdbwd_gpu_ms")
+        vs_frozen_gpu = f"{gpu / f['fwdbwd_gpu_ms']:.2f}" if f and gpu and f.get("fwdbwd_gpu_ms") else ""
         print(f"| {r['shape']} | {r['T']} | {r['mode']} | {r['impl']} | {r['fwd_ms']:.2f} | {r['fwd_TFLOPs']:.0f} | "
               f"{r['fwdbwd_ms']:.2f} | {r['fwdbwd_TFLOPs']:.0f} | {vs} | {vs_frozen} | "
+              f"{f'{gpu:.2f}' if gpu else ''} | {vs_frozen_gpu} | "
               f"{r.get('extra_GiB', float('nan')):.2f} | {r.get('rel_err', float('nan')):.1e} |")
 
 
