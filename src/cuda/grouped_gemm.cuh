@@ -186,7 +186,7 @@ struct Config {
 using Wide = Config<128, 128, 2>;
 using NarrowN = Config<128, 32, 8>;
 // The rank-side wgrads stream each expert's rows through a block with almost no math per byte: 4 blocks of 2 stages
-// per SM beat 2 of 3 by 10 % on the H100 and 3 of 3 by 15 % on the H200, where the fwd/dgrad forms lose 4 % by it
+// per SM beat 2 of 3 by 10 % on the H100 and 3 of 3 by 16 % on the H200, where the fwd/dgrad forms lose 4 % by it
 // (bench/RESULTS.md, 2026-11-28 and 2026-11-29 second).
 using NarrowWgradN = Config<128, 32, 8, 2, 4>;
 using NarrowWgradM = Config<32, 128, 1, 2, 4>;
