@@ -355,10 +355,12 @@ TEST(CudaLinear, LoraSavedRowsMatchCpu) {
         for (bool combine : {false, true}) check_lora(c, d, rank, combine, true);
 }
 
-// ~256 Hopper tiles in the forward and in the dgrad: more tiles than SMs.
+// ~256 Hopper tiles in the forward and in the dgrad: more tiles than SMs; two n-tiles in each, so the later one reads
+// low from the first (rank-side accumulators 16 and 64 wide).
 TEST(CudaLinear, LoraManyTilesMatchesCpu) {
   REQUIRE_GPU();
-  for (bool combine : {false, true}) check_lora({128, 8, 200, 264, 264}, DType::bf16, 16, combine);
+  for (int rank : {16, 40})
+    for (bool combine : {false, true}) check_lora({128, 8, 200, 264, 264}, DType::bf16, rank, combine);
 }
 
 // The up projection with its activation (one kernel on Hopper when I is a multiple of 8, else the two ops).
