@@ -156,6 +156,11 @@ struct GatherLora {
   float scale = 1.f;
 };
 
+// A forward's: P = A, F = B, low kept in the caller's u when given, else in the workspace's rows.
+GatherLora forward_gather_lora(const Lora& lora, const LoraRows& lw) {
+  return {lora.a, lora.b, lora.u.defined() ? lora.u : lw.low, lora.scale};
+}
+
 // Runs it: out (plain) or h and act (SwiGLU, act set), x in token order (gather) or sorted, with a LoRA adapter when
 // lora.p is defined; dgrad: out = x . W[e] (weight [E, k, n]). Placeholder rows are left unwritten.
 template <class T>
@@ -414,7 +419,7 @@ bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const Tenso
     using T = decltype(tag);
     const TensorView& rows = combine ? lw.rows : out;
     run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, lw.tiles,
-                         {lora.a, lora.b, lora.u.defined() ? lora.u : lw.low, lora.scale}, s);
+                         forward_gather_lora(lora, lw), s);
     if (lora.u.defined()) launch_zero_placeholders<T>(lora.u, plan, s);
     if (combine)
       launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), 1.f, false, out, s);
@@ -445,7 +450,7 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     run_hopper_gather<T>(plan, x, true, weight, h, a, lw.tiles,
-                         {lora.a, lora.b, lora.u.defined() ? lora.u : lw.low, lora.scale}, s);
+                         forward_gather_lora(lora, lw), s);
     if (lora.u.defined()) launch_zero_placeholders<T>(lora.u, plan, s);
     launch_zero_placeholders<T>(h, plan, s);
     launch_zero_placeholders<T>(a, plan, s);
