@@ -20,7 +20,9 @@
 // Every n-tile block of an m-tile would form the same low, so with more than one n-tile the GEMM runs as two
 // launches: the first n-tile's blocks form low and store it, then the other blocks load it (block_tile). Forming it
 // in every block cost the LoRA forms 6-9 % of their time; the two launches save 4 % (bench/RESULTS.md, 2026-11-29
-// second), the rest going to the second launch's start and tail and to A rows no longer shared by all n-tiles.
+// second), the rest going to the second launch's start and tail and to A rows no longer shared by all n-tiles. The
+// second launch is the first's programmatic dependent, so its blocks fill the first's tail (about 1 % of the LoRA
+// step, RESULTS 2026-11-29 third).
 #include <cudaTypedefs.h>
 
 #include <array>
@@ -166,6 +168,10 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   static_assert(!(SWIGLU && DGRAD));
   constexpr bool LORA = RN > 0;
   constexpr int kTileN = SWIGLU ? BN / 2 : BN;  // output columns per tile
+  // Phase 2 is launched as phase 1's programmatic dependent (launch): its blocks may start once every phase 1 block
+  // runs, taking the SMs that phase 1's tail frees, and wait for phase 1 (griddepcontrol.wait) only at their last
+  // k-block, before they read low.
+  if (p.phase == 1) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   int mt, nt;
   block_tile(p.phase, (p.n + kTileN - 1) / kTileN, mt, nt);
   if (mt >= p.tile_offsets[p.experts]) return;
@@ -263,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   Tensor tFrF = thr_f.make_fragment_B(thr_f.partition_B(sF));
   Tensor acc_f = partition_fragment_C(mma_f, Shape<Int<BM>, Int<TL::kRn>>{});
   // Phase 2: this thread's 16-byte pieces of low (its warpgroup's 64 rows, RN columns, zero past m_end and the rank),
-  // loaded now and written into the LoRA stage after the k-loop.
+  // loaded in the last k-block (load_low) and written into the LoRA stage after the k-loop.
   constexpr int kLowPieces = LORA ? RN / 16 : 1;
   uint4 low_in[kLowPieces] = {};
   const auto low_piece = [&](int i, int& r, int& piece) {
@@ -271,7 +277,8 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
     r = ct / 128 * 64 + q / (TL::kRn / 8);
     piece = q % (TL::kRn / 8);
   };
-  if (LORA && !form_low) {
+  const auto load_low = [&] {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
 #pragma unroll
     for (int i = 0; i < kLowPieces; ++i) {
       int r, piece;
@@ -280,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
         low_in[i] = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.lora_low) +
                                                     static_cast<std::int64_t>(m0 + r) * p.rank + piece * 8);
     }
-  }
+  };
 
   mma.accumulate_ = GMMA::ScaleOut::Zero;
   mma_f.accumulate_ = GMMA::ScaleOut::Zero;
@@ -304,6 +311,7 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
       mma.accumulate_ = GMMA::ScaleOut::One;
     }
     warpgroup_commit_batch();
+    if (LORA && !form_low && kb == w_blocks - 1) load_low();  // its latency hidden by this k-block's wgmma
     // One k-block of wgmma stays in flight: the previous one is done, so its stage goes back to the loader.
     warpgroup_wait<1>();
     warpgroup_fence_operand(acc);
@@ -469,8 +477,17 @@ void launch(const Sm90GatherGemm& g, DType dtype, cudaStream_t stream) {
     const Args args{g.x, g.out, g.act, g.pairs, g.offsets, g.tile_offsets, g.top_k, g.experts, g.n, g.k,
                     g.lora_p, g.lora_f, g.lora_low, g.rank, g.lora_scale, phases[i]};
     const std::int64_t blocks = m_tiles * (phases[i] == 0 ? n_tiles : phases[i] == 1 ? 1 : n_tiles - 1);
-    kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes<RN>, stream>>>(wmap, fmap, args);
-    MOEFUSE_CUDA_LAUNCH_CHECK();
+    cudaLaunchAttribute after_phase_1{};
+    after_phase_1.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    after_phase_1.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = kSmemBytes<RN>;
+    cfg.stream = stream;
+    cfg.attrs = &after_phase_1;
+    cfg.numAttrs = phases[i] == 2 ? 1 : 0;
+    MOEFUSE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, wmap, fmap, args));
   }
 }
 
