@@ -23,7 +23,7 @@ namespace {
 using Array = nb::ndarray<>;
 using OptArray = std::optional<Array>;
 // A stacked LoRA adapter crosses as (a, b, scale, u); a or b left None is reported by the op, u is optional.
-using OptLora = std::optional<std::tuple<OptArray, OptArray, float, OptArray>>;
+using OptLora = std::optional<std::tuple<OptArray, OptArray, float, OptArray, OptArray>>;
 
 moefuse::DType to_dtype(nb::dlpack::dtype t, const char* name) {
   using Code = nb::dlpack::dtype_code;
@@ -69,7 +69,7 @@ TensorView to_view(const OptArray& a, const char* name) { return a ? to_view(*a,
 moefuse::Lora to_lora(const OptLora& l) {
   if (!l) return {};
   return {to_view(std::get<0>(*l), "lora.a"), to_view(std::get<1>(*l), "lora.b"), std::get<2>(*l),
-          to_view(std::get<3>(*l), "lora.u")};
+          to_view(std::get<3>(*l), "lora.u"), to_view(std::get<4>(*l), "lora.staged_b")};
 }
 
 void* to_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }

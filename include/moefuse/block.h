@@ -24,7 +24,8 @@ struct MoeConfig {
 
 // All of one dtype (f32 | bf16 | f16) and one device. The adapters' a and b may have any strides and any float
 // dtype (PEFT's layouts are strided views of its lora_A / lora_B weights, often f32 over bf16 weights): such ones
-// are copied, cast to the weights' dtype, into the workspace first. Their u must be contiguous, in the weights' dtype.
+// are copied, cast to the weights' dtype, into the workspace first (a b into its staged_b when given, which the
+// backward then reads as it is: ops.h). Their u must be contiguous, in the weights' dtype.
 struct MoeWeights {
   TensorView router;   // [E, H]
   TensorView gate_up;  // [E, 2I, H]: gate rows then up rows

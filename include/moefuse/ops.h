@@ -88,11 +88,15 @@ void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool
 //   u (optional) [M, r], the dtype of a: the rows scale * x[src(s)] . a[e]^T in the plan's sorted order (M = tokens *
 //   top_k). A forward given u writes it (placeholder rows zeroed); a backward given the same u reads it instead of
 //   recomputing it from x, so that x . a^T is computed once per step.
+//   staged_b (optional) [E, out, r], contiguous in the weight's dtype: for the experts ops (block.h), which stage a b
+//   given strided or in another dtype, where the forward stages it; a backward given the same staged_b reads b there
+//   instead of staging it again. Unused when b needs no staging, and by the linear ops (they take b contiguous).
 struct Lora {
   TensorView a;
   TensorView b;
   float scale = 1.f;
   TensorView u{};
+  TensorView staged_b{};
   bool defined() const { return a.defined() || b.defined(); }
 };
 struct LoraGrads {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import os
 import threading
 
@@ -345,42 +346,51 @@ run_moe_fused_linear = _with_autograd(moe_fused_linear, _moe_fused_linear_impl, 
 # in ops.h), which the forward writes and the backward reads instead of recomputing them.
 
 
-def _lora_arg(a, b, scale, u=None):
-    """The binding's (a, b, scale, u), or None for no adapter (a or b alone is reported by the op). a and b go as
-    they are: the op stages strided or other-dtype adapters (PEFT's) itself."""
+def _lora_arg(a, b, scale, u=None, staged_b=None):
+    """The binding's (a, b, scale, u, staged_b), or None for no adapter (a or b alone is reported by the op). a and
+    b go as they are: the op stages strided or other-dtype adapters (PEFT's) itself."""
     if a is None and b is None:
         return None
-    return (a, b, scale, u)
+    return (a, b, scale, u, staged_b)
 
 
-def _lora_rows_bytes(rows, dtype_size, *a):
-    """Bytes of the saved state past the core's: each adapter's u [rows, r], 256-byte aligned (a bound that is
-    linear in rows, as the fake needs)."""
-    return sum(rows * t.shape[1] * dtype_size + _ALIGN for t in a if t is not None) + _ALIGN
+def _lora_pieces(rows, gate_up, gate_up_a, gate_up_b, down_a, down_b):
+    """Shapes of the experts op's saved state past the core, in order (None for an absent piece): each adapter's u
+    [rows, r], then each b that the op stages (strided, as PEFT's are, or in another dtype) as the kernels read it
+    [E, out, r], kept so that the backward does not stage it again."""
+    u = [None if a is None else (rows, a.shape[1]) for a in (gate_up_a, down_a)]
+    b = [None if t is None or (t.is_contiguous() and t.dtype == gate_up.dtype) else tuple(t.shape)
+         for t in (gate_up_b, down_b)]  # fmt: skip
+    return u + b
 
 
-def _lora_rows(saved, core_bytes, rows, dtype, *a):
-    """Views of each adapter's u [rows, r] in `saved` past `core_bytes` (None where an adapter has no a)."""
-    views, at = [], core_bytes
-    for t in a:
-        if t is None:
+def _pieces_bytes(pieces, itemsize):
+    """Their bytes, each 256-byte aligned (a bound that is linear in rows, as the fake needs)."""
+    return sum(math.prod(p) * itemsize + _ALIGN for p in pieces if p is not None) + _ALIGN
+
+
+def _piece_views(saved, at, pieces, dtype):
+    """Views of the pieces in `saved` from byte `at` on (None for an absent one)."""
+    views = []
+    for p in pieces:
+        if p is None:
             views.append(None)
             continue
         at = (at + _ALIGN - 1) // _ALIGN * _ALIGN
-        n = rows * t.shape[1] * dtype.itemsize
-        views.append(saved[at : at + n].view(dtype).view(rows, t.shape[1]))
+        n = math.prod(p) * dtype.itemsize
+        views.append(saved[at : at + n].view(dtype).view(p))
         at += n
     return views
 
 
-def _experts_saved_bytes(x, topk_weights, gate_up, gate_up_a=None, down_a=None):
-    """(the core's part, the whole) of the experts op's saved state."""
+def _experts_saved_bytes(x, topk_weights, gate_up, pieces=()):
+    """(the core's part, the whole) of the experts op's saved state; `pieces` as _lora_pieces gives them."""
     # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
     k = int(topk_weights.shape[1])
     core = _saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, k, False)
-    if gate_up_a is None and down_a is None:
+    if not any(p is not None for p in pieces):
         return core, core
-    return core, core + _lora_rows_bytes(x.shape[0] * k, gate_up.element_size(), gate_up_a, down_a)
+    return core, core + _pieces_bytes(pieces, gate_up.element_size())
 
 
 def _experts_impl(
@@ -405,11 +415,12 @@ def _experts_impl(
         raise MoefuseError("moefuse: topk_ids has negative expert ids")
     cfg = _config(gate_up, ids.shape[1], False)
     out = torch.empty_like(x)
-    core, total = _experts_saved_bytes(x, w, gate_up, gate_up_a, down_a)
+    pieces = _lora_pieces(ids.numel(), gate_up, gate_up_a, gate_up_b, down_a, down_b)
+    core, total = _experts_saved_bytes(x, w, gate_up, pieces)
     saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), total)
-    gu_u, dn_u = _lora_rows(saved, core, ids.numel(), gate_up.dtype, gate_up_a, down_a)
-    gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u)
-    dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u)
+    gu_u, dn_u, gu_b, dn_b = _piece_views(saved, core, pieces, gate_up.dtype)
+    gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u, gu_b)
+    dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u, dn_b)
     with _on(x.device):
         _call(_C.moe_experts_forward, cfg, x, ids, w, gate_up, down, out, saved, _workspace(x.device),
               _stream(x.device), gu_lora, dn_lora)  # fmt: skip
@@ -422,7 +433,8 @@ experts = torch.library.custom_op("moefuse::experts", mutates_args=())(_experts_
 @experts.register_fake
 def _(x, topk_ids, topk_weights, gate_up, down, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0, down_a=None,
       down_b=None, down_scale=1.0):  # fmt: skip
-    total = _experts_saved_bytes(x, topk_weights, gate_up, gate_up_a, down_a)[1]
+    pieces = _lora_pieces(x.shape[0] * topk_weights.shape[1], gate_up, gate_up_a, gate_up_b, down_a, down_b)
+    total = _experts_saved_bytes(x, topk_weights, gate_up, pieces)[1]
     return torch.empty_like(x), x.new_empty(total, dtype=torch.uint8)
 
 
@@ -451,10 +463,10 @@ def _experts_backward_impl(
     grad_down_b); each one not in `needs` comes back empty. A weight with an adapter is frozen (no gradient)."""
     grad_out, x, w = grad_out.contiguous(), x.contiguous(), topk_weights.contiguous()
     gate_up, down, saved = gate_up.contiguous(), down.contiguous(), _realigned(saved)
-    gu_u, dn_u = _lora_rows(saved, _experts_saved_bytes(x, w, gate_up)[0], x.shape[0] * w.shape[1], gate_up.dtype,
-                            gate_up_a, down_a)  # fmt: skip
-    gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u)
-    dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u)
+    pieces = _lora_pieces(x.shape[0] * w.shape[1], gate_up, gate_up_a, gate_up_b, down_a, down_b)
+    gu_u, dn_u, gu_b, dn_b = _piece_views(saved, _experts_saved_bytes(x, w, gate_up)[0], pieces, gate_up.dtype)
+    gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u, gu_b)
+    dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u, dn_b)
     grads = _experts_grads_like(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
     cfg = _config(gate_up, w.shape[1], False)

@@ -56,22 +56,38 @@ void check_given(const char* op, const char* name, const TensorView& t, Device d
   expect_same_device(op, name, t, device);
 }
 
+// staged_b, when given with a b to stage: b's shape, contiguous, in the weights' dtype, on their device.
+void check_staged_b(const char* op, const char* name, const Lora& l, const TensorView& x) {
+  if (!l.staged_b.defined() || !staged(l.b, x.dtype)) return;
+  expect(op, name, l.staged_b, {l.b.shape[0], l.b.shape[1], l.b.shape[2]}, kFloatTypes);
+  expect_same_dtype(op, name, l.staged_b, x.dtype);
+  expect_same_device(op, name, l.staged_b, x.device);
+}
+
 void check_given(const char* op, const MoeWeights& w, const TensorView& x) {
   check_given(op, "gate_up_lora.a", w.gate_up_lora.a, x.device, false);
   check_given(op, "gate_up_lora.b", w.gate_up_lora.b, x.device, false);
   check_given(op, "down_lora.a", w.down_lora.a, x.device, false);
   check_given(op, "down_lora.b", w.down_lora.b, x.device, false);
+  check_staged_b(op, "gate_up_lora.staged_b", w.gate_up_lora, x);
+  check_staged_b(op, "down_lora.staged_b", w.down_lora, x);
 }
 
 TensorView stage(const TensorView& t, DType dtype, Carver& cv) {
   return staged(t, dtype) ? cv.take(dtype, {t.shape[0], t.shape[1], t.shape[2]}) : t;
 }
 
+// A staged b goes to the caller's staged_b when given, else to the workspace.
 Lora stage(const Lora& l, DType dtype, Carver& cv) {
   Lora s = l;
   s.a = stage(l.a, dtype, cv);
-  s.b = stage(l.b, dtype, cv);
+  s.b = staged(l.b, dtype) && l.staged_b.defined() ? l.staged_b : stage(l.b, dtype, cv);
   return s;
+}
+
+// b as the forward staged it into the caller's staged_b, which a backward reads as it is.
+bool kept(const Lora& given, const Lora& staged_lora) {
+  return given.staged_b.defined() && staged_lora.b.data == given.staged_b.data;
 }
 
 // Room for an adapter's gradients in the weights' dtype, whatever the caller's turn out to be: the workspace queries
@@ -238,16 +254,18 @@ Sizing sizing(const MoeConfig& c, const TensorView& x) {
   return {{s.plan, s.h}, s.topk_weights};
 }
 
-void stage_adapters(const char* op, const MoeWeights& w, const Lora& gate_up, const Lora& down, void* stream) {
-  copy_staged(op, {{w.gate_up_lora.a, gate_up.a}, {w.gate_up_lora.b, gate_up.b}, {w.down_lora.a, down.a},
-                   {w.down_lora.b, down.b}}, stream);
+void stage_adapters(const char* op, const MoeWeights& w, const Lora& gate_up, const Lora& down, bool backward,
+                    void* stream) {
+  const auto b = [&](const Lora& given, const Lora& s) { return backward && kept(given, s) ? TensorView{} : s.b; };
+  copy_staged(op, {{w.gate_up_lora.a, gate_up.a}, {w.gate_up_lora.b, b(w.gate_up_lora, gate_up)},
+                   {w.down_lora.a, down.a}, {w.down_lora.b, b(w.down_lora, down)}}, stream);
 }
 
 void experts_forward(const TensorView& x, const MoeWeights& w, const TensorView& topk_ids,
                      const TensorView& topk_weights, const ExpertsSaved& s, const ForwardWork& f,
                      const TensorView& out, void* stream) {
   const char* op = "moe_forward";
-  stage_adapters(op, w, f.gate_up_lora, f.down_lora, stream);
+  stage_adapters(op, w, f.gate_up_lora, f.down_lora, false, stream);
   BACKEND(op, x.device, routing_plan, topk_ids, s.plan, f.scratch, stream);
   moe_linear_swiglu_forward(s.plan, x, w.gate_up, f.gate_up_lora, s.h, f.a, f.scratch, stream);
   moe_linear_forward(s.plan, f.a, w.down, f.down_lora, false, topk_weights, out, f.scratch, stream);
@@ -276,7 +294,7 @@ void experts_backward(const TensorView& x, const MoeWeights& w, const TensorView
   const char* op = "moe_backward";
   const bool need_grad_h = grads.x.defined() || grads.gate_up.defined() || any(grads.gate_up_lora);
   if (!need_grad_h && !grads.down.defined() && !any(grads.down_lora) && !grad_topk_weights.defined()) return;
-  stage_adapters(op, w, b.gate_up_lora, b.down_lora, stream);
+  stage_adapters(op, w, b.gate_up_lora, b.down_lora, true, stream);
   const LoraGrads& gu = grads.gate_up_lora, &dn = grads.down_lora;
   const LoraGrads gate_up_grads{grad_target(gu.a, b.gate_up_grads.a, x.dtype),
                                 grad_target(gu.b, b.gate_up_grads.b, x.dtype)},

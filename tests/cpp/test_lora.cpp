@@ -4,6 +4,7 @@
 // The plan comes from the reference, so routing_plan is not under test. With the CUDA backend and a GPU, the same
 // cases run on the device too.
 #include <cmath>
+#include <cstring>
 #include <deque>
 
 #include "common.h"
@@ -660,13 +661,14 @@ Vec expert_major(const Vec& storage, const TensorView& v) {
 
 // The block given f32 adapters as expert-minor views over bf16 weights, against the same adapters rounded to bf16
 // and contiguous: the same bits out, and gradients of the same values (written cast, through the workspace). The
-// adapters are fresh f32 values, so the staging's rounding is under test too. `to_device` copies a host view to
-// where the block runs; `values` reads one back. The default case has odd sizes; sizes in multiples of 8 let the CUDA
-// copies run in 16-byte pieces.
+// adapters are fresh f32 values, so the staging's rounding is under test too. Again with rooms for the staged b's
+// (Lora::staged_b), whose originals `poison` (0xff bytes: NaN) overwrites between forward and backward: the backward
+// must read b where the forward kept it. `to_device` copies a host view to where the block runs; `values` reads one
+// back. The default case has odd sizes; sizes in multiples of 8 let the CUDA copies run in 16-byte pieces.
 constexpr BlockLoraCase kOddStaging{33, 37, 17, 8, 2, 4, 3, DType::bf16};
 
-template <class ToDevice, class Values>
-void expect_staged_adapters_match(ToDevice to_device, Values values, BlockLoraCase c = kOddStaging) {
+template <class ToDevice, class Values, class Poison>
+void expect_staged_adapters_match(ToDevice to_device, Values values, Poison poison, BlockLoraCase c = kOddStaging) {
   Rng rng;
   LoraBlock blk(c, rng);
   const Vec raw[4] = {rng.normals(c.E * c.r_up * c.H, 0.2), rng.normals(c.E * 2 * c.I * c.r_up, 0.2),
@@ -683,17 +685,23 @@ void expect_staged_adapters_match(ToDevice to_device, Values values, BlockLoraCa
   auto fresh = [&](Tensor t) { return to_device(host.emplace_back(std::move(t)).view()); };
   Vec gout_v = rng.normals(c.T * c.H);
   const TensorView x = to_device(blk.x.view()), gout = fresh(make(c.dtype, {c.T, c.H}, gout_v));
-  // Runs the block with adapters `l` (gate_up's a, b, down's a, b) and adapter gradients `g`; returns out, grad_x.
-  auto run = [&](const TensorView (&l)[4], const TensorView (&g)[4]) {
+  // Runs the block with adapters `l` (gate_up's a, b, down's a, b) and adapter gradients `g`, with `keep` the staged
+  // b's kept; returns out, grad_x.
+  auto run = [&](const TensorView (&l)[4], const TensorView (&g)[4], bool keep = false) {
     moefuse::MoeWeights w = weights_of(to_device(blk.router.view()), to_device(blk.gate_up.view()),
                                        to_device(blk.down_w.view()));
     w.gate_up_lora = {l[0], l[1], static_cast<float>(kScale)};
     w.down_lora = {l[2], l[3], static_cast<float>(kScale)};
+    if (keep) {
+      w.gate_up_lora.staged_b = fresh(Tensor(c.dtype, {c.E, 2 * c.I, c.r_up}));
+      w.down_lora.staged_b = fresh(Tensor(c.dtype, {c.E, c.H, c.r_down}));
+    }
     const TensorView out = fresh(Tensor(c.dtype, {c.T, c.H})), gx = fresh(Tensor(c.dtype, {c.T, c.H})),
                      logits = fresh(Tensor(c.dtype, {c.T, c.E})),
                      saved = fresh(scratch(moefuse::moe_saved_bytes(cfg, c.T, c.dtype)));
     const TensorView fws = fresh(scratch(moefuse::moe_forward_workspace_bytes(cfg, x, w)));
     moefuse::moe_forward(cfg, x, w, out, logits, saved, fws);
+    if (keep) poison(l[1]), poison(l[3]);
     moefuse::MoeGrads grads = grads_of(gx, TensorView{}, TensorView{}, TensorView{});
     grads.gate_up_lora = {g[0], g[1]};
     grads.down_lora = {g[2], g[3]};
@@ -701,26 +709,34 @@ void expect_staged_adapters_match(ToDevice to_device, Values values, BlockLoraCa
                           fresh(scratch(moefuse::moe_backward_workspace_bytes(cfg, x, w, grads))));
     return std::pair{values(out), values(gx)};
   };
-  TensorView contiguous[4], contiguous_grads[4], strided[4], strided_grads[4];
-  std::vector<ExpertMinor> grads_f32;
+  TensorView contiguous[4], contiguous_grads[4], strided[4], strided_grads[4], kept_grads[4];
+  std::deque<ExpertMinor> grads_f32;
   for (int i = 0; i < 4; ++i) {
     contiguous[i] = to_device(rounded[i]->view());
     contiguous_grads[i] = fresh(Tensor(c.dtype, {c.E, dims[i][0], dims[i][1]}));
     strided[i] = to_device(f32[i].view);
-    grads_f32.emplace_back(Vec(raw[i].size(), std::nan("")), c.E, dims[i][0], dims[i][1]);
-    strided_grads[i] = to_device(grads_f32[i].view);
+    strided_grads[i] = to_device(grads_f32.emplace_back(Vec(raw[i].size(), std::nan("")), c.E, dims[i][0],
+                                                        dims[i][1]).view);
+    kept_grads[i] = to_device(grads_f32.emplace_back(Vec(raw[i].size(), std::nan("")), c.E, dims[i][0],
+                                                     dims[i][1]).view);
   }
-  const auto want = run(contiguous, contiguous_grads), got = run(strided, strided_grads);
-  EXPECT_EQ(got.first, want.first);
-  EXPECT_EQ(got.second, want.second);
-  for (int i = 0; i < 4; ++i) {
-    SCOPED_TRACE(i);
-    EXPECT_EQ(expert_major(values(strided_grads[i]), strided_grads[i]), values(contiguous_grads[i]));
+  const auto want = run(contiguous, contiguous_grads);
+  const auto got = run(strided, strided_grads), kept = run(strided, kept_grads, true);  // kept last: it poisons b
+  for (const auto* r : {&got, &kept}) {
+    SCOPED_TRACE(r == &kept ? "staged b kept" : "staged b in the workspace");
+    EXPECT_EQ(r->first, want.first);
+    EXPECT_EQ(r->second, want.second);
+    const TensorView* grads = r == &kept ? kept_grads : strided_grads;
+    for (int i = 0; i < 4; ++i) {
+      SCOPED_TRACE(i);
+      EXPECT_EQ(expert_major(values(grads[i]), grads[i]), values(contiguous_grads[i]));
+    }
   }
 }
 
 TEST(MoeBlockLoraStaging, StridedF32AdaptersMatchContiguous) {
-  expect_staged_adapters_match([](const TensorView& v) { return v; }, [](const TensorView& v) { return values(v); });
+  expect_staged_adapters_match([](const TensorView& v) { return v; }, [](const TensorView& v) { return values(v); },
+                               [](const TensorView& v) { std::memset(v.data, 0xff, v.nbytes()); });
 }
 
 // Adapters and gradients the staging cannot take are errors that name them.
@@ -730,10 +746,11 @@ TEST(MoeBlockLoraStaging, BadAdapters) {
   LoraBlock blk(c, rng);
   Vec v = rng.normals(c.E * 2 * c.I * c.r_up);
   ExpertMinor b(v, c.E, 2 * c.I, c.r_up);
-  auto forward = [&](TensorView a, TensorView bv) {
+  auto forward = [&](TensorView a, TensorView bv, TensorView staged_b = {}) {
     moefuse::MoeWeights w = blk.weights();
     w.gate_up_lora.a = a;
     w.gate_up_lora.b = bv;
+    w.gate_up_lora.staged_b = staged_b;
     moefuse::moe_forward_workspace_bytes(blk.config(), blk.x.view(), w);
   };
   EXPECT_NO_THROW(forward(blk.a_up.view(), b.view));
@@ -746,6 +763,13 @@ TEST(MoeBlockLoraStaging, BadAdapters) {
   TensorView wrong_rank = b.view;
   wrong_rank.shape[2] = c.r_up + 1;
   EXPECT_ERROR_NAMING(forward(blk.a_up.view(), wrong_rank), "lora.b");
+  // A room for the staged b: b's shape, contiguous, in the weights' dtype.
+  Tensor room(c.dtype, {c.E, 2 * c.I, c.r_up}), short_room(c.dtype, {c.E, 2 * c.I - 1, c.r_up}),
+      f32_room(DType::f32, {c.E, 2 * c.I, c.r_up});
+  EXPECT_NO_THROW(forward(blk.a_up.view(), b.view, room.view()));
+  EXPECT_ERROR_NAMING(forward(blk.a_up.view(), b.view, short_room.view()), "gate_up_lora.staged_b");
+  EXPECT_ERROR_NAMING(forward(blk.a_up.view(), b.view, f32_room.view()), "gate_up_lora.staged_b");
+  EXPECT_ERROR_NAMING(forward(blk.a_up.view(), b.view, b.view), "gate_up_lora.staged_b");
 
   // Gradients: shaped like their adapter, never overlapping themselves.
   blk.forward();
@@ -907,7 +931,9 @@ TEST(MoeBlockLoraStaging, CudaStridedF32AdaptersMatchContiguous) {
   DeviceArena arena;  // copies a strided view's storage and keeps its strides
   for (const BlockLoraCase& c : {kOddStaging, BlockLoraCase{33, 32, 16, 8, 2, 8, 16, DType::bf16}}) {
     SCOPED_TRACE(c.H);
-    expect_staged_adapters_match([&](const TensorView& v) { return arena.copy(v); }, device_values, c);
+    expect_staged_adapters_match([&](const TensorView& v) { return arena.copy(v); }, device_values,
+                                 [](const TensorView& v) { EXPECT_EQ(cudaMemset(v.data, 0xff, v.nbytes()), cudaSuccess); },
+                                 c);
   }
 }
 

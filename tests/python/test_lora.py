@@ -370,4 +370,4 @@ def test_binding_refuses_a_base_weight_gradient_with_an_adapter():
     grad_h = torch.randn(ids.numel(), 2 * I)
     with pytest.raises(ValueError, match="LoRA freezes the base weight"):
         _C.moe_linear_backward(arg, x, gate_up, True, None, grad_h, None, torch.empty_like(gate_up), None,
-                               _ops._workspace(x.device), lora=(gu_a, gu_b, scale, None))  # fmt: skip
+                               _ops._workspace(x.device), lora=(gu_a, gu_b, scale, None, None))  # fmt: skip
