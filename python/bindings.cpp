@@ -22,7 +22,8 @@ namespace {
 
 using Array = nb::ndarray<>;
 using OptArray = std::optional<Array>;
-// A stacked LoRA adapter crosses as (a, b, scale, u); a or b left None is reported by the op, u is optional.
+// A stacked LoRA adapter crosses as (a, b, scale, u, staged_b); a or b left None is reported by the op, u and
+// staged_b are optional.
 using OptLora = std::optional<std::tuple<OptArray, OptArray, float, OptArray, OptArray>>;
 
 moefuse::DType to_dtype(nb::dlpack::dtype t, const char* name) {

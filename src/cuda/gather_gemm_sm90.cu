@@ -170,7 +170,8 @@ __global__ void __launch_bounds__(kThreads, 1) gather_gemm(const __grid_constant
   constexpr int kTileN = SWIGLU ? BN / 2 : BN;  // output columns per tile
   // Phase 2 is launched as phase 1's programmatic dependent (launch): its blocks may start once every phase 1 block
   // runs, taking the SMs that phase 1's tail frees, and wait for phase 1 (griddepcontrol.wait) only at their last
-  // k-block, before they read low.
+  // k-block, before they read low. Every phase 2 block with rows waits, so phase 2 ends after phase 1 whenever phase 1
+  // has rows to write, and the kernels after it see both.
   if (p.phase == 1) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   int mt, nt;
   block_tile(p.phase, (p.n + kTileN - 1) / kTileN, mt, nt);
