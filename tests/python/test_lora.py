@@ -295,6 +295,26 @@ def test_backward_reads_the_forwards_low_rank_rows():
         assert ref[i].abs().sum() > 0 and got[i].abs().sum() == 0
 
 
+def test_backward_reads_the_b_its_forward_staged():
+    """A b the op stages (strided, as PEFT's lora_B views are) is kept in the saved state: with the original
+    overwritten between forward and backward, the backward gives what it gives untouched."""
+    x, _, gate_up, down = block_tensors()
+    ids, w = routing()
+    gu_a, gu_b, s1, dn_a, dn_b, s2 = lora_args()
+    expert_minor = lambda t: t.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    gu_b, dn_b = expert_minor(gu_b), expert_minor(dn_b)
+    lora = (gu_a, gu_b, s1, dn_a, dn_b, s2)
+    out, saved = ops.experts(x, ids, w, gate_up, down, *lora)
+    args = (torch.randn_like(out), x, w, gate_up, down, saved, [True] + [False] * 3 + [True] * 4)
+    want = ops.experts_backward(*args, *lora)
+    with torch.no_grad():
+        for b in (gu_b, dn_b):
+            b.fill_(float("nan"))
+    got = ops.experts_backward(*args, *lora)
+    for g, r in zip(got, want):
+        assert torch.equal(g, r)
+
+
 def test_experts_with_lora_match_merged_weights():
     """The adapters give what W + scale * b.a would, and their gradients are those through the merged weights."""
     x, _, gate_up, down = block_tensors(requires_grad=True)
