@@ -10,15 +10,17 @@ FLOPs are not counted). "extra GiB" is the peak memory of a forward+backward bey
 (inputs, weights, gradients of the previous step). "vs frozen" is a LoRA row's forward+backward time over the same
 impl's frozen forward+backward (forward+dX) time. Each step is timed alone (synchronised), so its time includes
 the GPU waiting for the host at its start; "GPU ms" (CUDA) leaves that out (Timer.gpu_only), and "vs frozen (GPU)"
-compares those.
+compares those. An impl's modes are built together and timed in turn, --rounds times (medians reported).
 
     python3 bench/bench_layer.py [--shape 30b|235b] [--tokens 4096,16384] [--impls ...] [--modes trained,frozen,lora]
+                                 [--rounds 5]
 """
 import argparse
+import statistics
 import sys
 
 import torch
-from timing import elapsed_ms, profile, result_row, save
+from timing import elapsed_ms, failed, profile, result_row, save
 
 IMPLS = ("dense", "moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager")
 LORA_IMPLS = ("moefuse_experts", "hf_grouped_mm")
@@ -36,6 +38,9 @@ def parse():
     p.add_argument("--modes", default="trained,frozen")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "f16", "f32"))
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each impl's modes this many times in turn and report the medians (the ratios between "
+                        "modes then do not move with the host's speed over the run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--profile", action="store_true",
@@ -124,7 +129,12 @@ def run_dense(T, shape, dtype, device, frozen, timer):
     return dict(fwd_ms=fwd, fwdbwd_ms=fwd + timer(bwd))
 
 
-def run_impl(impl, T, shape, dtype, device, mode, timer, ref, x0, y_ref, prof=False):
+def prepare(impl, T, shape, dtype, device, mode, ref, x0, y_ref, prof=False):
+    """One impl in one mode, ready to time: (its one-off figures: error against HF eager and the step's extra peak
+    memory, a timing function timer -> {fwd_ms, fwdbwd_ms[, fwdbwd_gpu_ms]})."""
+    if impl == "dense":
+        frozen = mode != "trained"
+        return {}, lambda timer: run_dense(T, shape, dtype, device, frozen, timer)
     fn, module = make(impl, shape, dtype, device, ref, lora=mode == "lora")
     for name, p in module.named_parameters():
         p.requires_grad_(mode == "trained" or (mode == "lora" and "lora_" in name))
@@ -132,24 +142,29 @@ def run_impl(impl, T, shape, dtype, device, mode, timer, ref, x0, y_ref, prof=Fa
     with torch.no_grad():
         y = fn(x0).float()
         r["rel_err"] = ((y - y_ref).norm() / y_ref.norm()).item()
-        r["fwd_ms"] = timer(lambda: fn(x0))
     x = x0.clone().requires_grad_(True)
     gy = torch.randn_like(x0)
     step = lambda: fn(x).backward(gy)
     step()
-    timer.sync()
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
-        timer.sync()
+        torch.cuda.synchronize()
         r["extra_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-    r["fwdbwd_ms"] = timer(step)
-    if device == "cuda":
-        r["fwdbwd_gpu_ms"] = timer.gpu_only(step)
     if prof:
         profile(step, device, f"{impl}, {mode}, T={T}")
-    return r
+
+    def times(timer):
+        with torch.no_grad():
+            t = {"fwd_ms": timer(lambda: fn(x0))}
+        t["fwdbwd_ms"] = timer(step)
+        if device == "cuda":
+            t["fwdbwd_gpu_ms"] = timer.gpu_only(step)
+        return t
+
+    return r, times
 
 
 def main():
@@ -168,20 +183,35 @@ def main():
         x0 = torch.randn(T, H, device=dev, dtype=dtype)
         with torch.no_grad():
             y_ref = ref(x0[None]).reshape(T, H).float()  # HF eager: the reference every impl is compared with
-        for mode in a.modes.split(","):
-            frozen = mode != "trained"
-            flops = 6.0 * T * k * H * I
-            for impl in a.impls.split(","):
+        flops = 6.0 * T * k * H * I
+        for impl in a.impls.split(","):
+            # An impl's modes are timed round by round, so that a drift of the host's speed (which moves a synchronised
+            # step's time by tenths of a millisecond over a run) falls on each of them alike.
+            runs = []  # (row, its timing function, its rounds' times)
+            for mode in a.modes.split(","):
                 if mode == "lora" and impl not in LORA_IMPLS:
                     continue
-                row = dict(shape=a.shape, T=T, mode=mode, impl=impl)
+                row, times = dict(shape=a.shape, T=T, mode=mode, impl=impl), None
+                try:
+                    extra, times = prepare(impl, T, shape, dtype, dev, mode, ref, x0, y_ref, a.profile)
+                    row.update(extra)
+                except Exception as e:
+                    failed(row, e)
+                runs.append((row, times, []))
+            for _ in range(a.rounds):
+                for row, times, rounds in runs:
+                    if "error" not in row:
+                        try:
+                            rounds.append(times(timer))
+                        except Exception as e:
+                            failed(row, e)
+            for row, _, rounds in runs:
                 with result_row(rows, row, dev == "cuda"):
-                    if impl == "dense":
-                        row.update(run_dense(T, shape, dtype, dev, frozen, timer))
-                    else:
-                        row.update(run_impl(impl, T, shape, dtype, dev, mode, timer, ref, x0, y_ref, a.profile))
-                    row["fwd_TFLOPs"] = flops / row["fwd_ms"] * 1e-9
-                    row["fwdbwd_TFLOPs"] = (2 if frozen else 3) * flops / row["fwdbwd_ms"] * 1e-9
+                    if "error" not in row:
+                        row.update({key: statistics.median(t[key] for t in rounds) for key in rounds[0]})
+                        row["fwd_TFLOPs"] = flops / row["fwd_ms"] * 1e-9
+                        row["fwdbwd_TFLOPs"] = (3 if row["mode"] == "trained" else 2) * flops / row["fwdbwd_ms"] * 1e-9
+            del runs  # this impl's modules, before the next impl's are built
     save(rows, a.json)
     print_table(rows)
 

@@ -56,15 +56,20 @@ def idle(prof, top=8):
         print(f"  {g:8.1f}  {a[:60]} -> {b[:60]}")
 
 
+def failed(row, e):
+    """Records exception e in a result row instead of ending the script: one failing implementation must not hide
+    the others' numbers."""
+    row["error"] = f"{type(e).__name__}: {e}"[:300]
+
+
 @contextmanager
 def result_row(rows, row, cuda):
-    """The block fills `row` with one run's results. A failure is recorded in it instead of ending the script (one
-    failing implementation must not hide the others' numbers). Then the GPU memory the run cached is given back (the
-    next run's peak memory is its own), and the row is printed as one JSON line and kept."""
+    """The block fills `row` with one run's results (a failure is recorded in it: failed). Then the GPU memory the run
+    cached is given back (the next run's peak memory is its own), and the row is printed as one JSON line and kept."""
     try:
         yield row
     except Exception as e:
-        row["error"] = f"{type(e).__name__}: {e}"[:300]
+        failed(row, e)
     if cuda:
         torch.cuda.empty_cache()
     print(json.dumps(row), flush=True)
