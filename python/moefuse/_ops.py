@@ -373,19 +373,21 @@ def _piece_views(saved, at, pieces, dtype):
     """Views of the pieces in `saved` from byte `at` on (None for an absent one): one view of their span as `dtype`,
     then each piece as a window of it. Two ops and one per piece, not three per piece: each torch op costs about 4 µs
     of the H200 host's time in a LoRA forward that the GPU waits for (bench/RESULTS.md, 2026-11-29 fourth)."""
-    spans = []
+    starts = []  # each piece's byte offset in saved (None for an absent one)
     for p in pieces:
-        if p is not None:
-            at = (at + _ALIGN - 1) // _ALIGN * _ALIGN
-            spans.append((at, p))
-            at += math.prod(p) * dtype.itemsize
-    if not spans:
+        if p is None:
+            starts.append(None)
+            continue
+        at = (at + _ALIGN - 1) // _ALIGN * _ALIGN
+        starts.append(at)
+        at += math.prod(p) * dtype.itemsize
+    first = next((b for b in starts if b is not None), None)
+    if first is None:
         return [None] * len(pieces)
-    first = spans[0][0]
     flat = saved[first:at].view(dtype)
-    views = iter([flat.as_strided(p, _contiguous_strides(p), flat.storage_offset() + (b - first) // dtype.itemsize)
-                  for b, p in spans])  # fmt: skip
-    return [None if p is None else next(views) for p in pieces]
+    base = flat.storage_offset() - first // dtype.itemsize  # the storage offset of byte 0 of saved, in elements
+    return [None if b is None else flat.as_strided(p, _contiguous_strides(p), base + b // dtype.itemsize)
+            for b, p in zip(starts, pieces)]  # fmt: skip
 
 
 def _contiguous_strides(shape):

@@ -418,8 +418,7 @@ bool moe_linear_forward_fused(const Plan& plan, const TensorView& x, const Tenso
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     const TensorView& rows = combine ? lw.rows : out;
-    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, lw.tiles,
-                         forward_gather_lora(lora, lw), s);
+    run_hopper_gather<T>(plan, x, gather, weight, rows, TensorView{}, lw.tiles, forward_gather_lora(lora, lw), s);
     if (lora.u.defined()) launch_zero_placeholders<T>(lora.u, plan, s);
     if (combine)
       launch_gather_sum<T>(rows, plan, combine_weights.ptr<float>(), 1.f, false, out, s);
@@ -449,8 +448,7 @@ void moe_linear_swiglu_forward(const Plan& plan, const TensorView& x, const Tens
                         : LoraRows{carve_forward(c, plan, weight, true, false).tiles, {}, {}};
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
-    run_hopper_gather<T>(plan, x, true, weight, h, a, lw.tiles,
-                         forward_gather_lora(lora, lw), s);
+    run_hopper_gather<T>(plan, x, true, weight, h, a, lw.tiles, forward_gather_lora(lora, lw), s);
     if (lora.u.defined()) launch_zero_placeholders<T>(lora.u, plan, s);
     launch_zero_placeholders<T>(h, plan, s);
     launch_zero_placeholders<T>(a, plan, s);
