@@ -9,8 +9,8 @@
 //
 // Two kernels share the tile schedule and the epilogue:
 //   - tensor cores (bf16/f16, inner dims multiple of 8, 16-byte aligned): 128x128x64 tiles, 8 warps of 64x32
-//     (128x32 or 32x128 when N or wgrad's M is at most 32: LoRA's rank side), mma.sync m16n8k16 with f32
-//     accumulators, ldmatrix from XOR-swizzled shared memory, 3-stage cp.async pipeline;
+//     (128x32 or 32x128 when N or wgrad's M is at most 32: LoRA's rank side; wgrad's 128x64 or 64x128 up to 64),
+//     mma.sync m16n8k16 with f32 accumulators, ldmatrix from XOR-swizzled shared memory, 3-stage cp.async pipeline;
 //   - SIMT (f32 or unaligned shapes): 64x64x16 tiles, 4x4 outputs per thread.
 // Grids are sized by upper bounds; surplus blocks exit at once.
 #pragma once
@@ -190,6 +190,11 @@ using NarrowN = Config<128, 32, 8>;
 // (bench/RESULTS.md, 2026-11-28 and 2026-11-29 second).
 using NarrowWgradN = Config<128, 32, 8, 2, 4>;
 using NarrowWgradM = Config<32, 128, 1, 2, 4>;
+// Ranks 33-64 took the wide tile, half of whose MMAs and loads then fell on padding: 64-wide tiles with 2-D warp
+// grids took the two gathered wgrads of the 30B layer from 496 to 311 µs at r = 64 (H200; all warps along one
+// dimension, as above: 336 µs and 8 bytes of spills; bench/RESULTS.md, 2026-11-29 fifth).
+using NarrowWgradN64 = Config<128, 64, 4, 2, 4>;
+using NarrowWgradM64 = Config<64, 128, 2, 2, 4>;
 
 template <bool TRANS>
 __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const void* p) {
@@ -614,6 +619,8 @@ void run_grouped_gemm(const GemmParams& p, std::int64_t rows, bool tensor_cores,
       if constexpr (KIND == GemmKind::wgrad) {
         if (p.n <= tc::NarrowWgradN::BN) return launch_tc<T, KIND, tc::NarrowWgradN>(p, rows, stream);
         if (p.m <= tc::NarrowWgradM::BM) return launch_tc<T, KIND, tc::NarrowWgradM>(p, rows, stream);
+        if (p.n <= tc::NarrowWgradN64::BN) return launch_tc<T, KIND, tc::NarrowWgradN64>(p, rows, stream);
+        if (p.m <= tc::NarrowWgradM64::BM) return launch_tc<T, KIND, tc::NarrowWgradM64>(p, rows, stream);
       } else if (p.n <= tc::NarrowN::BN && !p.epi.partial) {
         return launch_tc<T, KIND, tc::NarrowN>(p, rows, stream);
       }

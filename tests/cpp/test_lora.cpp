@@ -141,7 +141,9 @@ std::vector<LoraCase> lora_cases() {
     bool placeholders;
   };
   const Shape shapes[] = {{1, 1, 1, 24, 10, 1, false},   {7, 2, 3, 37, 17, 3, true},  {7, 1, 60, 37, 17, 16, false},
-                          {100, 2, 60, 24, 10, 16, true}, {100, 1, 3, 96, 48, 8, true}, {0, 2, 3, 37, 17, 4, false}};
+                          {100, 2, 60, 24, 10, 16, true}, {100, 1, 3, 96, 48, 8, true}, {0, 2, 3, 37, 17, 4, false},
+                          // several 64-row chunks an expert, a part-filled column tile, rank padded to 32 / 64
+                          {300, 3, 5, 200, 136, 24, true}, {150, 2, 4, 64, 56, 48, false}};
   std::vector<LoraCase> cases;
   for (DType dt : kFloatTypes)
     for (const auto& s : shapes)
