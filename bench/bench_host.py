@@ -60,7 +60,7 @@ def block_rows(device, dtype):
     for name, lora in (("HF block + moefuse experts, frozen", False), ("HF block + moefuse experts, PEFT LoRA", True)):
         m = hf_block(SHAPE, "moefuse", dtype, device, ref.state_dict())
         if lora:
-            m = add_lora(m, "moefuse_experts")
+            m = add_lora(m, "moefuse_experts", RANK)
         for n, p in m.named_parameters():
             p.requires_grad_(lora and "lora_" in n)
         fwd = lambda m=m: m(x).squeeze(0)  # as bench_layer.py: no zero-fill + copy in the backward

@@ -2,7 +2,7 @@
 and a dense cuBLAS GEMM pair doing the same FLOPs (the ceiling a grouped kernel aims at).
 
 Modes: trained (every weight gets a gradient), frozen (experts and router frozen: dX only), lora (experts frozen,
-PEFT LoRA r=16 on both expert projections through target_parameters; moefuse_experts runs it through
+PEFT LoRA of rank --lora-rank (16) on both expert projections through target_parameters; moefuse_experts runs it through
 moefuse.use_moefuse_lora, hf_grouped_mm through PEFT's own merged-weight path; other impls skip this mode).
 
 FLOPs: 6*T*k*H*I forward; x3 for forward+backward with every gradient; x2 with frozen experts or LoRA (the LoRA
@@ -13,7 +13,7 @@ the GPU waiting for the host at its start; "GPU ms" (CUDA) leaves that out (Time
 compares those. An impl's modes are built together and timed in turn, --rounds times (medians reported).
 
     python3 bench/bench_layer.py [--shape 30b|235b] [--tokens 4096,16384] [--impls ...] [--modes trained,frozen,lora]
-                                 [--rounds 5]
+                                 [--rounds 5] [--lora-rank 16]
 """
 import argparse
 import statistics
@@ -24,7 +24,6 @@ from timing import elapsed_ms, failed, profile, result_row, save
 
 IMPLS = ("dense", "moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager")
 LORA_IMPLS = ("moefuse_experts", "hf_grouped_mm")
-LORA_RANK = 16
 SHAPES = {"30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
           "235b": dict(hidden_size=4096, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8),
           "cpu": dict(hidden_size=1024, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4)}
@@ -41,6 +40,7 @@ def parse():
     p.add_argument("--rounds", type=int, default=1,
                    help="time each impl's modes this many times in turn and report the medians (the ratios between "
                         "modes then do not move with the host's speed over the run)")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the LoRA mode's adapters")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="write all results to this file")
     p.add_argument("--profile", action="store_true",
@@ -89,10 +89,10 @@ def hf_block(shape, impl, dtype, device, state=None):
     return m
 
 
-def add_lora(m, impl):
+def add_lora(m, impl, rank=16):
     """PEFT LoRA on both expert projections of an HF block, as users add it; only the adapters train."""
     from peft import LoraConfig, inject_adapter_in_model
-    cfg = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK,
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank,
                      target_parameters=["experts.gate_up_proj", "experts.down_proj"])
     m = inject_adapter_in_model(cfg, m)
     if impl == "moefuse_experts":
@@ -101,14 +101,15 @@ def add_lora(m, impl):
     return m
 
 
-def make(impl, shape, dtype, device, ref, lora=False):
-    """A callable x -> output tensor, and the modules whose parameters it trains."""
+def make(impl, shape, dtype, device, ref, lora_rank=0):
+    """A callable x -> output tensor, and the modules whose parameters it trains (with PEFT LoRA of lora_rank on the
+    experts, where that is not 0)."""
     if impl.startswith("hf_") or impl == "moefuse_experts":
         if impl == "moefuse_experts":  # HF's router + moefuse's experts, through the Transformers experts interface
             import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
         m = hf_block(shape, "moefuse" if impl == "moefuse_experts" else impl[3:], dtype, device, ref.state_dict())
-        if lora:
-            m = add_lora(m, impl)
+        if lora_rank:
+            m = add_lora(m, impl, lora_rank)
         # HF's block takes [batch, seq, hidden]; squeeze, not [0], whose backward would zero-fill and copy a [1, T, H]
         # gradient (0.07 ms at T=16384) that the anchors' harness does not pay
         return (lambda x: m(x[None]).squeeze(0)), m
@@ -129,13 +130,13 @@ def run_dense(T, shape, dtype, device, frozen, timer):
     return dict(fwd_ms=fwd, fwdbwd_ms=fwd + timer(bwd))
 
 
-def prepare(impl, T, shape, dtype, device, mode, ref, x0, y_ref, prof=False):
+def prepare(impl, T, shape, dtype, device, mode, ref, x0, y_ref, lora_rank=16, prof=False):
     """One impl in one mode, ready to time: (its one-off figures: error against HF eager and the step's extra peak
     memory, a timing function timer -> {fwd_ms, fwdbwd_ms[, fwdbwd_gpu_ms]})."""
     if impl == "dense":
         frozen = mode != "trained"
         return {}, lambda timer: run_dense(T, shape, dtype, device, frozen, timer)
-    fn, module = make(impl, shape, dtype, device, ref, lora=mode == "lora")
+    fn, module = make(impl, shape, dtype, device, ref, lora_rank if mode == "lora" else 0)
     for name, p in module.named_parameters():
         p.requires_grad_(mode == "trained" or (mode == "lora" and "lora_" in name))
     r = {}
@@ -192,8 +193,10 @@ def main():
                 if mode == "lora" and impl not in LORA_IMPLS:
                     continue
                 row, times = dict(shape=a.shape, T=T, mode=mode, impl=impl), None
+                if mode == "lora":
+                    row["lora_rank"] = a.lora_rank
                 try:
-                    extra, times = prepare(impl, T, shape, dtype, dev, mode, ref, x0, y_ref, a.profile)
+                    extra, times = prepare(impl, T, shape, dtype, dev, mode, ref, x0, y_ref, a.lora_rank, a.profile)
                     row.update(extra)
                 except Exception as e:
                     failed(row, e)
