@@ -3,13 +3,18 @@
 Importing moefuse registers it in transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS, so that
 `from_pretrained(..., experts_implementation="moefuse")` and `model.set_experts_implementation("moefuse")` select it.
 The router stays Transformers' own (router logits and the auxiliary loss are untouched); only the experts run here.
-Transformers 5.17 validates names against the registered keys, so registration is all it takes.
+Transformers 5.17 validates names against the registered keys, so registration is all it takes. Earlier v5 releases
+checked them against a fixed list of built-in names; there, importing moefuse also lets that check pass "moefuse"
+(_accept_name).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from transformers import PreTrainedModel
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -68,4 +73,24 @@ def compile_decoder_layers(model: torch.nn.Module, **compile_kwargs) -> torch.nn
     return model
 
 
+def _accept_name() -> None:
+    """Where Transformers' check of experts_implementation refuses "moefuse" (early v5 releases compared the name with
+    a fixed list, "eager", "grouped_mm" and "batched_mm", while their experts dispatch already read the registered
+    functions), wraps that check so that it returns "moefuse" for "moefuse" and is unchanged for every other name.
+    Releases that accept registered names are left as they are."""
+    check = PreTrainedModel.get_correct_experts_implementation
+    try:
+        check(None, NAME)  # the model is read only for "grouped_mm"
+        return
+    except ValueError:
+        pass
+
+    @functools.wraps(check)
+    def get_correct_experts_implementation(self, requested_experts):
+        return NAME if requested_experts == NAME else check(self, requested_experts)
+
+    PreTrainedModel.get_correct_experts_implementation = get_correct_experts_implementation
+
+
 ALL_EXPERTS_FUNCTIONS.register(NAME, moefuse_experts_forward)
+_accept_name()

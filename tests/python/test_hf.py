@@ -93,6 +93,29 @@ def test_from_pretrained_with_moefuse(tmp_path):
         torch.testing.assert_close(loaded(**batch()).logits, eager(**batch()).logits, **TOL)
 
 
+def test_releases_that_accept_only_built_in_names_take_moefuse(monkeypatch):
+    """Early Transformers v5 releases checked experts_implementation against a fixed list; importing moefuse then lets
+    "moefuse" through that check (and nothing else)."""
+    from transformers import PreTrainedModel
+
+    def fixed_list(self, requested_experts):  # such a release's check
+        name = "grouped_mm" if requested_experts is None else requested_experts
+        if name not in ("eager", "grouped_mm", "batched_mm"):
+            raise ValueError(f'Specified `experts_implementation="{name}"` is not supported.')
+        return name
+
+    monkeypatch.setattr(PreTrainedModel, "get_correct_experts_implementation", fixed_list)
+    with pytest.raises(ValueError, match="moefuse"):
+        tiny_model("moefuse")
+    moefuse.hf._accept_name()
+    model = tiny_model("eager")
+    model.set_experts_implementation("moefuse")
+    assert "moefuse::experts" in ops_run(model)
+    assert tiny_model("moefuse").config._experts_implementation == "moefuse"
+    with pytest.raises(ValueError, match="nonesuch"):
+        model.set_experts_implementation("nonesuch")
+
+
 def test_placeholder_expert_ids_contribute_nothing():
     experts = tiny_model("moefuse").model.layers[0].mlp.experts
     x = torch.randn(5, 64)
