@@ -2,8 +2,8 @@
 and a dense cuBLAS GEMM pair doing the same FLOPs (the ceiling a grouped kernel aims at).
 
 Modes: trained (every weight gets a gradient), frozen (experts and router frozen: dX only), lora (experts frozen,
-PEFT LoRA of rank --lora-rank (16) on both expert projections through target_parameters; moefuse_experts runs it through
-moefuse.use_moefuse_lora, hf_grouped_mm through PEFT's own merged-weight path; other impls skip this mode).
+PEFT LoRA of rank --lora-rank (16) on both expert projections through target_parameters; moefuse_experts runs it
+through moefuse.use_moefuse_lora, hf_grouped_mm through PEFT's own merged-weight path; other impls skip this mode).
 
 FLOPs: 6*T*k*H*I forward; x3 for forward+backward with every gradient; x2 with frozen experts or LoRA (the LoRA
 FLOPs are not counted). "extra GiB" is the peak memory of a forward+backward beyond what was allocated before it

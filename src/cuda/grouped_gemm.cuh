@@ -192,7 +192,7 @@ using NarrowWgradN = Config<128, 32, 8, 2, 4>;
 using NarrowWgradM = Config<32, 128, 1, 2, 4>;
 // Ranks 33-64 took the wide tile, half of whose MMAs and loads then fell on padding: 64-wide tiles with 2-D warp
 // grids took the two gathered wgrads of the 30B layer from 496 to 311 µs at r = 64 (H200; all warps along one
-// dimension, as above: 336 µs and 8 bytes of spills; bench/RESULTS.md, 2026-11-29 fifth).
+// dimension, as above: 336 µs, with a few bytes of spills; bench/RESULTS.md, 2026-11-29 fifth).
 using NarrowWgradN64 = Config<128, 64, 4, 2, 4>;
 using NarrowWgradM64 = Config<64, 128, 2, 2, 4>;
 
