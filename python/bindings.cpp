@@ -22,9 +22,12 @@ namespace {
 
 using Array = nb::ndarray<>;
 using OptArray = std::optional<Array>;
-// A stacked LoRA adapter crosses as (a, b, scale, u, staged_b); a or b left None is reported by the op, u and
-// staged_b are optional.
-using OptLora = std::optional<std::tuple<OptArray, OptArray, float, OptArray, OptArray>>;
+// A stacked LoRA adapter crosses as (a, b, scale, u, staged_b); a or b left None is reported by the op. u and
+// staged_b, optional, are the experts op's: byte offsets of the adapter's rows [T*k, r] and of b [E, out, r] as the
+// op stages it, in the op's saved state, which keeps them from forward to backward. Offsets rather than tensors:
+// views made in Python cost the host a torch op each.
+using OptOffset = std::optional<std::int64_t>;
+using OptLora = std::optional<std::tuple<OptArray, OptArray, float, OptOffset, OptOffset>>;
 
 moefuse::DType to_dtype(nb::dlpack::dtype t, const char* name) {
   using Code = nb::dlpack::dtype_code;
@@ -67,10 +70,28 @@ TensorView to_view(const Array& a, const char* name) {
 
 TensorView to_view(const OptArray& a, const char* name) { return a ? to_view(*a, name) : TensorView{}; }
 
-moefuse::Lora to_lora(const OptLora& l) {
+// The contiguous piece of `saved` at byte `offset` (undefined without one), of `shape` in `dtype`.
+TensorView saved_piece(const TensorView& saved, const OptOffset& offset, moefuse::DType dtype,
+                       std::initializer_list<std::int64_t> shape, const char* name) {
+  if (!offset) return {};
+  if (!saved.defined()) throw moefuse::Error(std::string("moefuse: ") + name + " must be None for this op");
+  const TensorView v =
+      moefuse::view(static_cast<std::byte*>(saved.data) + *offset, dtype, saved.device, shape);
+  if (*offset < 0 || *offset % 16 != 0 || static_cast<std::size_t>(*offset) + v.nbytes() > saved.nbytes())
+    throw moefuse::Error(std::string("moefuse: ") + name + " at byte " + std::to_string(*offset) + " does not fit " +
+                         "16-byte aligned in the saved state of " + std::to_string(saved.nbytes()) + " bytes");
+  return v;
+}
+
+// An adapter; u and staged_b as pieces of the experts op's saved state (rows: T*k; dtype: the weights').
+moefuse::Lora to_lora(const OptLora& l, const TensorView& saved = {}, std::int64_t rows = 0,
+                      moefuse::DType dtype = moefuse::DType::f32) {
   if (!l) return {};
-  return {to_view(std::get<0>(*l), "lora.a"), to_view(std::get<1>(*l), "lora.b"), std::get<2>(*l),
-          to_view(std::get<3>(*l), "lora.u"), to_view(std::get<4>(*l), "lora.staged_b")};
+  moefuse::Lora r{to_view(std::get<0>(*l), "lora.a"), to_view(std::get<1>(*l), "lora.b"), std::get<2>(*l)};
+  const TensorView &a = r.a, &b = r.b;
+  r.u = saved_piece(saved, std::get<3>(*l), dtype, {rows, a.shape[1]}, "lora.u");
+  r.staged_b = saved_piece(saved, std::get<4>(*l), dtype, {b.shape[0], b.shape[1], b.shape[2]}, "lora.staged_b");
+  return r;
 }
 
 void* to_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }
@@ -125,12 +146,13 @@ moefuse::MoeGrads to_grads(const OptArray& x, const OptArray& router, const OptA
   return {to_view(x, "grads.x"), to_view(router, "grads.router"), to_view(gate_up, "grads.gate_up"),
           to_view(down, "grads.down")};
 }
-// The experts' weights (no router) with their optional adapters.
+// The experts' weights (no router) with their optional adapters, whose u and staged_b are pieces of `saved` (rows:
+// the token-expert pairs).
 moefuse::MoeWeights to_expert_weights(const Array& gate_up, const Array& down, const OptLora& gate_up_lora,
-                                      const OptLora& down_lora) {
+                                      const OptLora& down_lora, const TensorView& saved, std::int64_t rows) {
   moefuse::MoeWeights w{TensorView{}, to_view(gate_up, "gate_up"), to_view(down, "down")};
-  w.gate_up_lora = to_lora(gate_up_lora);
-  w.down_lora = to_lora(down_lora);
+  w.gate_up_lora = to_lora(gate_up_lora, saved, rows, w.gate_up.dtype);
+  w.down_lora = to_lora(down_lora, saved, rows, w.gate_up.dtype);
   return w;
 }
 
@@ -261,19 +283,19 @@ NB_MODULE(_C, m) {
       },
       "h"_a, "grad_a"_a, "grad_h"_a, "stream"_a = 0, release);
 
-  // The experts alone (routing given from outside), each projection with an optional stacked LoRA (a, b, scale, u).
+  // The experts alone (routing given from outside), each projection with an optional stacked LoRA (to_lora).
   m.def("moe_experts_saved_bytes", &moefuse::moe_experts_saved_bytes, "cfg"_a, "tokens"_a, "dtype"_a);
   m.def(
       "moe_experts_forward",
       [](const moefuse::MoeConfig& cfg, const Array& x, const Array& topk_ids, const Array& topk_weights,
          const Array& gate_up, const Array& down, const Array& out, const Array& saved, const nb::callable& alloc,
          std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora) {
-        const TensorView xv = to_view(x, "x");
-        const moefuse::MoeWeights w = to_expert_weights(gate_up, down, gate_up_lora, down_lora);
+        const TensorView xv = to_view(x, "x"), ids = to_view(topk_ids, "topk_ids"), sv = to_view(saved, "saved");
+        const moefuse::MoeWeights w = to_expert_weights(gate_up, down, gate_up_lora, down_lora, sv, ids.numel());
         const Scratch ws = scratch(alloc, moefuse::moe_experts_forward_workspace_bytes(cfg, xv, w));
         nb::gil_scoped_release nogil;
-        moefuse::moe_experts_forward(cfg, xv, to_view(topk_ids, "topk_ids"), to_view(topk_weights, "topk_weights"), w,
-                                     to_view(out, "out"), to_view(saved, "saved"), ws.view, to_stream(stream));
+        moefuse::moe_experts_forward(cfg, xv, ids, to_view(topk_weights, "topk_weights"), w, to_view(out, "out"), sv,
+                                     ws.view, to_stream(stream));
       },
       "cfg"_a, "x"_a, "topk_ids"_a, "topk_weights"_a, "gate_up"_a, "down"_a, "out"_a, "saved"_a, "alloc"_a,
       "stream"_a = 0, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none());
@@ -289,12 +311,11 @@ NB_MODULE(_C, m) {
         grads.gate_up_lora = {to_view(grad_gate_up_a, "grads.gate_up_lora.a"),
                               to_view(grad_gate_up_b, "grads.gate_up_lora.b")};
         grads.down_lora = {to_view(grad_down_a, "grads.down_lora.a"), to_view(grad_down_b, "grads.down_lora.b")};
-        const TensorView xv = to_view(x, "x");
-        const moefuse::MoeWeights w = to_expert_weights(gate_up, down, gate_up_lora, down_lora);
+        const TensorView xv = to_view(x, "x"), wv = to_view(topk_weights, "topk_weights"), sv = to_view(saved, "saved");
+        const moefuse::MoeWeights w = to_expert_weights(gate_up, down, gate_up_lora, down_lora, sv, wv.numel());
         const Scratch ws = scratch(alloc, moefuse::moe_experts_backward_workspace_bytes(cfg, xv, w));
         nb::gil_scoped_release nogil;
-        moefuse::moe_experts_backward(cfg, xv, to_view(topk_weights, "topk_weights"), w, to_view(saved, "saved"),
-                                      to_view(grad_out, "grad_out"), grads,
+        moefuse::moe_experts_backward(cfg, xv, wv, w, sv, to_view(grad_out, "grad_out"), grads,
                                       to_view(grad_topk_weights, "grad_topk_weights"), ws.view, to_stream(stream));
       },
       "cfg"_a, "x"_a, "topk_weights"_a, "gate_up"_a, "down"_a, "saved"_a, "grad_out"_a, "grad_x"_a.none(),

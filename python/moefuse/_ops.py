@@ -348,7 +348,8 @@ run_moe_fused_linear = _with_autograd(moe_fused_linear, _moe_fused_linear_impl, 
 
 def _lora_arg(a, b, scale, u=None, staged_b=None):
     """The binding's (a, b, scale, u, staged_b), or None for no adapter (a or b alone is reported by the op). a and
-    b go as they are: the op stages strided or other-dtype adapters (PEFT's) itself."""
+    b go as they are: the op stages strided or other-dtype adapters (PEFT's) itself. u and staged_b are byte offsets
+    of the experts op's pieces in its saved state (_piece_offsets)."""
     if a is None and b is None:
         return None
     return (a, b, scale, u, staged_b)
@@ -369,33 +370,19 @@ def _pieces_bytes(pieces, itemsize):
     return sum(math.prod(p) * itemsize + _ALIGN for p in pieces if p is not None) + _ALIGN
 
 
-def _piece_views(saved, at, pieces, dtype):
-    """Views of the pieces in `saved` from byte `at` on (None for an absent one): one view of their span as `dtype`,
-    then each piece as a window of it. Two ops and one per piece, not three per piece: each torch op costs about 4 µs
-    of the H200 host's time in a LoRA forward that the GPU waits for (bench/RESULTS.md, 2026-11-29 fourth)."""
-    starts = []  # each piece's byte offset in saved (None for an absent one)
+def _piece_offsets(at, pieces, itemsize):
+    """Each piece's byte offset in the saved state, from byte `at` on, 256-byte aligned (None for an absent one). The
+    binding makes the views (to_lora in bindings.cpp): a view made here costs a torch op, 4 µs of the H200 host's
+    time in a LoRA forward that the GPU waits for (bench/RESULTS.md, 2026-11-29 fourth)."""
+    offsets = []
     for p in pieces:
         if p is None:
-            starts.append(None)
+            offsets.append(None)
             continue
         at = (at + _ALIGN - 1) // _ALIGN * _ALIGN
-        starts.append(at)
-        at += math.prod(p) * dtype.itemsize
-    first = next((b for b in starts if b is not None), None)
-    if first is None:
-        return [None] * len(pieces)
-    flat = saved[first:at].view(dtype)
-    base = flat.storage_offset() - first // dtype.itemsize  # the storage offset of byte 0 of saved, in elements
-    return [None if b is None else flat.as_strided(p, _contiguous_strides(p), base + b // dtype.itemsize)
-            for b, p in zip(starts, pieces)]  # fmt: skip
-
-
-def _contiguous_strides(shape):
-    strides, n = [], 1
-    for d in reversed(shape):
-        strides.append(n)
-        n *= d
-    return tuple(reversed(strides))
+        offsets.append(at)
+        at += math.prod(p) * itemsize
+    return offsets
 
 
 def _experts_saved_bytes(x, topk_weights, gate_up, pieces=()):
@@ -433,7 +420,7 @@ def _experts_impl(
     pieces = _lora_pieces(ids.numel(), gate_up, gate_up_a, gate_up_b, down_a, down_b)
     core, total = _experts_saved_bytes(x, w, gate_up, pieces)
     saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), total)
-    gu_u, dn_u, gu_b, dn_b = _piece_views(saved, core, pieces, gate_up.dtype)
+    gu_u, dn_u, gu_b, dn_b = _piece_offsets(core, pieces, gate_up.element_size())
     gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u, gu_b)
     dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u, dn_b)
     with _on(x.device):
@@ -479,7 +466,7 @@ def _experts_backward_impl(
     grad_out, x, w = grad_out.contiguous(), x.contiguous(), topk_weights.contiguous()
     gate_up, down, saved = gate_up.contiguous(), down.contiguous(), _realigned(saved)
     pieces = _lora_pieces(x.shape[0] * w.shape[1], gate_up, gate_up_a, gate_up_b, down_a, down_b)
-    gu_u, dn_u, gu_b, dn_b = _piece_views(saved, _experts_saved_bytes(x, w, gate_up)[0], pieces, gate_up.dtype)
+    gu_u, dn_u, gu_b, dn_b = _piece_offsets(_experts_saved_bytes(x, w, gate_up)[0], pieces, gate_up.element_size())
     gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u, gu_b)
     dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u, dn_b)
     grads = _experts_grads_like(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
