@@ -35,7 +35,8 @@ def _implementation(experts: torch.nn.Module):
 
 def _adapter(wrapper: peft_layer.ParamWrapper, active_adapters) -> str | None:
     """The one active adapter of `wrapper` (None when none is), or MoefuseError for what moefuse cannot run."""
-    adapters = [a for a in active_adapters if a in wrapper.lora_A]
+    mods = wrapper._modules  # its submodules without Module.__getattr__: this runs in every forward
+    adapters = [a for a in active_adapters if a in mods["lora_A"]]
     where = f"LoRA on experts.{wrapper.parameter_name}"
     if len(adapters) > 1:
         raise MoefuseError(f"moefuse: {where}: {len(adapters)} active adapters {adapters}; moefuse runs one at a time "
@@ -45,11 +46,19 @@ def _adapter(wrapper: peft_layer.ParamWrapper, active_adapters) -> str | None:
     name = adapters[0]
     if wrapper.use_dora.get(name, False):
         raise MoefuseError(f"moefuse: {where}: DoRA (use_dora=True) is not supported")
-    if not isinstance(wrapper.lora_dropout[name], torch.nn.Identity):
+    if not isinstance(mods["lora_dropout"][name], torch.nn.Identity):
         raise MoefuseError(f"moefuse: {where}: lora_dropout must be 0 (PEFT cannot apply it to parameters either)")
-    if wrapper.lora_B[name].bias is not None:
+    if mods["lora_B"][name].bias is not None:
         raise MoefuseError(f"moefuse: {where}: lora_bias=True is not supported")
     return name
+
+
+def _base_of(wrapper: torch.nn.Module) -> torch.nn.Module:
+    """The module under a stack of PEFT wrappers, as get_base_layer() finds it but without a hasattr (and so a
+    Module.__getattr__ and, at the bottom, a raised AttributeError) per level."""
+    while (inner := wrapper._modules.get("base_layer")) is not None:
+        wrapper = inner
+    return wrapper
 
 
 class _SumGradOver(torch.autograd.Function):
@@ -86,7 +95,7 @@ class ParamWrapper(peft_layer.ParamWrapper):
     """A PEFT ParamWrapper on a fused expert parameter whose adapter the "moefuse" experts function applies."""
 
     def forward(self, x, *args, **kwargs):
-        experts = self.get_base_layer()
+        experts = _base_of(self)
         if _implementation(experts) != NAME or "adapter_names" in kwargs or not self._plain():
             return super().forward(x, *args, **kwargs)  # PEFT's own path (merged, disabled, another implementation)
         # This wrapper and the plain moefuse wrappers nested in it hand their adapters over, then the experts module
@@ -97,7 +106,7 @@ class ParamWrapper(peft_layer.ParamWrapper):
             while isinstance(layer, ParamWrapper) and layer._plain():
                 if layer._hand(experts, handed):
                     names.append(layer.parameter_name)
-                layer = layer.base_layer
+                layer = layer._modules["base_layer"]
             return layer(x, *args, **kwargs)
         finally:
             for name in names:
@@ -115,9 +124,10 @@ class ParamWrapper(peft_layer.ParamWrapper):
             raise MoefuseError(f"moefuse: two PEFT wrappers adapt experts.{self.parameter_name} at once; moefuse runs "
                                "one adapter per parameter (merge or disable the other)")  # fmt: skip
         param = getattr(experts, self.parameter_name)  # get_param(), without walking the wrappers again
+        mods = self._modules  # as in _adapter
         # Views, no copies: the op stages PEFT's strided (and often f32) adapters into the weights' dtype itself, and
         # writes their gradients back into PEFT's layout.
-        lora = peft_stacked_views(self.lora_A[name].weight, self.lora_B[name].weight, tuple(param.shape),
+        lora = peft_stacked_views(mods["lora_A"][name].weight, mods["lora_B"][name].weight, tuple(param.shape),
                                   param_wrapper_layout(self))  # fmt: skip
         handed[self.parameter_name] = (*_expert_parallel_rows(param, lora), self.scaling[name])
         return True
