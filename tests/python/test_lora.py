@@ -391,3 +391,23 @@ def test_binding_refuses_a_base_weight_gradient_with_an_adapter():
     with pytest.raises(ValueError, match="LoRA freezes the base weight"):
         _C.moe_linear_backward(arg, x, gate_up, True, None, grad_h, None, torch.empty_like(gate_up), None,
                                _ops._workspace(x.device), lora=(gu_a, gu_b, scale, None, None))  # fmt: skip
+
+
+def test_binding_refuses_saved_pieces_that_do_not_fit():
+    """u and staged_b cross the binding as byte offsets into the experts op's saved state: one that is negative,
+    misaligned or past the state's end is an error, and the linear op, which has no saved state, takes none."""
+    from moefuse import _C, _ops
+
+    x, _, gate_up, down = block_tensors()
+    ids, w = routing()
+    gu_a, gu_b, scale, *_ = lora_args()
+    out, saved = ops.experts(x, ids, w, gate_up, down, gu_a, gu_b, scale)
+    core = _ops._experts_saved_bytes(x, w, gate_up)[0]
+    for offset in (-256, core + 4, saved.numel()):
+        with pytest.raises(ValueError, match="lora.u"):
+            _C.moe_experts_forward(_ops._config(gate_up, K, False), x, ids, w, gate_up, down, torch.empty_like(out),
+                                   saved, _ops._workspace(x.device), 0, (gu_a, gu_b, scale, offset, None), None)
+    plan, arg = _ops._make_plan(ids, E)  # plan owns the views in arg
+    with pytest.raises(ValueError, match="lora.u must be None"):
+        _C.moe_linear_forward(arg, x, gate_up, True, None, torch.empty(ids.numel(), 2 * I), _ops._workspace(x.device),
+                              lora=(gu_a, gu_b, scale, 0, None))  # fmt: skip
