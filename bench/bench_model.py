@@ -2,15 +2,15 @@
 Transformers + PEFT, for each experts implementation side by side: tokens/s and peak memory.
 
     python3 bench/bench_model.py [--layers 2] [--batch 4 --seq 4096] [--impls moefuse,grouped_mm,eager]
-                                 [--modes attn,attn_experts] [--compile no,layers] [--profile]
+                                 [--modes attn,attn_experts] [--compile no,layers] [--lora-rank 16] [--profile]
 
 --compile lists how each model runs: `no` (eager), `model` (torch.compile of the whole model) or `layers` (each
 decoder layer compiled: PyTorch's regional compilation); the first step compiles, timings start after it. Under
 `layers` Transformers builds the causal mask outside the compiled code, where it can see that the batch has no
 padding and skip it for SDPA's causal kernel; traced (`model`), it materialises the mask. Ratios are against
 grouped_mm run the same way, and against eager grouped_mm when that ran too.
-Modes: attn = LoRA r=16 on q/k/v/o with frozen experts; attn_experts = also LoRA on the experts through PEFT's
-target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
+Modes: attn = LoRA (rank --lora-rank, 16) on q/k/v/o with frozen experts; attn_experts = also LoRA on the experts
+through PEFT's target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
 """
 import argparse
 
@@ -28,6 +28,7 @@ def parse():
     p.add_argument("--impls", default="moefuse,grouped_mm,eager")
     p.add_argument("--modes", default="attn,attn_experts")
     p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--lora-rank", type=int, default=16, help="every adapter's rank (lora_alpha = 2 * rank)")
     p.add_argument("--json", default=None)
     p.add_argument("--compile", default="no", help="comma list of no | model | layers")
     p.add_argument("--profile", action="store_true",
@@ -43,7 +44,7 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=24, nu
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
 
 
-def model(impl, mode, layers, seq, shape, device):
+def model(impl, mode, layers, seq, shape, device, rank=16):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     torch.manual_seed(0)
@@ -52,7 +53,7 @@ def model(impl, mode, layers, seq, shape, device):
     c._experts_implementation = impl
     with torch.device(device):
         m = Qwen3MoeForCausalLM(c).to(torch.bfloat16 if device == "cuda" else torch.float32)
-    lora = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora = dict(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     if mode == "attn_experts":
         lora["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     m = get_peft_model(m, LoraConfig(**lora))
@@ -84,11 +85,11 @@ def main():
         if how not in ("no", "model", "layers"):
             raise SystemExit(f"--compile: {how!r} is not one of no, model, layers")
     for how, mode, impl in ((h, m, i) for h in hows for m in a.modes.split(",") for i in a.impls.split(",")):
-        r = dict(impl=impl, mode=mode, layers=a.layers, compiled=how)
+        r = dict(impl=impl, mode=mode, layers=a.layers, compiled=how, lora_rank=a.lora_rank)
         with result_row(rows, r, device == "cuda"):
             if how != "no":  # each model compiles from scratch: no recompile limit reached through another's frames
                 torch._dynamo.reset()
-            m = model(impl, mode, a.layers, a.seq, shape, device)
+            m = model(impl, mode, a.layers, a.seq, shape, device, a.lora_rank)
             ids = torch.randint(0, shape["vocab_size"], (a.batch, a.seq), device=device)
             step = step_fn(m, ids, how)
             step()
