@@ -75,12 +75,12 @@ TensorView saved_piece(const TensorView& saved, const OptOffset& offset, moefuse
                        std::initializer_list<std::int64_t> shape, const char* name) {
   if (!offset) return {};
   if (!saved.defined()) throw moefuse::Error(std::string("moefuse: ") + name + " must be None for this op");
-  const TensorView v =
-      moefuse::view(static_cast<std::byte*>(saved.data) + *offset, dtype, saved.device, shape);
-  if (*offset < 0 || *offset % 16 != 0 || static_cast<std::size_t>(*offset) + v.nbytes() > saved.nbytes())
+  std::size_t nbytes = moefuse::dtype_size(dtype);
+  for (const std::int64_t d : shape) nbytes *= static_cast<std::size_t>(d);
+  if (*offset < 0 || *offset % 16 != 0 || static_cast<std::size_t>(*offset) + nbytes > saved.nbytes())
     throw moefuse::Error(std::string("moefuse: ") + name + " at byte " + std::to_string(*offset) + " does not fit " +
                          "16-byte aligned in the saved state of " + std::to_string(saved.nbytes()) + " bytes");
-  return v;
+  return moefuse::view(static_cast<std::byte*>(saved.data) + *offset, dtype, saved.device, shape);
 }
 
 // An adapter; u and staged_b as pieces of the experts op's saved state (rows: T*k; dtype: the weights').

@@ -366,8 +366,9 @@ def _lora_pieces(rows, gate_up, gate_up_a, gate_up_b, down_a, down_b):
 
 
 def _pieces_bytes(pieces, itemsize):
-    """Their bytes, each 256-byte aligned (a bound that is linear in rows, as the fake needs)."""
-    return sum(math.prod(p) * itemsize + _ALIGN for p in pieces if p is not None) + _ALIGN
+    """Their bytes, each 256-byte aligned (a bound that is linear in rows, as the fake needs); 0 without any."""
+    sizes = [math.prod(p) * itemsize + _ALIGN for p in pieces if p is not None]
+    return sum(sizes) + _ALIGN if sizes else 0
 
 
 def _piece_offsets(at, pieces, itemsize):
@@ -390,8 +391,6 @@ def _experts_saved_bytes(x, topk_weights, gate_up, pieces=()):
     # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
     k = int(topk_weights.shape[1])
     core = _saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, k, False)
-    if not any(p is not None for p in pieces):
-        return core, core
     return core, core + _pieces_bytes(pieces, gate_up.element_size())
 
 
