@@ -19,6 +19,8 @@ rank ends with the whole gradient (PEFT's own path cannot run there: its W + B.A
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from peft.tuners.lora import layer as peft_layer
 
@@ -27,6 +29,9 @@ from .convert import StackedLora, param_wrapper_layout, peft_stacked_views
 from .hf import LORA_ATTR, NAME, check_layout
 
 _PARAMS = ("gate_up_proj", "down_proj")
+# wrapper -> (lora_A.weight, lora_B.weight, key, views) of its last forward (ParamWrapper._stacked). Beside the
+# modules, not in them: a copy.deepcopy or pickle of the model must not meet the views, which are not leaves.
+_KEPT_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _implementation(experts: torch.nn.Module):
@@ -124,13 +129,26 @@ class ParamWrapper(peft_layer.ParamWrapper):
             raise MoefuseError(f"moefuse: two PEFT wrappers adapt experts.{self.parameter_name} at once; moefuse runs "
                                "one adapter per parameter (merge or disable the other)")  # fmt: skip
         param = getattr(experts, self.parameter_name)  # get_param(), without walking the wrappers again
-        mods = self._modules  # as in _adapter
-        # Views, no copies: the op stages PEFT's strided (and often f32) adapters into the weights' dtype itself, and
-        # writes their gradients back into PEFT's layout.
-        lora = peft_stacked_views(mods["lora_A"][name].weight, mods["lora_B"][name].weight, tuple(param.shape),
-                                  param_wrapper_layout(self))  # fmt: skip
-        handed[self.parameter_name] = (*_expert_parallel_rows(param, lora), self.scaling[name])
+        handed[self.parameter_name] = (*_expert_parallel_rows(param, self._stacked(name, param)), self.scaling[name])
         return True
+
+    def _stacked(self, name: str, param: torch.Tensor) -> StackedLora:
+        """Adapter `name` as views of PEFT's weights, no copies (peft_stacked_views): the op stages PEFT's strided (and
+        often f32) adapters into the weights' dtype itself, and writes their gradients back into PEFT's layout.
+        The views of one forward serve the next while the weights are the same tensors over the same storage and
+        autograd records them alike: making them cost an HF block's LoRA forward 13 µs of host time on this project's
+        2-core machine (bench/RESULTS.md), time that a single layer step's GPU waits for."""
+        mods = self._modules  # as in _adapter
+        a, b = mods["lora_A"][name].weight, mods["lora_B"][name].weight
+        if torch.compiler.is_compiling():
+            return peft_stacked_views(a, b, tuple(param.shape), param_wrapper_layout(self))
+        key = (a.data_ptr(), b.data_ptr(), a.requires_grad, b.requires_grad, torch.is_grad_enabled(), param.shape)
+        kept = _KEPT_VIEWS.get(self)
+        if kept is not None and kept[0] is a and kept[1] is b and kept[2] == key:
+            return kept[3]
+        views = peft_stacked_views(a, b, tuple(param.shape), param_wrapper_layout(self))
+        _KEPT_VIEWS[self] = (a, b, key, views)
+        return views
 
 
 def use_moefuse_lora(model: torch.nn.Module) -> torch.nn.Module:

@@ -139,6 +139,43 @@ def test_adamw_steps_track_peft():
     assert losses["peft"][-1] < losses["peft"][0]
 
 
+def test_views_kept_between_forwards_follow_the_adapters():
+    """The wrappers keep their adapter views from one forward to the next (ParamWrapper._stacked): a forward without
+    grad, new storage, a new weight, another active adapter or a copy of the model must not meet stale views."""
+    from peft import LoraConfig
+
+    fused, ref = moefuse_and_peft()
+
+    def agree():
+        out_r, grads_r = forward_backward(ref)
+        out_f, grads_f = forward_backward(fused)
+        torch.testing.assert_close(out_f.logits, out_r.logits, **TOL)
+        assert grads_f.keys() == grads_r.keys()
+        for name in grads_r:
+            torch.testing.assert_close(grads_f[name], grads_r[name], rtol=1e-3, atol=1e-5, msg=name)
+
+    with torch.no_grad():  # views made without autograd, then a training step
+        fused(**batch())
+    agree()
+    for model in (fused, ref):
+        w = expert_wrappers(model)[0]
+        w.lora_B["default"].weight.data = w.lora_B["default"].weight.data * 2  # new storage
+        w = expert_wrappers(model)[-1]
+        w.lora_A["default"].weight = torch.nn.Parameter(w.lora_A["default"].weight.detach() - 0.1)  # a new weight
+    agree()
+    for model in (fused, ref):
+        model.add_adapter("other", LoraConfig(r=2, lora_alpha=3, target_parameters=BOTH))
+        model.set_adapter("other")
+        with torch.no_grad():  # the same values in both models (PEFT initialises A at random, B to zero)
+            for name, p in model.named_parameters():
+                if ".other." in name:
+                    p.copy_(torch.linspace(-0.3, 0.3, p.numel()).reshape(p.shape))
+    moefuse.use_moefuse_lora(fused)
+    agree()
+    fused, ref = copy.deepcopy(fused), copy.deepcopy(ref)
+    agree()
+
+
 @torch.no_grad()
 def test_save_reload_and_merge_and_unload(tmp_path):
     from peft import PeftModel
