@@ -254,20 +254,22 @@ Sizing sizing(const MoeConfig& c, const TensorView& x) {
   return {{s.plan, s.h}, s.topk_weights};
 }
 
-void stage_adapters(const char* op, const MoeWeights& w, const Lora& gate_up, const Lora& down, bool backward,
-                    void* stream) {
-  const auto b = [&](const Lora& given, const Lora& s) { return backward && kept(given, s) ? TensorView{} : s.b; };
-  copy_staged(op, {{w.gate_up_lora.a, gate_up.a}, {w.gate_up_lora.b, b(w.gate_up_lora, gate_up)},
-                   {w.down_lora.a, down.a}, {w.down_lora.b, b(w.down_lora, down)}}, stream);
+// Stages an adapter as given into `staged` (its view as the kernels read it); a backward leaves b where its forward
+// kept it.
+void stage_adapter(const char* op, const Lora& given, const Lora& staged, bool backward, void* stream) {
+  copy_staged(op, {{given.a, staged.a}, {given.b, backward && kept(given, staged) ? TensorView{} : staged.b}}, stream);
 }
 
 void experts_forward(const TensorView& x, const MoeWeights& w, const TensorView& topk_ids,
                      const TensorView& topk_weights, const ExpertsSaved& s, const ForwardWork& f,
                      const TensorView& out, void* stream) {
   const char* op = "moe_forward";
-  stage_adapters(op, w, f.gate_up_lora, f.down_lora, false, stream);
   BACKEND(op, x.device, routing_plan, topk_ids, s.plan, f.scratch, stream);
+  // Each adapter is staged just before its projection: a layer step's GPU waits for the host until the first GEMM
+  // is issued, and the down adapter's copies need not come before it.
+  stage_adapter(op, w.gate_up_lora, f.gate_up_lora, false, stream);
   moe_linear_swiglu_forward(s.plan, x, w.gate_up, f.gate_up_lora, s.h, f.a, f.scratch, stream);
+  stage_adapter(op, w.down_lora, f.down_lora, false, stream);
   moe_linear_forward(s.plan, f.a, w.down, f.down_lora, false, topk_weights, out, f.scratch, stream);
 }
 
@@ -294,7 +296,8 @@ void experts_backward(const TensorView& x, const MoeWeights& w, const TensorView
   const char* op = "moe_backward";
   const bool need_grad_h = grads.x.defined() || grads.gate_up.defined() || any(grads.gate_up_lora);
   if (!need_grad_h && !grads.down.defined() && !any(grads.down_lora) && !grad_topk_weights.defined()) return;
-  stage_adapters(op, w, b.gate_up_lora, b.down_lora, true, stream);
+  stage_adapter(op, w.gate_up_lora, b.gate_up_lora, true, stream);
+  stage_adapter(op, w.down_lora, b.down_lora, true, stream);
   const LoraGrads& gu = grads.gate_up_lora, &dn = grads.down_lora;
   const LoraGrads gate_up_grads{grad_target(gu.a, b.gate_up_grads.a, x.dtype),
                                 grad_target(gu.b, b.gate_up_grads.b, x.dtype)},
