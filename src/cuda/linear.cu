@@ -528,6 +528,8 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   const bool rows_up = rows_grad_a && up && up->u.defined() && up->grad_b.defined() &&
                        up->u.dtype == weight.dtype && up->grad_b.dtype == weight.dtype &&
                        up->u.shape[1] % 8 == 0 && up->u.shape[1] <= 64 && all_aligned({up->u.data, up->grad_b.data});
+  // The down adapter's w * u for its grad B, from the forward's u, in the row pass too.
+  const bool uw_in_rows = rows_grad_a && grad_lora.b.defined() && lora.u.defined();
   const int slices = lora_swiglu_rows_slices(in_f);
   detail::Carver c(workspace.device);
   const auto carve = [&](detail::Carver& cv) {
@@ -565,7 +567,9 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
       lora_swiglu_rows(plan, ws.rows, h, cw, lora_sorted_gb(plan, lora, ws.lora), grad_lora.a,
                        grad_lora.b.defined() && !lora.u.defined(), rows_up ? up->u : TensorView{},
                        rows_up ? up->grad_b : TensorView{}, grad_h,
-                       grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w, s);
+                       grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w,
+                       uw_in_rows ? lora.u : TensorView{},
+                       uw_in_rows ? lora_sorted_uw(plan, lora, ws.lora) : TensorView{}, s);
       if (rows_up) up->done = true;
       if (grad_h.defined()) launch_zero_placeholders<T>(grad_h, plan, s);
       if (grad_combine_weights.defined() && m > 0) {
@@ -588,7 +592,8 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
                              static_cast<int>(out_f), static_cast<int>(in_f), 0},
                             weight.device, ws.sm90.data, s);
     const LoraGrads rest{rows_grad_a ? TensorView{} : grad_lora.a, grad_lora.b};
-    if (lora_grads) lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, rest, ws.lora, s);
+    if (lora_grads)
+      lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, rest, ws.lora, uw_in_rows, s);
   });
   return true;
 }

@@ -218,9 +218,10 @@ SortedWorkspace carve_sorted(detail::Carver& c, const Plan& plan, const Lora& lo
 
 template <class T>
 void sorted_grads_impl(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
-                       const TensorView& cw, const LoraGrads& grad_lora, const SortedWorkspace& ws, cudaStream_t s) {
+                       const TensorView& cw, const LoraGrads& grad_lora, const SortedWorkspace& ws, bool uw_formed,
+                       cudaStream_t s) {
   const bool tc = use_tensor_cores(lora, {g.data, wa.data, lora.a.data, grad_lora.a.data, grad_lora.b.data});
-  if (grad_lora.b.defined()) {
+  if (grad_lora.b.defined() && !uw_formed) {
     // uw = s * wa . A[e]^T: the forward's u weighted, or from wa
     if (lora.u.defined())
       launch_lora_rows<T>(plan, lora.u, ws.uw, TensorView{}, cw, TensorView{}, 1.f, s);
@@ -306,13 +307,18 @@ TensorView lora_sorted_gb(const Plan& plan, const Lora& lora, const TensorView& 
   return carve_sorted(c, plan, lora).gb;
 }
 
+TensorView lora_sorted_uw(const Plan& plan, const Lora& lora, const TensorView& workspace) {
+  detail::Carver c(workspace);
+  return carve_sorted(c, plan, lora).uw;
+}
+
 void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
                        const TensorView& combine_weights, const LoraGrads& grad_lora, const TensorView& workspace,
-                       cudaStream_t stream) {
+                       bool uw_formed, cudaStream_t stream) {
   detail::Carver c(workspace);
   const SortedWorkspace ws = carve_sorted(c, plan, lora);
   dispatch_float(lora.a.dtype, [&](auto tag) {
-    sorted_grads_impl<decltype(tag)>(plan, lora, g, gather_g, wa, combine_weights, grad_lora, ws, stream);
+    sorted_grads_impl<decltype(tag)>(plan, lora, g, gather_g, wa, combine_weights, grad_lora, ws, uw_formed, stream);
   });
 }
 

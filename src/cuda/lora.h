@@ -16,8 +16,10 @@
 // when gather_g): rows = the dgrad rows [M, in] before the row pass, and wa = w * a [M, in], which the row pass leaves
 // in rows. lora_sorted_workspace_bytes sizes the workspace of both calls below:
 //   lora_sorted_gb (for the dgrad):  where the kernel leaves gb = s * g . B[e]
-//   lora_sorted_grads (after the row pass):  grad B[e] = g^T . (s * wa . A[e]^T), that is w * lora.u when the
-//     forward left u there;  grad A[e] = gb^T . wa, unless the row pass summed it (lora_swiglu_rows, below)
+//   lora_sorted_uw (for the row pass):  where the row pass may leave uw = w * lora.u
+//   lora_sorted_grads (after the row pass):  grad B[e] = g^T . uw, uw = s * wa . A[e]^T, that is w * lora.u when
+//     the forward left u there (formed here unless uw_formed: the row pass left it);  grad A[e] = gb^T . wa, unless
+//     the row pass summed it (lora_swiglu_rows, below)
 // The row pass then gives the adapter's share of grad_h and of the combine-weight gradient (<rows, a>) with the
 // base's.
 #pragma once
@@ -43,19 +45,22 @@ void lora_backward_grads(const Plan& plan, const TensorView& x, const Lora& lora
 
 std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora);
 TensorView lora_sorted_gb(const Plan& plan, const Lora& lora, const TensorView& workspace);
+TensorView lora_sorted_uw(const Plan& plan, const Lora& lora, const TensorView& workspace);
 void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
                        const TensorView& combine_weights, const LoraGrads& grad_lora, const TensorView& workspace,
-                       cudaStream_t stream);
+                       bool uw_formed, cudaStream_t stream);
 
 // The row pass itself with grad A[e] = gb^T . (w * a) summed in it (lora_rows.cu), so that the down adapter's grad A
 // needs no w * a rows: grad_h = dswiglu(h, w * rows) where given, the row dots' partials [M, slices] for
 // reduce_row_dots where `dots` is defined, and w * a written over rows only when keep_wa (for a grad B formed from
 // it). With up_u [M, r'] (the up projection adapter's u, r' a multiple of 8 up to 64) also
-// grad_up_b[e] = grad_h^T . up_u, [E, 2I, r']. sorted_w [M] is scratch. Placeholder rows are left alone.
+// grad_up_b[e] = grad_h^T . up_u, [E, 2I, r']. With down_u (the down adapter's u, as lora.u) also its rows w * u
+// into down_uw (lora_sorted_uw). sorted_w [M] is scratch. Placeholder rows are left alone.
 int lora_swiglu_rows_slices(std::int64_t inter);
 void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
                       const TensorView& gb, const TensorView& grad_a, bool keep_wa, const TensorView& up_u,
                       const TensorView& grad_up_b, const TensorView& grad_h, const TensorView& dots,
-                      const TensorView& sorted_w, cudaStream_t s);
+                      const TensorView& sorted_w, const TensorView& down_u, const TensorView& down_uw,
+                      cudaStream_t s);
 
 }  // namespace moefuse::cuda

@@ -8,7 +8,8 @@
 // thread forms 8 columns of one row (grad_h to memory, w * a and grad_h to shared memory); then mma.sync adds the
 // chunk (K = its 32 rows): each warp 8 columns of gb^T . (w * a) (M = rank) and 16 of the block's 128 grad_h columns
 // of grad_h^T . u (N = rank). One block sums an expert's rows in a fixed order, so the result is deterministic; an
-// expert without rows gets zeros.
+// expert without rows gets zeros. Given the down adapter's u, each expert's first block also writes its rows w * u
+// (for that adapter's grad B), which a kernel of their own took 25 µs to do.
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.cuh"
@@ -48,6 +49,8 @@ struct Args {
   const T* up_u;  // [M, up_rank]: the up projection adapter's u = s * x . A[e]^T, or null
   int up_rank;
   T* grad_up_b;   // [E, 2I, up_rank]
+  const T* down_u;  // [M, rank]: the down adapter's u, or null
+  T* down_uw;       // [M, rank]: where w * u goes
 };
 
 // sorted_w[pos] = w[sorted_pairs[pos]] for the routed rows.
@@ -179,6 +182,15 @@ __global__ void __launch_bounds__(kThreads, 2) swiglu_rows_lora_grads(const Args
         *reinterpret_cast<std::uint32_t*>(p.grad_a + (static_cast<std::int64_t>(e) * p.rank + q) * inter + cc) =
             pack2<T>(acc[mi][2 * half], acc[mi][2 * half + 1]);
     }
+  if (p.down_uw && slice == 0) {
+    const int pairs = p.rank / 2;
+    for (std::int64_t i = tid; i < static_cast<std::int64_t>(end - start) * pairs; i += kThreads) {
+      const std::int64_t s = start + i / pairs, at = s * p.rank + i % pairs * 2;
+      const float w = p.sorted_w[s];
+      *reinterpret_cast<std::uint32_t*>(p.down_uw + at) =
+          pack2<T>(w * to_f32(p.down_u[at]), w * to_f32(p.down_u[at + 1]));
+    }
+  }
   // acc_b (ni, c): grad_h column 16 warp + lane / 4 (+ 8 for c >= 2) of the block's 128,
   // q = 8 ni + 2 (lane % 4) + c % 2.
   if constexpr (RB > 0) {
@@ -215,7 +227,8 @@ int lora_swiglu_rows_slices(std::int64_t inter) { return static_cast<int>(ceil_d
 void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
                       const TensorView& gb, const TensorView& grad_a, bool keep_wa, const TensorView& up_u,
                       const TensorView& grad_up_b, const TensorView& grad_h, const TensorView& dots,
-                      const TensorView& sorted_w, cudaStream_t s) {
+                      const TensorView& sorted_w, const TensorView& down_u, const TensorView& down_uw,
+                      cudaStream_t s) {
   const std::int64_t m = plan.tokens * plan.top_k, inter = rows.shape[1];
   if (plan.experts == 0) return;
   if (m > 0) {
@@ -233,7 +246,9 @@ void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView
                          keep_wa ? rows.ptr<T>() : nullptr,
                          dots.defined() ? dots.ptr<float>() : nullptr, gb.ptr<T>(), rank, grad_a.ptr<T>(),
                          up_u.defined() ? up_u.ptr<T>() : nullptr, up_rank,
-                         grad_up_b.defined() ? grad_up_b.ptr<T>() : nullptr};
+                         grad_up_b.defined() ? grad_up_b.ptr<T>() : nullptr,
+                         down_u.defined() ? down_u.ptr<T>() : nullptr,
+                         down_uw.defined() ? down_uw.ptr<T>() : nullptr};
       with_rank(rank, [&](auto ra) {
         if constexpr (decltype(ra)::value > 0)
           with_rank(up_rank, [&](auto rb) {
