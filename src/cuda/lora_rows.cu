@@ -8,8 +8,8 @@
 // thread forms 8 columns of one row (grad_h to memory, w * a and grad_h to shared memory); then mma.sync adds the
 // chunk (K = its 32 rows): each warp 8 columns of gb^T . (w * a) (M = rank) and 16 of the block's 128 grad_h columns
 // of grad_h^T . u (N = rank). One block sums an expert's rows in a fixed order, so the result is deterministic; an
-// expert without rows gets zeros. Given the down adapter's u, each expert's first block also writes its rows w * u
-// (for that adapter's grad B), which a kernel of their own took 25 µs to do.
+// expert without rows gets zeros. Given the down adapter's u, the expert's blocks also write its rows w * u (for that
+// adapter's grad B), which a kernel of their own took 25 µs to do.
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.cuh"
@@ -102,6 +102,18 @@ __global__ void __launch_bounds__(kThreads, 2) swiglu_rows_lora_grads(const Args
     if (s < chunks) load(s, s);
     cp_async_commit();
   }
+  // The down adapter's w * u while the first chunks arrive, spread over all the expert's blocks (in one block per
+  // expert, at its end, it drew the pass out by as much as it saved).
+  if (p.down_uw) {
+    const int pairs = p.rank / 2;
+    const std::int64_t n = static_cast<std::int64_t>(end - start) * pairs, step = std::int64_t{p.slices} * kThreads;
+    for (std::int64_t i = std::int64_t{slice} * kThreads + tid; i < n; i += step) {
+      const std::int64_t s = start + i / pairs, at = s * p.rank + i % pairs * 2;
+      const float w = p.sorted_w[s];
+      *reinterpret_cast<std::uint32_t*>(p.down_uw + at) =
+          pack2<T>(w * to_f32(p.down_u[at]), w * to_f32(p.down_u[at + 1]));
+    }
+  }
   for (int i = 0; i < chunks; ++i) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // chunk i is in; every warp is done with chunk i - 1's stage and with sm.wa
@@ -182,15 +194,6 @@ __global__ void __launch_bounds__(kThreads, 2) swiglu_rows_lora_grads(const Args
         *reinterpret_cast<std::uint32_t*>(p.grad_a + (static_cast<std::int64_t>(e) * p.rank + q) * inter + cc) =
             pack2<T>(acc[mi][2 * half], acc[mi][2 * half + 1]);
     }
-  if (p.down_uw && slice == 0) {
-    const int pairs = p.rank / 2;
-    for (std::int64_t i = tid; i < static_cast<std::int64_t>(end - start) * pairs; i += kThreads) {
-      const std::int64_t s = start + i / pairs, at = s * p.rank + i % pairs * 2;
-      const float w = p.sorted_w[s];
-      *reinterpret_cast<std::uint32_t*>(p.down_uw + at) =
-          pack2<T>(w * to_f32(p.down_u[at]), w * to_f32(p.down_u[at + 1]));
-    }
-  }
   // acc_b (ni, c): grad_h column 16 warp + lane / 4 (+ 8 for c >= 2) of the block's 128,
   // q = 8 ni + 2 (lane % 4) + c % 2.
   if constexpr (RB > 0) {
