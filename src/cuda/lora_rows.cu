@@ -9,7 +9,7 @@
 // chunk (K = its 32 rows): each warp 8 columns of gb^T . (w * a) (M = rank) and 16 of the block's 128 grad_h columns
 // of grad_h^T . u (N = rank). One block sums an expert's rows in a fixed order, so the result is deterministic; an
 // expert without rows gets zeros. Given the down adapter's u, the expert's blocks also write its rows w * u (for that
-// adapter's grad B), which a kernel of their own took 25 µs to do.
+// adapter's grad B), which took a kernel of its own 25 µs on the H200.
 #include "cuda/async_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.cuh"
@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(kThreads, 2) swiglu_rows_lora_grads(const Args
     if (s < chunks) load(s, s);
     cp_async_commit();
   }
-  // The down adapter's w * u while the first chunks arrive, spread over all the expert's blocks (in one block per
-  // expert, at its end, it drew the pass out by as much as it saved).
+  // The down adapter's w * u while the first chunks arrive, spread over all the expert's blocks (done by one block
+  // per expert, at its end, it lengthened the pass by as much as it saved).
   if (p.down_uw) {
     const int pairs = p.rank / 2;
     const std::int64_t n = static_cast<std::int64_t>(end - start) * pairs, step = std::int64_t{p.slices} * kThreads;
