@@ -24,7 +24,7 @@ import weakref
 import torch
 from peft.tuners.lora import layer as peft_layer
 
-from ._ops import MoefuseError
+from ._ops import _PLAIN_TENSORS, MoefuseError
 from .convert import StackedLora, param_wrapper_layout, peft_stacked_views
 from .hf import LORA_ATTR, NAME, check_layout
 
@@ -140,8 +140,8 @@ class ParamWrapper(peft_layer.ParamWrapper):
         2-core machine (bench/RESULTS.md), time that a single layer step's GPU waits for."""
         mods = self._modules  # as in _adapter
         a, b = mods["lora_A"][name].weight, mods["lora_B"][name].weight
-        if torch.compiler.is_compiling():
-            return peft_stacked_views(a, b, tuple(param.shape), param_wrapper_layout(self))
+        if torch.compiler.is_compiling() or type(a) not in _PLAIN_TENSORS or type(b) not in _PLAIN_TENSORS:
+            return peft_stacked_views(a, b, tuple(param.shape), param_wrapper_layout(self))  # traced, fake, DTensor
         key = (a.data_ptr(), b.data_ptr(), a.requires_grad, b.requires_grad, torch.is_grad_enabled(), param.shape)
         kept = _KEPT_VIEWS.get(self)
         if kept is not None and kept[0] is a and kept[1] is b and kept[2] == key:

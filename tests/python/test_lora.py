@@ -176,6 +176,22 @@ def test_views_kept_between_forwards_follow_the_adapters():
     agree()
 
 
+def test_fake_adapters_are_not_kept():
+    """Fake (or other subclass) adapter weights get fresh views and no data pointer is read from them."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fused, _ = moefuse_and_peft()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    params = {n: mode.from_tensor(p) for n, p in fused.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*data pointer of FakeTensor")
+        with mode:
+            out = torch.func.functional_call(fused, params, kwargs=batch())
+    assert out.logits.shape[-1] == fused.config.vocab_size
+
+
 @torch.no_grad()
 def test_save_reload_and_merge_and_unload(tmp_path):
     from peft import PeftModel
