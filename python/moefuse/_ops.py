@@ -386,6 +386,13 @@ def _piece_offsets(at, pieces, itemsize):
     return offsets
 
 
+def _adapter_args(core, pieces, itemsize, gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale):
+    """The binding's two adapters (_lora_arg), their pieces at their offsets past the saved state's `core` bytes."""
+    gu_u, dn_u, gu_b, dn_b = _piece_offsets(core, pieces, itemsize)
+    return (_lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u, gu_b),
+            _lora_arg(down_a, down_b, down_scale, dn_u, dn_b))  # fmt: skip
+
+
 def _experts_saved_bytes(x, topk_weights, gate_up, pieces=()):
     """(the core's part, the whole) of the experts op's saved state; `pieces` as _lora_pieces gives them."""
     # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
@@ -419,9 +426,8 @@ def _experts_impl(
     pieces = _lora_pieces(ids.numel(), gate_up, gate_up_a, gate_up_b, down_a, down_b)
     core, total = _experts_saved_bytes(x, w, gate_up, pieces)
     saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), total)
-    gu_u, dn_u, gu_b, dn_b = _piece_offsets(core, pieces, gate_up.element_size())
-    gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u, gu_b)
-    dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u, dn_b)
+    gu_lora, dn_lora = _adapter_args(core, pieces, gate_up.element_size(), gate_up_a, gate_up_b, gate_up_scale, down_a,
+                                     down_b, down_scale)  # fmt: skip
     with _on(x.device):
         _call(_C.moe_experts_forward, cfg, x, ids, w, gate_up, down, out, saved, _workspace(x.device),
               _stream(x.device), gu_lora, dn_lora)  # fmt: skip
@@ -465,9 +471,8 @@ def _experts_backward_impl(
     grad_out, x, w = grad_out.contiguous(), x.contiguous(), topk_weights.contiguous()
     gate_up, down, saved = gate_up.contiguous(), down.contiguous(), _realigned(saved)
     pieces = _lora_pieces(x.shape[0] * w.shape[1], gate_up, gate_up_a, gate_up_b, down_a, down_b)
-    gu_u, dn_u, gu_b, dn_b = _piece_offsets(_experts_saved_bytes(x, w, gate_up)[0], pieces, gate_up.element_size())
-    gu_lora = _lora_arg(gate_up_a, gate_up_b, gate_up_scale, gu_u, gu_b)
-    dn_lora = _lora_arg(down_a, down_b, down_scale, dn_u, dn_b)
+    gu_lora, dn_lora = _adapter_args(_experts_saved_bytes(x, w, gate_up)[0], pieces, gate_up.element_size(), gate_up_a,
+                                     gate_up_b, gate_up_scale, down_a, down_b, down_scale)  # fmt: skip
     grads = _experts_grads_like(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
     cfg = _config(gate_up, w.shape[1], False)
