@@ -528,8 +528,8 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   const bool rows_up = rows_grad_a && up && up->u.defined() && up->grad_b.defined() &&
                        up->u.dtype == weight.dtype && up->grad_b.dtype == weight.dtype &&
                        up->u.shape[1] % 8 == 0 && up->u.shape[1] <= 64 && all_aligned({up->u.data, up->grad_b.data});
-  // The down adapter's w * u for its grad B, from the forward's u, in the row pass too.
-  const bool uw_in_rows = rows_grad_a && grad_lora.b.defined() && lora.u.defined();
+  // The down adapter's grad B operand w * u, from the forward's u when it left one, in the row pass too.
+  const bool rows_uw = rows_grad_a && grad_lora.b.defined();
   const int slices = lora_swiglu_rows_slices(in_f);
   detail::Carver c(workspace.device);
   const auto carve = [&](detail::Carver& cv) {
@@ -565,11 +565,9 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
     const float* cw = combine_weights.ptr<float>();
     if (rows_grad_a) {  // also without rows: experts without rows get zero gradients
       lora_swiglu_rows(plan, ws.rows, h, cw, lora_sorted_gb(plan, lora, ws.lora), grad_lora.a,
-                       grad_lora.b.defined() && !lora.u.defined(), rows_up ? up->u : TensorView{},
-                       rows_up ? up->grad_b : TensorView{}, grad_h,
-                       grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w,
-                       uw_in_rows ? lora.u : TensorView{},
-                       uw_in_rows ? lora_sorted_uw(plan, lora, ws.lora) : TensorView{}, s);
+                       rows_up ? up->u : TensorView{}, rows_up ? up->grad_b : TensorView{}, grad_h,
+                       grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w, lora.u,
+                       rows_uw ? lora_sorted_uw(plan, lora, ws.lora) : TensorView{}, s);
       if (rows_up) up->done = true;
       if (grad_h.defined()) launch_zero_placeholders<T>(grad_h, plan, s);
       if (grad_combine_weights.defined() && m > 0) {
@@ -593,7 +591,8 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
                             weight.device, ws.sm90.data, s);
     const LoraGrads rest{rows_grad_a ? TensorView{} : grad_lora.a, grad_lora.b};
     if (lora_grads)
-      lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, rest, ws.lora, uw_in_rows, s);
+      lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, rest, ws.lora,
+                        rows_uw && lora.u.defined(), s);
   });
   return true;
 }

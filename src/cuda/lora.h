@@ -52,13 +52,14 @@ void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, 
 
 // The row pass itself with grad A[e] = gb^T . (w * a) summed in it (lora_rows.cu), so that the down adapter's grad A
 // needs no w * a rows: grad_h = dswiglu(h, w * rows) where given, the row dots' partials [M, slices] for
-// reduce_row_dots where `dots` is defined, and w * a written over rows only when keep_wa (for a grad B formed from
-// it). With up_u [M, r'] (the up projection adapter's u, r' a multiple of 8 up to 64) also
-// grad_up_b[e] = grad_h^T . up_u, [E, 2I, r']. With down_u (the down adapter's u, as lora.u) also its rows w * u
-// into down_uw (lora_sorted_uw). sorted_w [M] is scratch. Placeholder rows are left alone.
+// reduce_row_dots where `dots` is defined. With up_u [M, r'] (the up projection adapter's u, r' a multiple of 8 up to
+// 64) also grad_up_b[e] = grad_h^T . up_u, [E, 2I, r']. down_uw (lora_sorted_uw) is given when the down adapter's
+// grad B is asked for, whose operand is w * u: with down_u (that adapter's u, as lora.u) the pass writes those rows
+// there; without, it writes w * a over rows, from which lora_sorted_grads forms them. sorted_w [M] is scratch.
+// Placeholder rows are left alone.
 int lora_swiglu_rows_slices(std::int64_t inter);
 void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
-                      const TensorView& gb, const TensorView& grad_a, bool keep_wa, const TensorView& up_u,
+                      const TensorView& gb, const TensorView& grad_a, const TensorView& up_u,
                       const TensorView& grad_up_b, const TensorView& grad_h, const TensorView& dots,
                       const TensorView& sorted_w, const TensorView& down_u, const TensorView& down_uw,
                       cudaStream_t s);

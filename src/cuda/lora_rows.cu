@@ -228,7 +228,7 @@ void launch(const Args<T>& args, int experts, cudaStream_t s) {
 int lora_swiglu_rows_slices(std::int64_t inter) { return static_cast<int>(ceil_div<std::int64_t>(inter, kCols)); }
 
 void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
-                      const TensorView& gb, const TensorView& grad_a, bool keep_wa, const TensorView& up_u,
+                      const TensorView& gb, const TensorView& grad_a, const TensorView& up_u,
                       const TensorView& grad_up_b, const TensorView& grad_h, const TensorView& dots,
                       const TensorView& sorted_w, const TensorView& down_u, const TensorView& down_uw,
                       cudaStream_t s) {
@@ -246,12 +246,12 @@ void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView
       const Args<T> args{rows.ptr<T>(), h.ptr<T>(), sorted_w.ptr<float>(), plan.offsets.ptr<int>(),
                          static_cast<int>(inter), lora_swiglu_rows_slices(inter),
                          grad_h.defined() ? grad_h.ptr<T>() : nullptr,
-                         keep_wa ? rows.ptr<T>() : nullptr,
+                         down_uw.defined() && !down_u.defined() ? rows.ptr<T>() : nullptr,
                          dots.defined() ? dots.ptr<float>() : nullptr, gb.ptr<T>(), rank, grad_a.ptr<T>(),
                          up_u.defined() ? up_u.ptr<T>() : nullptr, up_rank,
                          grad_up_b.defined() ? grad_up_b.ptr<T>() : nullptr,
                          down_u.defined() ? down_u.ptr<T>() : nullptr,
-                         down_uw.defined() ? down_uw.ptr<T>() : nullptr};
+                         down_u.defined() && down_uw.defined() ? down_uw.ptr<T>() : nullptr};
       with_rank(rank, [&](auto ra) {
         if constexpr (decltype(ra)::value > 0)
           with_rank(up_rank, [&](auto rb) {
