@@ -22,8 +22,9 @@
 // in every block cost the LoRA forms 6-9 % of their time; the two launches save 4 % (bench/RESULTS.md, 2026-11-29
 // second), the rest going to the second launch's start and tail and to A rows no longer shared by all n-tiles. The
 // second launch is the first's programmatic dependent, so its blocks fill the first's tail (about 1 % of the LoRA
-// step, RESULTS 2026-11-29 third). One launch, the first n-tile's block flagging low for the m-tile's others, was
-// slower however its blocks were ordered (RESULTS 2026-11-29 seventh).
+// step, RESULTS 2026-11-29 third). Measured slower (RESULTS 2026-11-29 seventh): one launch, the first n-tile's block
+// flagging low for the m-tile's others, however its blocks were ordered; and the two launches with the second
+// waiting for its own m-tile's flag instead of for the whole first launch.
 #include <cudaTypedefs.h>
 
 #include <array>
