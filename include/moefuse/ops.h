@@ -40,7 +40,9 @@ void router_backward(TensorView logits, TensorView topk_ids, bool renormalize, T
 // Ids >= E are expert-parallel placeholders: they contribute nothing and sort after every real expert, so sorted
 // positions [offsets[E], M) hold them. Negative ids are an error: the CPU backend throws; the CUDA backend cannot
 // raise without a host sync, so it treats them as placeholders and writes their number to `invalid`
-// (check_plan() reads it and throws).
+// (check_plan() reads it and throws). The ops index rows through a plan: on the CPU they refuse one that routing_plan
+// could not have made (offsets out of order, sorted_pairs and pair_positions not inverse permutations); the CUDA
+// backend cannot check without a host sync and trusts it.
 struct Plan {
   std::int64_t tokens = 0;
   int top_k = 0;

@@ -146,6 +146,14 @@ def _make_plan(topk_ids: torch.Tensor, experts: int) -> tuple[torch.Tensor, tupl
     return plan, arg
 
 
+def _check_rows(**tensors) -> None:
+    """MoefuseError naming the first of `tensors` (None skipped) that is not 2-D: the ops read their row counts here,
+    before the core checks every size and dtype."""
+    for name, t in tensors.items():
+        if t is not None and t.dim() != 2:
+            raise MoefuseError(f"moefuse: {name} must be 2-D, got {t.dtype}{list(t.shape)}")
+
+
 def _check_ids(topk_ids: torch.Tensor) -> None:
     if topk_ids.dtype != torch.int32 or topk_ids.dim() != 2:
         raise MoefuseError(f"moefuse: topk_ids must be int32[T, k], got {topk_ids.dtype}{list(topk_ids.shape)}")
@@ -244,6 +252,7 @@ def _(topk_ids, experts):
 
 
 def _linear_tokens(x, top_k, gather, combine_weights):
+    _check_rows(x=x, combine_weights=combine_weights)
     if combine_weights is not None:
         return combine_weights.shape[0]
     return x.shape[0] if gather else x.shape[0] // top_k
@@ -417,6 +426,7 @@ def _experts_impl(
     """(out, saved): out[t] = sum_j topk_weights[t, j] * down[e] . swiglu(gate_up[e] . x[t]) with e = topk_ids[t, j],
     each weight W plus scale * b[e] . a[e] where its adapter is given."""
     _check_ids(topk_ids)
+    _check_rows(x=x, topk_weights=topk_weights)
     x, ids, w = x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     if _DEBUG and ids.is_cuda and bool((ids < 0).any()):  # CUDA cannot raise on them without this sync
@@ -440,6 +450,7 @@ experts = torch.library.custom_op("moefuse::experts", mutates_args=())(_experts_
 @experts.register_fake
 def _(x, topk_ids, topk_weights, gate_up, down, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0, down_a=None,
       down_b=None, down_scale=1.0):  # fmt: skip
+    _check_rows(x=x, topk_weights=topk_weights)
     pieces = _lora_pieces(x.shape[0] * topk_weights.shape[1], gate_up, gate_up_a, gate_up_b, down_a, down_b)
     total = _experts_saved_bytes(x, topk_weights, gate_up, pieces)[1]
     return torch.empty_like(x), x.new_empty(total, dtype=torch.uint8)
@@ -577,6 +588,7 @@ def _moe_block_impl(
     renormalize: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out [T, H], router_logits [T, E], saved u8) for x [T, H]."""
+    _check_rows(x=x)
     x, router_weight, gate_up, down = (t.contiguous() for t in (x, router_weight, gate_up, down))
     cfg = _config(gate_up, top_k, renormalize)
     out = torch.empty_like(x)
@@ -594,6 +606,7 @@ moe_block = torch.library.custom_op("moefuse::moe_block", mutates_args=())(_moe_
 
 @moe_block.register_fake
 def _(x, router_weight, gate_up, down, top_k, renormalize):
+    _check_rows(x=x)
     saved = x.new_empty(_saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize), dtype=torch.uint8)
     return torch.empty_like(x), x.new_empty(x.shape[0], router_weight.shape[0]), saved
 

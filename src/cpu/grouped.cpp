@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "core/check.h"
 #include "cpu/cpu.h"
 
 namespace moefuse::cpu {
@@ -19,6 +20,22 @@ const float* expert_f32(const TensorView& weight, std::int64_t e, float* staging
 }
 
 }  // namespace
+
+void Routing::check() const {
+  const char* op = "plan";
+  const char* why = ": not a plan routing_plan made for these tokens, top_k and experts (or it was changed since)";
+  const std::int64_t m = tokens * k;
+  MOEFUSE_CHECK(offsets[0] == 0, op, "offsets[0] = ", offsets[0], why);
+  for (int e = 0; e < experts; ++e)
+    MOEFUSE_CHECK(offsets[e] <= offsets[e + 1], op, "offsets[", e + 1, "] = ", offsets[e + 1], " < offsets[", e,
+                  "] = ", offsets[e], why);
+  MOEFUSE_CHECK(routed <= m, op, "offsets[", experts, "] = ", routed, " exceeds the ", m, " routed pairs", why);
+  for (std::int64_t s = 0; s < m; ++s) {
+    const std::int32_t pair = sorted_pairs[s];
+    MOEFUSE_CHECK(pair >= 0 && pair < m && pair_positions[pair] == s, op, "sorted_pairs[", s, "] = ", pair,
+                  " and pair_positions are not inverse permutations of the ", m, " pairs", why);
+  }
+}
 
 void stage_rows(float* dst, const TensorView& src, std::int64_t width, const Routing& r, bool by_token) {
 #pragma omp parallel for

@@ -10,7 +10,9 @@
 
 namespace moefuse::cpu {
 
-// The plan's arrays.
+// The plan's arrays, checked to be a plan routing_plan could have made: every loop below indexes rows with them, so
+// a plan built by hand or changed since must fail here, not read or write past the buffers. O(T*k), next to the
+// expert GEMMs nothing; the CUDA backend cannot check without a host sync and trusts the plan.
 struct Routing {
   const std::int32_t *offsets, *sorted_pairs, *pair_positions;
   std::int64_t tokens, k, routed;
@@ -19,7 +21,12 @@ struct Routing {
   explicit Routing(const Plan& p)
       : offsets(p.offsets.ptr<std::int32_t>()), sorted_pairs(p.sorted_pairs.ptr<std::int32_t>()),
         pair_positions(p.pair_positions.ptr<std::int32_t>()), tokens(p.tokens), k(p.top_k),
-        routed(offsets[p.experts]), experts(p.experts) {}
+        routed(offsets[p.experts]), experts(p.experts) {
+    check();
+  }
+
+ private:
+  void check() const;
 };
 
 // An f32 [rows, cols] region of the workspace.

@@ -2,6 +2,7 @@
 // caused by the one thing changed), then breaks one argument at a time. Where a mismatch is between two arguments,
 // either name is accepted.
 #include <cmath>
+#include <utility>
 
 #include "common.h"
 #include "reference.h"
@@ -204,6 +205,23 @@ TEST_F(LinearErrors, Forward) {
   if (bytes > 0) {
     EXPECT_ERROR_NAMING(forward(with([&](auto& a) { a.ws = short_workspace(fresh, bytes); })), "workspace");
   }
+}
+
+// A plan routing_plan could not have made (built by hand, or changed since) is refused on the CPU before any row is
+// read or written through it; a garbage plan once sent the forward past its buffers and into a hang.
+TEST_F(LinearErrors, PlanContents) {
+  const ref::Plan good = ref::routing_plan(Ints{0, 1, 2, 0, 1, 1, 2, 2, 0, 5}, T, k, E);  // offsets 0, 3, 6, 9
+  const auto refused = [&](auto corrupt, const char* what) {
+    PlanTensors bad = plan_tensors(good);
+    corrupt(static_cast<std::int32_t*>(bad.offsets.data()), static_cast<std::int32_t*>(bad.sorted_pairs.data()));
+    EXPECT_ERROR_NAMING(forward(with([&](auto& a) { a.plan = bad.plan(); })), "plan", what, "routing_plan");
+  };
+  refused([](std::int32_t* off, std::int32_t*) { off[0] = 1; }, "offsets[0]");
+  refused([](std::int32_t* off, std::int32_t*) { std::swap(off[1], off[2]); }, "offsets[2]");
+  refused([](std::int32_t* off, std::int32_t*) { off[E] = M + 1; }, "exceeds");
+  refused([](std::int32_t*, std::int32_t* pairs) { pairs[4] = -1; }, "sorted_pairs[4]");
+  refused([](std::int32_t*, std::int32_t* pairs) { pairs[4] = M; }, "sorted_pairs[4]");
+  refused([](std::int32_t*, std::int32_t* pairs) { pairs[5] = pairs[4]; }, "sorted_pairs[5]");
 }
 
 TEST_F(LinearErrors, SwigluForward) {

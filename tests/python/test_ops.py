@@ -148,6 +148,20 @@ def test_bad_dtype():
         ops.experts(x, ids, w.double(), gu, dn)
 
 
+def test_inputs_of_the_wrong_rank():
+    x, rw, gu, dn = block_tensors()
+    ids, w = routing()
+    plan = _plan(ids)
+    bad = [(ops.experts, (x[0], ids, w, gu, dn), "x must be 2-D"),
+           (ops.experts, (x, ids, w[0], gu, dn), "topk_weights must be 2-D"),
+           (ops.moe_block, (x[0, 0], rw, gu, dn, K, True), "x must be 2-D"),
+           (ops.moe_fused_linear, (x[0], gu, plan, K, True), "x must be 2-D"),
+           (ops.moe_fused_linear, (x, gu, plan, K, True, w[0]), "combine_weights must be 2-D")]  # fmt: skip
+    for call, args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            call(*args)
+
+
 def test_mismatched_shapes():
     x, rw, gu, dn = block_tensors()
     with pytest.raises(ValueError, match="down"):
@@ -229,6 +243,22 @@ def test_negative_expert_ids():
         ops.experts(x, ids, w, gu, dn)
     with pytest.raises(ValueError, match="negative"):
         ops.routing_plan(ids, E)
+
+
+def test_a_plan_or_saved_state_moefuse_did_not_make_is_refused():
+    """On the CPU the ops check the plan they index rows with: a garbage plan once hung moe_fused_linear, and a garbage
+    saved state crashed the experts backward."""
+    x, _, gu, dn = block_tensors()
+    ids, w = routing()
+    plan = _plan(ids)
+    g = torch.Generator().manual_seed(0)
+    garbage = torch.randint(-5, 100, plan.shape, dtype=torch.int32, generator=g)
+    with pytest.raises(ValueError, match="routing_plan made"):
+        ops.moe_fused_linear(x, gu, garbage, K, True)
+    out, saved = ops.experts(x, ids, w, gu, dn)
+    garbage = torch.randint(0, 256, saved.shape, dtype=torch.uint8, generator=g)
+    with pytest.raises(ValueError, match="routing_plan made"):
+        ops.experts_backward(torch.randn_like(out), x, w, gu, dn, garbage, [True] * 4 + [False] * 4)
 
 
 def test_non_contiguous_inputs_are_accepted():
