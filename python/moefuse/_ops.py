@@ -157,6 +157,9 @@ def _check_rows(**tensors) -> None:
 def _check_ids(topk_ids: torch.Tensor) -> None:
     if topk_ids.dtype != torch.int32 or topk_ids.dim() != 2:
         raise MoefuseError(f"moefuse: topk_ids must be int32[T, k], got {topk_ids.dtype}{list(topk_ids.shape)}")
+    if topk_ids.numel() > 2**31 - 1:  # said before any buffer is sized from it, not by the core after
+        raise MoefuseError(f"moefuse: topk_ids {list(topk_ids.shape)} holds more routed pairs than the i32 indices of "
+                           "a plan reach (2**31 - 1)")  # fmt: skip
 
 
 def _needs(ctx, *idx):
@@ -316,9 +319,16 @@ moe_fused_linear_backward = torch.library.custom_op("moefuse::moe_fused_linear_b
 )
 
 
+def _grads_like(like, needs, empty):
+    """Room for the gradient of each tensor of `like` that `needs` flags (one flag each), `empty(t)` for the rest."""
+    if len(needs) != len(like):
+        raise MoefuseError(f"moefuse: needs must hold {len(like)} flags, one per input, got {len(needs)}")
+    return tuple(torch.empty_like(t) if n else empty(t) for t, n in zip(like, needs))
+
+
 def _linear_grads_like(x, weight, combine_weights, needs):
     like = (x, weight, combine_weights if combine_weights is not None else x.new_empty(0, dtype=torch.float32))
-    return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip(like, needs))
+    return _grads_like(like, needs, lambda t: t.new_empty(0))
 
 
 @moe_fused_linear_backward.register_fake
@@ -458,7 +468,7 @@ def _(x, topk_ids, topk_weights, gate_up, down, gate_up_a=None, gate_up_b=None, 
 
 def _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
     like = (x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b)
-    return tuple(torch.empty_like(t) if n else x.new_empty(0) for t, n in zip(like, needs))
+    return _grads_like(like, needs, lambda t: x.new_empty(0))
 
 
 def _experts_backward_impl(
@@ -612,7 +622,7 @@ def _(x, router_weight, gate_up, down, top_k, renormalize):
 
 
 def _block_grads_like(x, router_weight, gate_up, down, needs):
-    return tuple(torch.empty_like(t) if n else t.new_empty(0) for t, n in zip((x, router_weight, gate_up, down), needs))
+    return _grads_like((x, router_weight, gate_up, down), needs, lambda t: t.new_empty(0))
 
 
 def _moe_block_backward_impl(

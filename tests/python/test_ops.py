@@ -148,7 +148,7 @@ def test_bad_dtype():
         ops.experts(x, ids, w.double(), gu, dn)
 
 
-def test_inputs_of_the_wrong_rank():
+def test_inputs_of_the_wrong_rank_or_size():
     x, rw, gu, dn = block_tensors()
     ids, w = routing()
     plan = _plan(ids)
@@ -160,6 +160,12 @@ def test_inputs_of_the_wrong_rank():
     for call, args, message in bad:
         with pytest.raises(ValueError, match=message):
             call(*args)
+    out, saved = ops.experts(x, ids, w, gu, dn)
+    with pytest.raises(ValueError, match="needs must hold 8 flags"):
+        ops.experts_backward(torch.randn_like(out), x, w, gu, dn, saved, [True])
+    too_many = torch.zeros(1, K, dtype=torch.int32).expand(2**31 // K + 1, K)  # nothing allocated
+    with pytest.raises(ValueError, match="2\\*\\*31 - 1"):
+        ops.routing_plan(too_many, E)
 
 
 def test_mismatched_shapes():
