@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <vector>
@@ -36,26 +37,49 @@ struct Args {
   std::exit(code);
 }
 
+// Says what was wrong with the command line, then how to use it.
+[[noreturn]] void bad(const std::string& what) {
+  std::fprintf(stderr, "moefuse bench: %s\n", what.c_str());
+  usage(2);
+}
+
+// The value of option `k` as a whole integer of at least `min`.
+std::int64_t integer(const std::string& k, const std::string& v, std::int64_t min) {
+  std::size_t end = 0;
+  std::int64_t n = 0;
+  try {
+    n = std::stoll(v, &end);
+  } catch (const std::exception&) {
+    end = 0;
+  }
+  if (v.empty() || end != v.size()) bad(k + " expects an integer, got '" + v + "'");
+  if (n < min || n > std::numeric_limits<std::int32_t>::max())
+    bad(k + " must be in [" + std::to_string(min) + ", 2^31 - 1], got " + v);
+  return n;
+}
+
 Args parse(int argc, char** argv) {
   Args a;
   for (int i = 2; i < argc; ++i) {
     std::string k = argv[i];
     if (k == "-h" || k == "--help") usage(0);
-    if (i + 1 >= argc) usage(2);
+    if (i + 1 >= argc) bad(k + " needs a value");
     std::string v = argv[++i];
-    if (k == "--tokens") a.tokens = std::stoll(v);
-    else if (k == "--hidden") a.cfg.hidden = std::stoll(v);
-    else if (k == "--intermediate") a.cfg.intermediate = std::stoll(v);
-    else if (k == "--experts") a.cfg.experts = std::stoi(v);
-    else if (k == "--top-k") a.cfg.top_k = std::stoi(v);
-    else if (k == "--iters") a.iters = std::max(1, std::stoi(v));
-    else if (k == "--device") a.device = v;
-    else if (k == "--dtype") a.dtype = v == "bf16" ? DType::bf16 : v == "f16" ? DType::f16 : v == "f32" ? DType::f32 : (usage(2), DType::f32);
+    if (k == "--tokens") a.tokens = integer(k, v, 0);
+    else if (k == "--hidden") a.cfg.hidden = integer(k, v, 1);
+    else if (k == "--intermediate") a.cfg.intermediate = integer(k, v, 1);
+    else if (k == "--experts") a.cfg.experts = static_cast<int>(integer(k, v, 1));
+    else if (k == "--top-k") a.cfg.top_k = static_cast<int>(integer(k, v, 1));
+    else if (k == "--iters") a.iters = static_cast<int>(integer(k, v, 1));
+    else if (k == "--device" && (v == "cpu" || v == "cuda")) a.device = v;
+    else if (k == "--dtype" && v == "f32") a.dtype = DType::f32;
+    else if (k == "--dtype" && v == "bf16") a.dtype = DType::bf16;
+    else if (k == "--dtype" && v == "f16") a.dtype = DType::f16;
     else if (k == "--preset" && v == "30b") a.cfg = {2048, 768, 128, 8, true};
     else if (k == "--preset" && v == "235b") a.cfg = {4096, 1536, 128, 8, true};
-    else usage(2);
+    else if (k == "--device" || k == "--dtype" || k == "--preset") bad("unknown " + k.substr(2) + " '" + v + "'");
+    else bad("unknown option " + k);
   }
-  if (a.device != "cpu" && a.device != "cuda") usage(2);
   return a;
 }
 
@@ -66,7 +90,9 @@ class Buffer {
     bytes = (bytes + 255) / 256 * 256;
 #ifdef MOEFUSE_WITH_CUDA
     if (cuda_) {
-      if (cudaMalloc(&p_, bytes) != cudaSuccess) throw Error("cudaMalloc failed");
+      const cudaError_t e = cudaMalloc(&p_, bytes);
+      if (e != cudaSuccess) throw Error(std::string("cudaMalloc of ") + std::to_string(bytes) + " bytes failed: " +
+                                        cudaGetErrorString(e));
       return;
     }
 #endif
