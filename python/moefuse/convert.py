@@ -240,6 +240,9 @@ def param_wrapper_layout(module: torch.nn.Module) -> str:
 def stacked_from_param_wrapper(module: torch.nn.Module, adapter_name: str = "default") -> tuple[StackedLora, float]:
     """(stacked adapter, scale) of one adapter of a live 3-D PEFT ParamWrapper, as contiguous tensors that keep
     autograd to lora_A.weight / lora_B.weight; detach them for a plain conversion."""
+    if not callable(getattr(module, "get_param", None)) or adapter_name not in getattr(module, "lora_A", {}):
+        raise ValueError(f"expected a PEFT ParamWrapper holding adapter {adapter_name!r}, got "
+                         f"{type(module).__name__}")  # fmt: skip
     param = module.get_param()
     if param.dim() != 3:
         raise ValueError(f"expected a ParamWrapper on a 3-D expert parameter, got {tuple(param.shape)}")

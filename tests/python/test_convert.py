@@ -204,6 +204,10 @@ def test_peft_delta_matches_get_delta_weight(peft_model):
         a, b = stacked_to_peft(lora, param_wrapper_layout(w))
         assert_bitwise(a, w.lora_A["default"].weight.detach())
         assert_bitwise(b, w.lora_B["default"].weight.detach())
+        with pytest.raises(ValueError, match="holding adapter 'other'"):
+            stacked_from_param_wrapper(w, "other")
+    with pytest.raises(ValueError, match="expected a PEFT ParamWrapper"):
+        stacked_from_param_wrapper(torch.nn.Linear(2, 2))
 
 
 def test_peft_state_dict_detects_the_layout(peft_model):
