@@ -61,7 +61,7 @@ void check_plan(const Plan& plan, void* stream = nullptr);
 
 // ---------------------------------------------------------------------------------------------------------------------
 // moe_fused_linear: out[s, o] = sum_i weight[e(s), o, i] * x[src(s), i] for each sorted row s routed to expert e(s).
-//   weight [E, out, in]
+//   weight [E, out, in], out and in at least 1
 //   gather == false: x is [M, in] already in sorted order, src(s) = s.
 //   gather == true:  x is [T, in] in token order, src(s) = sorted_pairs[s] / k (fused into the loads on CUDA).
 //   combine_weights absent: out is [M, out] in sorted order; rows of placeholder pairs are zero.

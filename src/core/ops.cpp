@@ -43,11 +43,19 @@ std::int64_t check_plan_views(const char* op, const Plan& p, bool data = true) {
   return m;
 }
 
+// An expert weight [E, out, in] with no features would leave the GPU kernels nothing to loop over (the Hopper GEMMs
+// then never start their accumulators); the block refuses such sizes too.
+void check_features(const char* op, const TensorView& weight) {
+  MOEFUSE_CHECK(weight.shape[1] >= 1 && weight.shape[2] >= 1, op,
+                "weight must have at least one output and one input feature, got ", describe(weight));
+}
+
 // Shared checks of moe_linear_forward/backward; returns the out feature count.
 std::int64_t check_linear(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight, bool gather,
                           const TensorView& combine_weights, bool data = true) {
   const std::int64_t m = check_plan_views(op, plan, data);
   expect(op, "weight", weight, {plan.experts, -1, -1}, kFloatTypes, data);
+  check_features(op, weight);
   const std::int64_t in = weight.shape[2];
   expect(op, "x", x, {gather ? plan.tokens : m, in}, kFloatTypes, data);
   expect_same_dtype(op, "x", x, weight.dtype);
@@ -354,6 +362,7 @@ void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, 
                          const Lora& lora, const TensorView& combine_weights, bool data = true) {
   const std::int64_t m = check_plan_views(op, plan, data);
   expect(op, "weight", weight, {plan.experts, -1, -1}, kFloatTypes, data);
+  check_features(op, weight);
   expect(op, "h", h, {m, 2 * weight.shape[2]}, kFloatTypes, data);
   expect_same_dtype(op, "h", h, weight.dtype);
   expect(op, "combine_weights", combine_weights, {plan.tokens, plan.top_k}, {DType::f32}, data);

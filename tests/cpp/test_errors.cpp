@@ -187,6 +187,16 @@ TEST_F(LinearErrors, Forward) {
                       "experts", "plan");
   EXPECT_ERROR_NAMING(forward(with([&](auto& a) { a.w = fresh(DType::f32, {E, n_out, n_in}); })), "weight", "x");
   EXPECT_ERROR_NAMING(forward(with([&](auto& a) { a.w = transposed(a.w); })), "weight");
+  EXPECT_ERROR_NAMING(forward(with([&](auto& a) {
+                        a.w = fresh(DType::bf16, {E, n_out, 0});
+                        a.x = fresh(DType::bf16, {T, 0});
+                      })),
+                      "weight", "input feature");
+  EXPECT_ERROR_NAMING(forward(with([&](auto& a) {
+                        a.w = fresh(DType::bf16, {E, 0, n_in});
+                        a.out = fresh(DType::bf16, {T, 0});
+                      })),
+                      "weight", "output");
   EXPECT_ERROR_NAMING(forward(with([&](auto& a) { a.x = fresh(DType::i32, {T, n_in}); })), "x");
   EXPECT_ERROR_NAMING(forward(with([&](auto& a) { a.x = fresh(DType::bf16, {T + 1, n_in}); })), "x");
   EXPECT_ERROR_NAMING(forward(with([&](auto& a) {

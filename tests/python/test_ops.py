@@ -156,7 +156,8 @@ def test_inputs_of_the_wrong_rank_or_size():
            (ops.experts, (x, ids, w[0], gu, dn), "topk_weights must be 2-D"),
            (ops.moe_block, (x[0, 0], rw, gu, dn, K, True), "x must be 2-D"),
            (ops.moe_fused_linear, (x[0], gu, plan, K, True), "x must be 2-D"),
-           (ops.moe_fused_linear, (x, gu, plan, K, True, w[0]), "combine_weights must be 2-D")]  # fmt: skip
+           (ops.moe_fused_linear, (x, gu, plan, K, True, w[0]), "combine_weights must be 2-D"),
+           (ops.moe_fused_linear, (x[:, :0], gu[:, :, :0], plan, K, True), "at least one output and one input")]  # fmt: skip
     for call, args, message in bad:
         with pytest.raises(ValueError, match=message):
             call(*args)
