@@ -89,7 +89,7 @@ def hf_block(shape, impl, dtype, device, state=None):
     return m
 
 
-def add_lora(m, impl, rank=16):
+def add_lora(m, impl, rank):
     """PEFT LoRA on both expert projections of an HF block, as users add it; only the adapters train."""
     from peft import LoraConfig, inject_adapter_in_model
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank,
@@ -130,7 +130,7 @@ def run_dense(T, shape, dtype, device, frozen, timer):
     return dict(fwd_ms=fwd, fwdbwd_ms=fwd + timer(bwd))
 
 
-def prepare(impl, T, shape, dtype, device, mode, ref, x0, y_ref, lora_rank=16, prof=False):
+def prepare(impl, T, shape, dtype, device, mode, ref, x0, y_ref, lora_rank, prof=False):
     """One impl in one mode, ready to time: (its one-off figures: error against HF eager and the step's extra peak
     memory, a timing function timer -> {fwd_ms, fwdbwd_ms[, fwdbwd_gpu_ms]})."""
     if impl == "dense":

@@ -44,7 +44,7 @@ SMOKE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=24, nu
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256)
 
 
-def model(impl, mode, layers, seq, shape, device, rank=16):
+def model(impl, mode, layers, seq, shape, device, rank):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
     torch.manual_seed(0)

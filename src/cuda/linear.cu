@@ -550,11 +550,11 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
   DeviceGuard guard(plan.counts.device);
   const cudaStream_t s = as_stream(stream);
   const int* offsets = plan.offsets.ptr<int>();
+  const LoraSortedRows sorted = lora.defined() ? lora_sorted_rows(plan, lora, ws.lora) : LoraSortedRows{};
   dispatch_float(weight.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (gather_dgrad) {
-      const GatherLora gl = lora.defined() ? GatherLora{lora.b, lora.a, lora_sorted_gb(plan, lora, ws.lora), lora.scale}
-                                           : GatherLora{};
+      const GatherLora gl = lora.defined() ? GatherLora{lora.b, lora.a, sorted.gb, lora.scale} : GatherLora{};
       run_hopper_gather<T>(plan, grad_out, true, weight, ws.rows, TensorView{}, ws.tiles, gl, s, true);
     } else {
       launch_gather_sorted<T>(grad_out, plan, nullptr, ws.gathered, s);
@@ -564,10 +564,10 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
     }
     const float* cw = combine_weights.ptr<float>();
     if (rows_grad_a) {  // also without rows: experts without rows get zero gradients
-      lora_swiglu_rows(plan, ws.rows, h, cw, lora_sorted_gb(plan, lora, ws.lora), grad_lora.a,
-                       rows_up ? up->u : TensorView{}, rows_up ? up->grad_b : TensorView{}, grad_h,
+      lora_swiglu_rows(plan, ws.rows, h, cw, sorted.gb, grad_lora.a, rows_up ? up->u : TensorView{},
+                       rows_up ? up->grad_b : TensorView{}, grad_h,
                        grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w, lora.u,
-                       rows_uw ? lora_sorted_uw(plan, lora, ws.lora) : TensorView{}, s);
+                       rows_uw ? sorted.uw : TensorView{}, s);
       if (rows_up) up->done = true;
       if (grad_h.defined()) launch_zero_placeholders<T>(grad_h, plan, s);
       if (grad_combine_weights.defined() && m > 0) {

@@ -302,14 +302,10 @@ std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora) {
   return c.bytes();
 }
 
-TensorView lora_sorted_gb(const Plan& plan, const Lora& lora, const TensorView& workspace) {
+LoraSortedRows lora_sorted_rows(const Plan& plan, const Lora& lora, const TensorView& workspace) {
   detail::Carver c(workspace);
-  return carve_sorted(c, plan, lora).gb;
-}
-
-TensorView lora_sorted_uw(const Plan& plan, const Lora& lora, const TensorView& workspace) {
-  detail::Carver c(workspace);
-  return carve_sorted(c, plan, lora).uw;
+  const SortedWorkspace ws = carve_sorted(c, plan, lora);
+  return {ws.gb, ws.uw};
 }
 
 void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,

@@ -14,9 +14,9 @@
 //
 // On the down projection inside swiglu_linear_backward, every operand in sorted order but g = grad_out (token order
 // when gather_g): rows = the dgrad rows [M, in] before the row pass, and wa = w * a [M, in], which the row pass leaves
-// in rows. lora_sorted_workspace_bytes sizes the workspace of both calls below:
-//   lora_sorted_gb (for the dgrad):  where the kernel leaves gb = s * g . B[e]
-//   lora_sorted_uw (for the row pass):  where the row pass may leave uw = w * lora.u
+// in rows. lora_sorted_workspace_bytes sizes the workspace of the calls below:
+//   lora_sorted_rows:  where the dgrad kernel leaves gb = s * g . B[e], and where the row pass may leave
+//     uw = w * lora.u
 //   lora_sorted_grads (after the row pass):  grad B[e] = g^T . uw, uw = s * wa . A[e]^T, that is w * lora.u when
 //     the forward left u there (formed here unless uw_formed: the row pass left it);  grad A[e] = gb^T . wa, unless
 //     the row pass summed it (lora_swiglu_rows, below)
@@ -44,8 +44,10 @@ void lora_backward_grads(const Plan& plan, const TensorView& x, const Lora& lora
                          cudaStream_t stream);
 
 std::size_t lora_sorted_workspace_bytes(const Plan& plan, const Lora& lora);
-TensorView lora_sorted_gb(const Plan& plan, const Lora& lora, const TensorView& workspace);
-TensorView lora_sorted_uw(const Plan& plan, const Lora& lora, const TensorView& workspace);
+struct LoraSortedRows {
+  TensorView gb, uw;
+};
+LoraSortedRows lora_sorted_rows(const Plan& plan, const Lora& lora, const TensorView& workspace);
 void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, bool gather_g, const TensorView& wa,
                        const TensorView& combine_weights, const LoraGrads& grad_lora, const TensorView& workspace,
                        bool uw_formed, cudaStream_t stream);
@@ -53,7 +55,7 @@ void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, 
 // The row pass itself with grad A[e] = gb^T . (w * a) summed in it (lora_rows.cu), so that the down adapter's grad A
 // needs no w * a rows: grad_h = dswiglu(h, w * rows) where given, the row dots' partials [M, slices] for
 // reduce_row_dots where `dots` is defined. With up_u [M, r'] (the up projection adapter's u, r' a multiple of 8 up to
-// 64) also grad_up_b[e] = grad_h^T . up_u, [E, 2I, r']. down_uw (lora_sorted_uw) is given when the down adapter's
+// 64) also grad_up_b[e] = grad_h^T . up_u, [E, 2I, r']. down_uw (lora_sorted_rows.uw) is given when the down adapter's
 // grad B is asked for, whose operand is w * u: with down_u (that adapter's u, as lora.u) the pass writes those rows
 // there; without, it writes w * a over rows, from which lora_sorted_grads forms them. sorted_w [M] is scratch.
 // Placeholder rows are left alone.
