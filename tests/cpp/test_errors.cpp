@@ -263,6 +263,9 @@ TEST_F(LinearErrors, SwigluBackward) {
   EXPECT_ERROR_NAMING(run(h, base.cw, fresh(DType::bf16, {M, n_out}), TensorView{}), "grad_out");
   EXPECT_ERROR_NAMING(run(h, base.cw, gout, fresh(DType::bf16, {M, I})), "grad_h");
   EXPECT_ERROR_NAMING(run(h, base.cw, gout, fresh(DType::f16, {M, 2 * I})), "grad_h");
+  const TensorView no_features = fresh(DType::bf16, {E, n_out, 0}), h0 = fresh(DType::bf16, {M, 0});
+  EXPECT_ERROR_NAMING((void)moefuse::swiglu_linear_backward_workspace_bytes(base.plan, h0, no_features, base.cw),
+                      "weight", "input feature");
 }
 
 TEST_F(LinearErrors, SwigluBackwardLora) {
