@@ -563,11 +563,12 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
                             weight.device, ws.sm90.data, s);
     }
     const float* cw = combine_weights.ptr<float>();
+    bool uw_formed = false;  // the row pass left the down adapter's w * u in sorted.uw
     if (rows_grad_a) {  // also without rows: experts without rows get zero gradients
-      lora_swiglu_rows(plan, ws.rows, h, cw, sorted.gb, grad_lora.a, rows_up ? up->u : TensorView{},
-                       rows_up ? up->grad_b : TensorView{}, grad_h,
-                       grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w, lora.u,
-                       rows_uw ? sorted.uw : TensorView{}, s);
+      uw_formed = lora_swiglu_rows(plan, ws.rows, h, cw, sorted.gb, grad_lora.a, rows_up ? up->u : TensorView{},
+                                   rows_up ? up->grad_b : TensorView{}, grad_h,
+                                   grad_combine_weights.defined() ? ws.dots : TensorView{}, ws.sorted_w, lora.u,
+                                   rows_uw ? sorted.uw : TensorView{}, s);
       if (rows_up) up->done = true;
       if (grad_h.defined()) launch_zero_placeholders<T>(grad_h, plan, s);
       if (grad_combine_weights.defined() && m > 0) {
@@ -591,8 +592,7 @@ bool swiglu_linear_backward_fused(const Plan& plan, const TensorView& h, const T
                             weight.device, ws.sm90.data, s);
     const LoraGrads rest{rows_grad_a ? TensorView{} : grad_lora.a, grad_lora.b};
     if (lora_grads)
-      lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, rest, ws.lora,
-                        rows_uw && lora.u.defined(), s);
+      lora_sorted_grads(plan, lora, grad_out, true, ws.rows, combine_weights, rest, ws.lora, uw_formed, s);
   });
   return true;
 }

@@ -58,9 +58,9 @@ void lora_sorted_grads(const Plan& plan, const Lora& lora, const TensorView& g, 
 // 64) also grad_up_b[e] = grad_h^T . up_u, [E, 2I, r']. down_uw (lora_sorted_rows.uw) is given when the down adapter's
 // grad B is asked for, whose operand is w * u: with down_u (that adapter's u, as lora.u) the pass writes those rows
 // there; without, it writes w * a over rows, from which lora_sorted_grads forms them. sorted_w [M] is scratch.
-// Placeholder rows are left alone.
+// Placeholder rows are left alone. Returns whether down_uw holds w * u (lora_sorted_grads' uw_formed).
 int lora_swiglu_rows_slices(std::int64_t inter);
-void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
+bool lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
                       const TensorView& gb, const TensorView& grad_a, const TensorView& up_u,
                       const TensorView& grad_up_b, const TensorView& grad_h, const TensorView& dots,
                       const TensorView& sorted_w, const TensorView& down_u, const TensorView& down_uw,

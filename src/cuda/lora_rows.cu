@@ -227,13 +227,14 @@ void launch(const Args<T>& args, int experts, cudaStream_t s) {
 
 int lora_swiglu_rows_slices(std::int64_t inter) { return static_cast<int>(ceil_div<std::int64_t>(inter, kCols)); }
 
-void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
+bool lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView& h, const float* combine_weights,
                       const TensorView& gb, const TensorView& grad_a, const TensorView& up_u,
                       const TensorView& grad_up_b, const TensorView& grad_h, const TensorView& dots,
                       const TensorView& sorted_w, const TensorView& down_u, const TensorView& down_uw,
                       cudaStream_t s) {
   const std::int64_t m = plan.tokens * plan.top_k, inter = rows.shape[1];
-  if (plan.experts == 0) return;
+  const bool uw_formed = down_u.defined() && down_uw.defined();
+  if (plan.experts == 0) return uw_formed;
   if (m > 0) {
     sort_weights<<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kThreads)), kThreads, 0, s>>>(
         combine_weights, plan.sorted_pairs.ptr<int>(), plan.offsets.ptr<int>(), plan.experts, sorted_w.ptr<float>());
@@ -251,7 +252,7 @@ void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView
                          up_u.defined() ? up_u.ptr<T>() : nullptr, up_rank,
                          grad_up_b.defined() ? grad_up_b.ptr<T>() : nullptr,
                          down_u.defined() ? down_u.ptr<T>() : nullptr,
-                         down_u.defined() && down_uw.defined() ? down_uw.ptr<T>() : nullptr};
+                         uw_formed ? down_uw.ptr<T>() : nullptr};
       with_rank(rank, [&](auto ra) {
         if constexpr (decltype(ra)::value > 0)
           with_rank(up_rank, [&](auto rb) {
@@ -260,6 +261,7 @@ void lora_swiglu_rows(const Plan& plan, const TensorView& rows, const TensorView
       });
     }
   });
+  return uw_formed;
 }
 
 }  // namespace moefuse::cuda
