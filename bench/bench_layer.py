@@ -103,7 +103,7 @@ def add_lora(m, impl, rank):
 
 def make(impl, shape, dtype, device, ref, lora_rank=0):
     """A callable x -> output tensor, and the modules whose parameters it trains (with PEFT LoRA of lora_rank on the
-    experts, where that is not 0)."""
+    experts, where that is not 0): parameters of their own, with ref's values."""
     if impl.startswith("hf_") or impl == "moefuse_experts":
         if impl == "moefuse_experts":  # HF's router + moefuse's experts, through the Transformers experts interface
             import moefuse  # noqa: F401  (registers the "moefuse" experts implementation)
@@ -113,9 +113,9 @@ def make(impl, shape, dtype, device, ref, lora_rank=0):
         # HF's block takes [batch, seq, hidden]; squeeze, not [0], whose backward would zero-fill and copy a [1, T, H]
         # gradient (0.07 ms at T=16384) that the anchors' harness does not pay
         return (lambda x: m(x[None]).squeeze(0)), m
-    if impl == "moefuse":  # the whole block in moefuse
-        import moefuse
-        m = moefuse.MoeBlock.from_hf(ref).to(device)
+    if impl == "moefuse":  # the whole block in moefuse, on a copy: from_hf shares the block's parameters, and an
+        import moefuse     # impl's modes, built together, each set their own requires_grad
+        m = moefuse.MoeBlock.from_hf(hf_block(shape, "eager", dtype, device, ref.state_dict()))
         return (lambda x: m(x)[0]), m
     raise ValueError(impl)
 

@@ -21,3 +21,18 @@ def test_layer_rows(tmp_path):
         assert "error" not in row and row["fwd_ms"] > 0 and row["fwdbwd_ms"] > 0 and row["rel_err"] < 1e-4
     assert rows[2]["error"] == "ValueError: nonesuch"
     assert "| lora | moefuse_experts |" in r.stdout  # the table, with the LoRA row's ratio to frozen
+
+
+def test_each_impl_owns_its_parameters():
+    """An impl's modes are built together and each sets its parameters' requires_grad, so no two builds may share a
+    parameter (MoeBlock.from_hf shares the HF block's): else the last mode built would set every mode's."""
+    sys.path.insert(0, str(BENCH.parent))
+    import bench_layer
+    import torch
+
+    shape = dict(hidden_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2)
+    ref = bench_layer.hf_block(shape, "eager", torch.float32, "cpu")
+    for impl in ("moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager"):
+        owned = [{id(p) for p in bench_layer.make(impl, shape, torch.float32, "cpu", ref)[1].parameters()}
+                 for _ in range(2)]
+        assert owned[0] and not owned[0] & owned[1] and not owned[0] & {id(p) for p in ref.parameters()}, impl
