@@ -33,6 +33,6 @@ def test_each_impl_owns_its_parameters():
     shape = dict(hidden_size=16, moe_intermediate_size=8, num_experts=4, num_experts_per_tok=2)
     ref = bench_layer.hf_block(shape, "eager", torch.float32, "cpu")
     for impl in ("moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager"):
-        owned = [{id(p) for p in bench_layer.make(impl, shape, torch.float32, "cpu", ref)[1].parameters()}
-                 for _ in range(2)]
-        assert owned[0] and not owned[0] & owned[1] and not owned[0] & {id(p) for p in ref.parameters()}, impl
+        builds = [bench_layer.make(impl, shape, torch.float32, "cpu", ref)[1] for _ in range(2)]  # alive: ids unique
+        owned = [{id(p) for p in m.parameters()} for m in (*builds, ref)]
+        assert owned[0] and not owned[0] & owned[1] and not owned[0] & owned[2], impl
