@@ -23,10 +23,10 @@ def test_layer_rows(tmp_path):
     assert "| lora | moefuse_experts |" in r.stdout  # the table, with the LoRA row's ratio to frozen
 
 
-def test_each_impl_owns_its_parameters():
+def test_each_impl_owns_its_parameters(monkeypatch):
     """An impl's modes are built together and each sets its parameters' requires_grad, so no two builds may share a
     parameter (MoeBlock.from_hf shares the HF block's): else the last mode built would set every mode's."""
-    sys.path.insert(0, str(BENCH.parent))
+    monkeypatch.syspath_prepend(str(BENCH.parent))
     import bench_layer
     import torch
 
