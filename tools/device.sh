@@ -29,6 +29,12 @@ stages=("$@")
 ((${#stages[@]})) || stages=(build ctest sanitize python pytest bench layer model finetune plot)
 
 step() { echo "=== $1 ($(date +%T))"; }
+# sanitize TOOL TEST FILTER: one compute-sanitizer run of build/dev/tests/TEST, its summary line printed.
+sanitize() {
+  local log="$LOG/sanitize_$1_${2#*/}.log"
+  timeout 270 compute-sanitizer --tool "$1" --error-exitcode 9 "build/dev/tests/$2" --gtest_filter="$3" > "$log" 2>&1
+  echo "$1 ${2#*/} rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$log" | tail -3 | tr '\n' ' ')"
+}
 
 for s in "${stages[@]}"; do
   case $s in
@@ -44,14 +50,13 @@ for s in "${stages[@]}"; do
     sanitize)
       step "compute-sanitizer memcheck, racecheck"
       # racecheck is ~50x slower than memcheck: it gets the block (both GEMM paths at bf16) and the gather GEMM with
-      # its LoRA k-block (SwigluForward, Lora), but not the linear sweep.
+      # its LoRA k-block (SwigluForward, Lora), but not the linear sweep. Both tools then run the block with adapters on
+      # both projections, contiguous and strided f32 as PEFT's (test_lora's two CUDA tests: every LoRA kernel, ~25 s).
       filter='CudaRouter.*:CudaPlan.*:CudaSwiglu.*:CudaBlock.SmallShapesMatchCpu:CudaBlock.StepReplaysFromACudaGraph'
       filter+=':CudaLinear.SwigluForwardMatchesCpu:CudaLinear.LoraMatchesCpu'
       for tool in ${SANITIZERS:-memcheck racecheck}; do
-        timeout 270 compute-sanitizer --tool $tool --error-exitcode 9 build/dev/tests/cuda/test_cuda \
-          --gtest_filter="$([ $tool = memcheck ] && echo "$filter:CudaLinear.*" || echo "$filter")" \
-          > "$LOG/sanitize_$tool.log" 2>&1
-        echo "$tool rc=$? $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|PASSED|FAILED' "$LOG/sanitize_$tool.log" | tail -3 | tr '\n' ' ')"
+        sanitize $tool cuda/test_cuda "$([ $tool = memcheck ] && echo "$filter:CudaLinear.*" || echo "$filter")"
+        sanitize $tool cpp/test_lora 'MoeBlockLora*Cuda*'
       done ;;
     python)
       step "pip install (CUDA backend)"
