@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one call: tools/device.sh [stage ...] (default: all stages in order).
-# Stages: build ctest sanitize python pytest bench layer model finetune plot.
-# Environment: CTEST_ARGS (e.g. "-R Cuda"), SANITIZERS (default "memcheck racecheck").
+# Stages: build ctest sanitize python pytest bench layer model finetune plot, and ab (not in the default run).
+# Environment: CTEST_ARGS (e.g. "-R Cuda"), SANITIZERS (default "memcheck racecheck"), AB_BASE (ab's baseline).
 # That machine has no network and no BLAS or GoogleTest: the caller carries .deps/ (Debian's reference BLAS with
 # CBLAS, and GoogleTest's sources; see docs/device.md). Logs and JSON go to build/logs, packed into $OUT/logs.tgz
 # at the end (the device tool returns few files).
@@ -91,6 +91,33 @@ for s in "${stages[@]}"; do
       step "main job on the GPU"
       python3 examples/finetune_lora.py --out "$LOG/finetune" > "$LOG/finetune.txt" 2>&1
       tail -8 "$LOG/finetune.txt" ;;
+    ab)
+      # The working tree against AB_BASE (a commit this checkout's git has; default HEAD) on one machine, after the
+      # build stage: a baseline from another machine or call is worth little. Each side is built in turn into
+      # build/dev (base first, so the tree ends as it came), times the 30B layer's frozen and LoRA steps (--rounds 7)
+      # and profiles one step of each (its kernel table: ab_profile_*.txt in logs.tgz).
+      base=${AB_BASE:-HEAD}
+      step "A/B: $base ($(git rev-parse --short "$base" 2>/dev/null || echo unknown)) against the working tree"
+      patch=$LOG/ab.patch
+      if ! git diff "$base" -- src include python apps tests CMakeLists.txt > "$patch"; then
+        echo "ab: this checkout's git has no $base"
+      elif [ ! -s "$patch" ]; then
+        echo "ab: the working tree does not differ from $base"
+      else
+        layer=(--shape 30b --tokens 16384 --impls moefuse_experts --modes frozen,lora)
+        for side in base tree; do
+          flag=$([ $side = base ] && echo -R)
+          git apply $flag "$patch" || { echo "ab: git apply $flag failed"; break; }
+          if ! cmake --build build/dev -j16 > "$LOG/ab_build_$side.log" 2>&1; then
+            grep -E "error|FAILED" "$LOG/ab_build_$side.log" | head -20
+            continue
+          fi
+          timeout 150 python3 bench/bench_layer.py "${layer[@]}" --iters 30 --rounds 7 --json "$LOG/ab_$side.json" \
+            > "$LOG/ab_$side.txt" 2>&1
+          echo "$side:"; grep "^| 30b" "$LOG/ab_$side.txt" || tail -5 "$LOG/ab_$side.txt"
+          timeout 150 python3 bench/bench_layer.py "${layer[@]}" --iters 5 --profile > "$LOG/ab_profile_$side.txt" 2>&1
+        done
+      fi ;;
     plot)
       step "plots of the benchmark JSON"
       # That machine may lack matplotlib: plot.py then says so, and the JSON in logs.tgz plots here the same way.
