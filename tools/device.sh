@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one call: tools/device.sh [stage ...] (default: all stages in order).
 # Stages: build ctest sanitize python pytest bench layer model finetune plot, and ab (not in the default run).
-# Environment: CTEST_ARGS (e.g. "-R Cuda"), SANITIZERS (default "memcheck racecheck"), AB_BASE (ab's baseline).
+# Environment: CTEST_ARGS (e.g. "-R Cuda"), SANITIZERS (default "memcheck racecheck"), AB_PATCH (ab's diff).
 # That machine has no network and no BLAS or GoogleTest: the caller carries .deps/ (Debian's reference BLAS with
 # CBLAS, and GoogleTest's sources; see docs/device.md). Logs and JSON go to build/logs, packed into $OUT/logs.tgz
 # at the end (the device tool returns few files).
@@ -92,22 +92,19 @@ for s in "${stages[@]}"; do
       python3 examples/finetune_lora.py --out "$LOG/finetune" > "$LOG/finetune.txt" 2>&1
       tail -8 "$LOG/finetune.txt" ;;
     ab)
-      # The working tree against AB_BASE (a commit this checkout's git has; default HEAD) on one machine, after the
-      # build stage: a baseline from another machine or call is worth little. Each side is built in turn into
-      # build/dev (base first, so the tree ends as it came), times the 30B layer's frozen and LoRA steps (--rounds 7)
-      # and profiles one step of each (its kernel table: ab_profile_*.txt in logs.tgz).
-      base=${AB_BASE:-HEAD}
-      step "A/B: $base ($(git rev-parse --short "$base" 2>/dev/null || echo unknown)) against the working tree"
-      patch=$LOG/ab.patch
-      if ! git diff "$base" -- src include python apps tests CMakeLists.txt > "$patch"; then
-        echo "ab: this checkout's git has no $base"
-      elif [ ! -s "$patch" ]; then
-        echo "ab: the working tree does not differ from $base"
+      # The working tree against a baseline, on one machine, after the build stage: a baseline from another machine or
+      # call is worth little. AB_PATCH is the working tree's diff from the baseline, made on the calling machine (that
+      # machine's git may lack the baseline's commits; docs/device.md). Each side is built in turn into build/dev
+      # (base first, so the tree ends as it came), times the 30B layer's frozen and LoRA steps (--rounds 7) and
+      # profiles one step of each (its kernel table: ab_profile_*.txt in logs.tgz).
+      step "A/B: the working tree without and with ${AB_PATCH:-(no AB_PATCH)}"
+      if [ ! -s "${AB_PATCH:-}" ]; then
+        echo "ab: AB_PATCH must name a non-empty diff (docs/device.md)"
       else
         layer=(--shape 30b --tokens 16384 --impls moefuse_experts --modes frozen,lora)
         for side in base tree; do
           flag=$([ $side = base ] && echo -R)
-          git apply $flag "$patch" || { echo "ab: git apply $flag failed"; break; }
+          git apply $flag "$AB_PATCH" || { echo "ab: git apply $flag $AB_PATCH failed"; break; }
           if ! cmake --build build/dev -j16 > "$LOG/ab_build_$side.log" 2>&1; then
             grep -E "error|FAILED" "$LOG/ab_build_$side.log" | head -20
             continue
