@@ -11,6 +11,7 @@ checked them against a fixed list of built-in names; there, importing moefuse al
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -44,12 +45,28 @@ def check_layout(experts: torch.nn.Module) -> None:
         )
 
 
+def _peft_parametrised(experts: torch.nn.Module) -> list[str]:
+    """The expert weights that PEFT's own LoRA path parametrises for this call (its ParamWrapper forms W + B.A)."""
+    params = experts._modules.get("parametrizations")  # no Module.__getattr__: this runs in every forward
+    if params is None:
+        return []
+    return [name for name in ("gate_up_proj", "down_proj")
+            if name in params and any(type(p).__name__.startswith("_Lora") for p in params[name])]  # fmt: skip
+
+
 def moefuse_experts_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """ALL_EXPERTS_FUNCTIONS entry: out[t] = sum_j w[t, j] * expert_{idx[t, j]}(x[t]); ids >= num_experts add
     nothing."""
     check_layout(self)
+    if formed := _peft_parametrised(self):  # Python shows it once per process (its default warning filter)
+        where = ", ".join(f"experts.{name}" for name in formed)
+        warnings.warn(
+            f"moefuse: PEFT forms W + B.A of the whole expert stack for its LoRA on {where} in every forward; "
+            "moefuse.use_moefuse_lora(model) applies the adapters inside moefuse's grouped GEMMs instead (call it "
+            "again after PeftModel.from_pretrained)"
+        )
     w = self.gate_up_proj
     # Like grouped_mm: compute in the weights' dtype (autocast may hand f32 activations to bf16 experts).
     x = hidden_states.to(w.dtype)

@@ -158,7 +158,8 @@ def use_moefuse_lora(model: torch.nn.Module) -> torch.nn.Module:
     The model's experts must use experts_implementation="moefuse", and its adapters on mlp.experts.gate_up_proj /
     down_proj (either or both) must be plain LoRA (no DoRA, no dropout, no bias; rsLoRA is fine) with at most one
     active adapter. Other LoRA modules (attention, ...) are left to PEFT. Raises MoefuseError otherwise.
-    Without it, PEFT's own path still gives the same result with moefuse experts, but forms W + B.A every forward.
+    Without it, PEFT's own path still gives the same result with moefuse experts, but forms W + B.A every forward
+    (the experts backend warns once when it sees that).
     """
     wrappers = [m for m in model.modules() if isinstance(m, peft_layer.ParamWrapper) and m.parameter_name in _PARAMS
                 and all(hasattr(m.get_base_layer(), p) for p in _PARAMS)]  # fmt: skip

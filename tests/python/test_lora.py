@@ -3,6 +3,7 @@ merged-weight path with the "eager" experts, on a tiny random Qwen3-MoE (f32).""
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -200,11 +201,25 @@ def test_save_reload_and_merge_and_unload(tmp_path):
     want = fused(**batch()).logits
     fused.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny_model("moefuse"), tmp_path)
-    torch.testing.assert_close(reloaded(**batch()).logits, want, **TOL)  # PEFT's own path
+    with pytest.warns(UserWarning, match="use_moefuse_lora"):  # PEFT's own path, until use_moefuse_lora again
+        torch.testing.assert_close(reloaded(**batch()).logits, want, **TOL)
     torch.testing.assert_close(moefuse.use_moefuse_lora(reloaded)(**batch()).logits, want, **TOL)
     merged = copy.deepcopy(fused).merge_and_unload()
     assert not expert_wrappers(merged)
     torch.testing.assert_close(merged(**batch()).logits, want, **TOL)
+
+
+@torch.no_grad()
+def test_peft_own_path_through_moefuse_experts_warns_it_forms_the_weights():
+    for targets, where in ((BOTH, "experts.gate_up_proj, experts.down_proj"), (BOTH[1:], "experts.down_proj ")):
+        with pytest.warns(UserWarning, match=f"W \\+ B.A .* on {where}.*use_moefuse_lora"):
+            peft_model(targets)(**batch())
+    fused, _ = moefuse_and_peft()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused(**batch())
+        with fused.disable_adapter():
+            fused(**batch())
 
 
 def test_gradient_checkpointing_recomputes_with_the_adapters():
