@@ -10,6 +10,12 @@ cmake -S . -B build/test -DCMAKE_BUILD_TYPE=Release
 cmake --build build/test -j"$jobs"
 ctest --test-dir build/test --output-on-failure -j"$jobs"
 
+# The installed library as a C++ project outside this tree uses it: find_package(moefuse), then the example.
+cmake --install build/test --prefix "$PWD/build/test-install" > /dev/null
+cmake -S examples/cpp -B build/test-example -DCMAKE_PREFIX_PATH="$PWD/build/test-install" > /dev/null
+cmake --build build/test-example -j"$jobs"
+build/test-example/moe_block_example > /dev/null && echo "installed moefuse: examples/cpp built and ran against it"
+
 # The C++ core and CPU backend again under AddressSanitizer (leaks included) and UndefinedBehaviorSanitizer: bad
 # input must get an error, never a stray read or write (the CUDA kernels get compute-sanitizer on the GPU machine).
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
