@@ -215,8 +215,8 @@ def test_peft_own_path_through_moefuse_experts_warns_it_forms_the_weights():
         with pytest.warns(UserWarning, match=f"W \\+ B.A .* on {where}.*use_moefuse_lora"):
             peft_model(targets)(**batch())
     fused, _ = moefuse_and_peft()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings.catch_warnings():  # only moefuse's own warning: other libraries' may come and go with versions
+        warnings.filterwarnings("error", message="moefuse: PEFT forms")
         fused(**batch())
         with fused.disable_adapter():
             fused(**batch())
