@@ -1,9 +1,11 @@
 """One Qwen3-MoE layer, side by side in one run: moefuse, Hugging Face's Qwen3MoeSparseMoeBlock (grouped_mm, eager)
 and a dense cuBLAS GEMM pair doing the same FLOPs (the ceiling a grouped kernel aims at).
 
-Modes: trained (every weight gets a gradient), frozen (experts and router frozen: dX only), lora (experts frozen,
-PEFT LoRA of rank --lora-rank (16) on both expert projections through target_parameters; moefuse_experts runs it
-through moefuse.use_moefuse_lora, hf_grouped_mm through PEFT's own merged-weight path; other impls skip this mode).
+Modes: trained (every weight gets a gradient), frozen (experts and router frozen: dX only), lora (experts and router
+frozen, LoRA of rank --lora-rank (16), alpha twice that, on both expert projections: for moefuse_experts and
+hf_grouped_mm PEFT's through target_parameters, which moefuse_experts runs through moefuse.use_moefuse_lora and
+hf_grouped_mm through PEFT's own merged-weight path; for moefuse the block's own stacked adapters (MoeBlock.add_lora);
+other impls skip this mode).
 
 FLOPs: 6*T*k*H*I forward; x3 for forward+backward with every gradient; x2 with frozen experts or LoRA (the LoRA
 FLOPs are not counted). "extra GiB" is the peak memory of a forward+backward beyond what was allocated before it
@@ -23,7 +25,7 @@ import torch
 from timing import elapsed_ms, failed, profile, result_row, save
 
 IMPLS = ("dense", "moefuse", "moefuse_experts", "hf_grouped_mm", "hf_eager")
-LORA_IMPLS = ("moefuse_experts", "hf_grouped_mm")
+LORA_IMPLS = ("moefuse", "moefuse_experts", "hf_grouped_mm")
 SHAPES = {"30b": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8),
           "235b": dict(hidden_size=4096, moe_intermediate_size=1536, num_experts=128, num_experts_per_tok=8),
           "cpu": dict(hidden_size=1024, moe_intermediate_size=512, num_experts=32, num_experts_per_tok=4)}
@@ -116,6 +118,8 @@ def make(impl, shape, dtype, device, ref, lora_rank=0):
     if impl == "moefuse":  # the whole block in moefuse, on a copy: from_hf shares the block's parameters, and an
         import moefuse     # impl's modes, built together, each set their own requires_grad
         m = moefuse.MoeBlock.from_hf(hf_block(shape, "eager", dtype, device, ref.state_dict()))
+        if lora_rank:
+            m.add_lora(lora_rank, alpha=2 * lora_rank)
         return (lambda x: m(x)[0]), m
     raise ValueError(impl)
 

@@ -23,8 +23,8 @@ namespace {
 using Array = nb::ndarray<>;
 using OptArray = std::optional<Array>;
 // A stacked LoRA adapter crosses as (a, b, scale, u, staged_b); a or b left None is reported by the op. u and
-// staged_b, optional, are the experts op's: byte offsets of the adapter's rows [T*k, r] and of b [E, out, r] as the
-// op stages it, in the op's saved state, which keeps them from forward to backward. Offsets rather than tensors:
+// staged_b, optional, are byte offsets in the experts or block op's saved state, which keeps them from forward to
+// backward: of the adapter's rows [T*k, r] and of b [E, out, r] as the op stages it. Offsets rather than tensors:
 // views made in Python cost the host a torch op each.
 using OptOffset = std::optional<std::int64_t>;
 using OptLora = std::optional<std::tuple<OptArray, OptArray, float, OptOffset, OptOffset>>;
@@ -83,7 +83,7 @@ TensorView saved_piece(const TensorView& saved, const OptOffset& offset, moefuse
   return moefuse::view(static_cast<std::byte*>(saved.data) + *offset, dtype, saved.device, shape);
 }
 
-// An adapter; u and staged_b as pieces of the experts op's saved state (rows: T*k; dtype: the weights').
+// An adapter; u and staged_b as pieces of the op's saved state (rows: T*k; dtype: the weights').
 moefuse::Lora to_lora(const OptLora& l, const TensorView& saved = {}, std::int64_t rows = 0,
                       moefuse::DType dtype = moefuse::DType::f32) {
   if (!l) return {};
@@ -138,19 +138,23 @@ PlanArg to_plan(const nb::tuple& t) {
   return p;
 }
 
-moefuse::MoeWeights to_weights(const Array& router, const Array& gate_up, const Array& down) {
-  return {to_view(router, "router weight"), to_view(gate_up, "gate_up"), to_view(down, "down")};
+moefuse::MoeGrads to_grads(const OptArray& x, const OptArray& router, const OptArray& gate_up, const OptArray& down,
+                           const OptArray& gate_up_a, const OptArray& gate_up_b, const OptArray& down_a,
+                           const OptArray& down_b) {
+  return {to_view(x, "grads.x"),
+          to_view(router, "grads.router"),
+          to_view(gate_up, "grads.gate_up"),
+          to_view(down, "grads.down"),
+          {to_view(gate_up_a, "grads.gate_up_lora.a"), to_view(gate_up_b, "grads.gate_up_lora.b")},
+          {to_view(down_a, "grads.down_lora.a"), to_view(down_b, "grads.down_lora.b")}};
 }
 
-moefuse::MoeGrads to_grads(const OptArray& x, const OptArray& router, const OptArray& gate_up, const OptArray& down) {
-  return {to_view(x, "grads.x"), to_view(router, "grads.router"), to_view(gate_up, "grads.gate_up"),
-          to_view(down, "grads.down")};
-}
-// The experts' weights (no router) with their optional adapters, whose u and staged_b are pieces of `saved` (rows:
-// the token-expert pairs).
-moefuse::MoeWeights to_expert_weights(const Array& gate_up, const Array& down, const OptLora& gate_up_lora,
-                                      const OptLora& down_lora, const TensorView& saved, std::int64_t rows) {
-  moefuse::MoeWeights w{TensorView{}, to_view(gate_up, "gate_up"), to_view(down, "down")};
+// The weights (no router for the experts ops) with their optional adapters, whose u and staged_b are pieces of
+// `saved` (rows: the token-expert pairs).
+moefuse::MoeWeights to_weights(const OptArray& router, const Array& gate_up, const Array& down,
+                               const OptLora& gate_up_lora, const OptLora& down_lora, const TensorView& saved,
+                               std::int64_t rows) {
+  moefuse::MoeWeights w{to_view(router, "router weight"), to_view(gate_up, "gate_up"), to_view(down, "down")};
   w.gate_up_lora = to_lora(gate_up_lora, saved, rows, w.gate_up.dtype);
   w.down_lora = to_lora(down_lora, saved, rows, w.gate_up.dtype);
   return w;
@@ -291,7 +295,7 @@ NB_MODULE(_C, m) {
          const Array& gate_up, const Array& down, const Array& out, const Array& saved, const nb::callable& alloc,
          std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora) {
         const TensorView xv = to_view(x, "x"), ids = to_view(topk_ids, "topk_ids"), sv = to_view(saved, "saved");
-        const moefuse::MoeWeights w = to_expert_weights(gate_up, down, gate_up_lora, down_lora, sv, ids.numel());
+        const moefuse::MoeWeights w = to_weights(std::nullopt, gate_up, down, gate_up_lora, down_lora, sv, ids.numel());
         const Scratch ws = scratch(alloc, moefuse::moe_experts_forward_workspace_bytes(cfg, xv, w));
         nb::gil_scoped_release nogil;
         moefuse::moe_experts_forward(cfg, xv, ids, to_view(topk_weights, "topk_weights"), w, to_view(out, "out"), sv,
@@ -307,12 +311,10 @@ NB_MODULE(_C, m) {
          const nb::callable& alloc, std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora,
          const OptArray& grad_gate_up_a, const OptArray& grad_gate_up_b, const OptArray& grad_down_a,
          const OptArray& grad_down_b) {
-        moefuse::MoeGrads grads = to_grads(grad_x, std::nullopt, grad_gate_up, grad_down);
-        grads.gate_up_lora = {to_view(grad_gate_up_a, "grads.gate_up_lora.a"),
-                              to_view(grad_gate_up_b, "grads.gate_up_lora.b")};
-        grads.down_lora = {to_view(grad_down_a, "grads.down_lora.a"), to_view(grad_down_b, "grads.down_lora.b")};
+        const moefuse::MoeGrads grads = to_grads(grad_x, std::nullopt, grad_gate_up, grad_down, grad_gate_up_a,
+                                                 grad_gate_up_b, grad_down_a, grad_down_b);
         const TensorView xv = to_view(x, "x"), wv = to_view(topk_weights, "topk_weights"), sv = to_view(saved, "saved");
-        const moefuse::MoeWeights w = to_expert_weights(gate_up, down, gate_up_lora, down_lora, sv, wv.numel());
+        const moefuse::MoeWeights w = to_weights(std::nullopt, gate_up, down, gate_up_lora, down_lora, sv, wv.numel());
         const Scratch ws = scratch(alloc, moefuse::moe_experts_backward_workspace_bytes(cfg, xv, w));
         nb::gil_scoped_release nogil;
         moefuse::moe_experts_backward(cfg, xv, wv, w, sv, to_view(grad_out, "grad_out"), grads,
@@ -324,38 +326,44 @@ NB_MODULE(_C, m) {
       "grad_gate_up_b"_a.none() = nb::none(), "grad_down_a"_a.none() = nb::none(),
       "grad_down_b"_a.none() = nb::none());
 
-  // The whole block.
+  // The whole block, each projection with an optional stacked LoRA (to_lora) as for the experts.
   m.def("moe_saved_bytes", &moefuse::moe_saved_bytes, "cfg"_a, "tokens"_a, "dtype"_a);
   m.def(
       "moe_forward",
       [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down,
          const Array& out, const Array& router_logits, const Array& saved, const nb::callable& alloc,
-         std::uintptr_t stream) {
-        const TensorView xv = to_view(x, "x");
-        const moefuse::MoeWeights w = to_weights(router, gate_up, down);
+         std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora) {
+        const TensorView xv = to_view(x, "x"), sv = to_view(saved, "saved");
+        const moefuse::MoeWeights w =
+            to_weights(router, gate_up, down, gate_up_lora, down_lora, sv, xv.shape[0] * cfg.top_k);
         const Scratch ws = scratch(alloc, moefuse::moe_forward_workspace_bytes(cfg, xv, w));
         nb::gil_scoped_release nogil;
-        moefuse::moe_forward(cfg, xv, w, to_view(out, "out"), to_view(router_logits, "router_logits"),
-                             to_view(saved, "saved"), ws.view, to_stream(stream));
+        moefuse::moe_forward(cfg, xv, w, to_view(out, "out"), to_view(router_logits, "router_logits"), sv, ws.view,
+                             to_stream(stream));
       },
       "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "out"_a, "router_logits"_a, "saved"_a, "alloc"_a,
-      "stream"_a = 0);
+      "stream"_a = 0, "gate_up_lora"_a.none() = nb::none(), "down_lora"_a.none() = nb::none());
   m.def(
       "moe_backward",
       [](const moefuse::MoeConfig& cfg, const Array& x, const Array& router, const Array& gate_up, const Array& down,
          const Array& router_logits, const Array& saved, const Array& grad_out, const OptArray& grad_router_logits,
          const OptArray& grad_x, const OptArray& grad_router, const OptArray& grad_gate_up, const OptArray& grad_down,
-         const nb::callable& alloc, std::uintptr_t stream) {
-        const TensorView xv = to_view(x, "x");
-        const moefuse::MoeWeights w = to_weights(router, gate_up, down);
-        const moefuse::MoeGrads grads = to_grads(grad_x, grad_router, grad_gate_up, grad_down);
+         const nb::callable& alloc, std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora,
+         const OptArray& grad_gate_up_a, const OptArray& grad_gate_up_b, const OptArray& grad_down_a,
+         const OptArray& grad_down_b) {
+        const TensorView xv = to_view(x, "x"), sv = to_view(saved, "saved");
+        const moefuse::MoeWeights w =
+            to_weights(router, gate_up, down, gate_up_lora, down_lora, sv, xv.shape[0] * cfg.top_k);
+        const moefuse::MoeGrads grads = to_grads(grad_x, grad_router, grad_gate_up, grad_down, grad_gate_up_a,
+                                                 grad_gate_up_b, grad_down_a, grad_down_b);
         const Scratch ws = scratch(alloc, moefuse::moe_backward_workspace_bytes(cfg, xv, w, grads));
         nb::gil_scoped_release nogil;
-        moefuse::moe_backward(cfg, xv, w, to_view(router_logits, "router_logits"), to_view(saved, "saved"),
-                              to_view(grad_out, "grad_out"), to_view(grad_router_logits, "grad_router_logits"), grads,
-                              ws.view, to_stream(stream));
+        moefuse::moe_backward(cfg, xv, w, to_view(router_logits, "router_logits"), sv, to_view(grad_out, "grad_out"),
+                              to_view(grad_router_logits, "grad_router_logits"), grads, ws.view, to_stream(stream));
       },
       "cfg"_a, "x"_a, "router"_a, "gate_up"_a, "down"_a, "router_logits"_a, "saved"_a, "grad_out"_a,
       "grad_router_logits"_a.none(), "grad_x"_a.none(), "grad_router"_a.none(), "grad_gate_up"_a.none(),
-      "grad_down"_a.none(), "alloc"_a, "stream"_a = 0);
+      "grad_down"_a.none(), "alloc"_a, "stream"_a = 0, "gate_up_lora"_a.none() = nb::none(),
+      "down_lora"_a.none() = nb::none(), "grad_gate_up_a"_a.none() = nb::none(), "grad_gate_up_b"_a.none() = nb::none(),
+      "grad_down_a"_a.none() = nb::none(), "grad_down_b"_a.none() = nb::none());
 }

@@ -412,12 +412,16 @@ def _adapter_args(core, pieces, itemsize, gate_up_a, gate_up_b, gate_up_scale, d
             _lora_arg(down_a, down_b, down_scale, dn_u, dn_b))  # fmt: skip
 
 
-def _experts_saved_bytes(x, topk_weights, gate_up, pieces=()):
-    """(the core's part, the whole) of the experts op's saved state; `pieces` as _lora_pieces gives them."""
-    # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
-    k = int(topk_weights.shape[1])
-    core = _saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, k, False)
+def _state_bytes(query, x, gate_up, top_k, renormalize, pieces=()):
+    """(the core's part, the whole) of an experts or block op's saved state, `query` sizing the core
+    (moe_experts_saved_bytes or moe_saved_bytes); `pieces` as _lora_pieces gives them."""
+    core = _saved_bytes(query, x.shape[0], x, gate_up, top_k, renormalize)
     return core, core + _pieces_bytes(pieces, gate_up.element_size())
+
+
+def _experts_saved_bytes(x, topk_weights, gate_up, pieces=()):
+    # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
+    return _state_bytes(_C.moe_experts_saved_bytes, x, gate_up, int(topk_weights.shape[1]), False, pieces)
 
 
 def _experts_impl(
@@ -596,18 +600,28 @@ def _moe_block_impl(
     down: torch.Tensor,
     top_k: int,
     renormalize: bool,
+    gate_up_a: torch.Tensor | None = None,
+    gate_up_b: torch.Tensor | None = None,
+    gate_up_scale: float = 1.0,
+    down_a: torch.Tensor | None = None,
+    down_b: torch.Tensor | None = None,
+    down_scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out [T, H], router_logits [T, E], saved u8) for x [T, H]."""
+    """(out [T, H], router_logits [T, E], saved u8) for x [T, H]; each expert weight W plus scale * b[e] . a[e] where
+    its stacked adapter is given, as in the experts op."""
     _check_rows(x=x)
     x, router_weight, gate_up, down = (t.contiguous() for t in (x, router_weight, gate_up, down))
     cfg = _config(gate_up, top_k, renormalize)
     out = torch.empty_like(x)
     logits = x.new_empty(x.shape[0], router_weight.shape[0])
-    nbytes = _saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize)
-    saved = _saved_empty(_C.moe_saved_bytes, cfg, x, gate_up, top_k, nbytes)
+    pieces = _lora_pieces(x.shape[0] * top_k, gate_up, gate_up_a, gate_up_b, down_a, down_b)
+    core, total = _state_bytes(_C.moe_saved_bytes, x, gate_up, top_k, renormalize, pieces)
+    saved = _saved_empty(_C.moe_saved_bytes, cfg, x, gate_up, top_k, total)
+    gu_lora, dn_lora = _adapter_args(core, pieces, gate_up.element_size(), gate_up_a, gate_up_b, gate_up_scale, down_a,
+                                     down_b, down_scale)  # fmt: skip
     with _on(x.device):
         _call(_C.moe_forward, cfg, x, router_weight, gate_up, down, out, logits, saved, _workspace(x.device),
-              _stream(x.device))  # fmt: skip
+              _stream(x.device), gu_lora, dn_lora)  # fmt: skip
     return out, logits, saved
 
 
@@ -615,14 +629,17 @@ moe_block = torch.library.custom_op("moefuse::moe_block", mutates_args=())(_moe_
 
 
 @moe_block.register_fake
-def _(x, router_weight, gate_up, down, top_k, renormalize):
+def _(x, router_weight, gate_up, down, top_k, renormalize, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0,
+      down_a=None, down_b=None, down_scale=1.0):  # fmt: skip
     _check_rows(x=x)
-    saved = x.new_empty(_saved_bytes(_C.moe_saved_bytes, x.shape[0], x, gate_up, top_k, renormalize), dtype=torch.uint8)
-    return torch.empty_like(x), x.new_empty(x.shape[0], router_weight.shape[0]), saved
+    pieces = _lora_pieces(x.shape[0] * top_k, gate_up, gate_up_a, gate_up_b, down_a, down_b)
+    total = _state_bytes(_C.moe_saved_bytes, x, gate_up, top_k, renormalize, pieces)[1]
+    return torch.empty_like(x), x.new_empty(x.shape[0], router_weight.shape[0]), x.new_empty(total, dtype=torch.uint8)
 
 
-def _block_grads_like(x, router_weight, gate_up, down, needs):
-    return _grads_like((x, router_weight, gate_up, down), needs, lambda t: t.new_empty(0))
+def _block_grads_like(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
+    like = (x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b)
+    return _grads_like(like, needs, lambda t: x.new_empty(0))
 
 
 def _moe_block_backward_impl(
@@ -637,18 +654,30 @@ def _moe_block_backward_impl(
     top_k: int,
     renormalize: bool,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_router_weight, grad_gate_up, grad_down); each one not in `needs` comes back empty (frozen
-    experts: no expert weight gradient is formed at all)."""
+    gate_up_a: torch.Tensor | None = None,
+    gate_up_b: torch.Tensor | None = None,
+    gate_up_scale: float = 1.0,
+    down_a: torch.Tensor | None = None,
+    down_b: torch.Tensor | None = None,
+    down_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:  # fmt: skip
+    """(grad_x, grad_router_weight, grad_gate_up, grad_down, grad_gate_up_a, grad_gate_up_b, grad_down_a,
+    grad_down_b); each one not in `needs` comes back empty (frozen experts: no expert weight gradient is formed at
+    all). A weight with an adapter is frozen."""
     x, router_weight, gate_up, down = (t.contiguous() for t in (x, router_weight, gate_up, down))
     grad_out, router_logits = grad_out.contiguous(), router_logits.contiguous()
     grl = None if grad_router_logits is None else grad_router_logits.contiguous()
+    pieces = _lora_pieces(x.shape[0] * top_k, gate_up, gate_up_a, gate_up_b, down_a, down_b)
+    core = _state_bytes(_C.moe_saved_bytes, x, gate_up, top_k, renormalize)[0]
+    gu_lora, dn_lora = _adapter_args(core, pieces, gate_up.element_size(), gate_up_a, gate_up_b, gate_up_scale, down_a,
+                                     down_b, down_scale)  # fmt: skip
     cfg = _config(gate_up, top_k, renormalize)
-    grads = _block_grads_like(x, router_weight, gate_up, down, needs)
+    grads = _block_grads_like(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     wanted = [g if n else None for g, n in zip(grads, needs)]
     with _on(x.device):
         _call(_C.moe_backward, cfg, x, router_weight, gate_up, down, router_logits, _realigned(saved), grad_out,
-              grl, *wanted, _workspace(x.device), _stream(x.device))  # fmt: skip
+              grl, *wanted[:4], _workspace(x.device), _stream(x.device), gu_lora, dn_lora, *wanted[4:])  # fmt: skip
     return grads
 
 
@@ -656,29 +685,34 @@ moe_block_backward = torch.library.custom_op("moefuse::moe_block_backward", muta
 
 
 @moe_block_backward.register_fake
-def _(grad_out, grad_router_logits, x, router_weight, gate_up, down, router_logits, saved, top_k, renormalize, needs):
-    return _block_grads_like(x, router_weight, gate_up, down, needs)
+def _(grad_out, grad_router_logits, x, router_weight, gate_up, down, router_logits, saved, top_k, renormalize, needs,
+      gate_up_a=None, gate_up_b=None, gate_up_scale=1.0, down_a=None, down_b=None, down_scale=1.0):  # fmt: skip
+    return _block_grads_like(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
 
 
 def _block_setup(ctx, inputs, output):
-    x, router_weight, gate_up, down, top_k, renormalize = inputs
+    x, router_weight, gate_up, down, top_k, renormalize, gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, \
+        down_scale = inputs
     _, logits, saved = output
-    ctx.save_for_backward(x, router_weight, gate_up, down, logits, saved)
-    ctx.top_k, ctx.renormalize = top_k, renormalize
+    ctx.save_for_backward(x, router_weight, gate_up, down, logits, saved, gate_up_a, gate_up_b, down_a, down_b)
+    ctx.top_k, ctx.renormalize, ctx.scales = top_k, renormalize, (gate_up_scale, down_scale)
+    ctx.mark_non_differentiable(saved)  # internal state for backward, not a result
     ctx.set_materialize_grads(False)  # an unused router_logits (no aux loss) passes no gradient
 
 
 def _block_grads(ctx, backward, grad_out, grad_logits, _grad_saved):
     """The block op's input gradients, `backward` being the moe_block_backward op or its Python body."""
-    x, router_weight, gate_up, down, logits, saved = ctx.saved_tensors
-    needs = _needs(ctx, 0, 1, 2, 3)
+    x, router_weight, gate_up, down, logits, saved, gate_up_a, gate_up_b, down_a, down_b = ctx.saved_tensors
+    needs = _needs(ctx, 0, 1, 2, 3, 6, 7, 9, 10)
     if (grad_out is None and grad_logits is None) or not any(needs):
-        return None, None, None, None, None, None
+        return (None,) * 12
     if grad_out is None:
         grad_out = torch.zeros_like(x)
+    gu_scale, dn_scale = ctx.scales
     grads = backward(grad_out, grad_logits, x, router_weight, gate_up, down, logits, saved, ctx.top_k, ctx.renormalize,
-                     needs)  # fmt: skip
-    return (*(g if n else None for g, n in zip(grads, needs)), None, None)
+                     needs, gate_up_a, gate_up_b, gu_scale, down_a, down_b, dn_scale)  # fmt: skip
+    gx, grouter, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
+    return gx, grouter, ggu, gdown, None, None, ggu_a, ggu_b, None, gdn_a, gdn_b, None
 
 
 run_moe_block = _with_autograd(moe_block, _moe_block_impl, _block_setup, _block_grads, _moe_block_backward_impl)

@@ -7,15 +7,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._ops import MoefuseError, run_moe_block
+from .convert import StackedLora
 
 MODES = ("fused", "reference")
+TARGETS = ("gate_up", "down")  # the expert projections an adapter can go on
+_ADAPTERS = tuple(f"{t}_lora_{p}" for t in TARGETS for p in "ab")
 
 
-def reference_moe(x, router_weight, gate_up, down, top_k: int, renormalize: bool):
+def _projection(x, weight, a, b, scale):
+    """x . weight^T, plus scale * (x . a^T) . b^T with a stacked adapter's a [r, in] and b [out, r] of one expert."""
+    y = F.linear(x, weight)
+    return y if a is None else y + scale * F.linear(F.linear(x, a), b)
+
+
+def reference_moe(x, router_weight, gate_up, down, top_k: int, renormalize: bool, gate_up_a=None, gate_up_b=None,
+                  gate_up_scale: float = 1.0, down_a=None, down_b=None, down_scale: float = 1.0):  # fmt: skip
     """The Qwen3-MoE sparse block in plain torch, expert by expert; exact in the inputs' dtype (float64 works).
 
     Router as in Transformers: softmax in (at least) float32, top-k, renormalise, weights cast to the logits' dtype.
-    Returns (out [T, H], router_logits [T, E])."""
+    Optional stacked LoRA on gate_up (a [E, r, H], b [E, 2I, r]) and down (a [E, r, I], b [E, H, r]), as the fused
+    op takes them. Returns (out [T, H], router_logits [T, E])."""
+    for name, a, b in (("gate_up", gate_up_a, gate_up_b), ("down", down_a, down_b)):
+        if (a is None) != (b is None):
+            raise MoefuseError(f"moefuse: {name}'s adapter needs both a and b, got only {'b' if a is None else 'a'}")
     logits = F.linear(x, router_weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
     weights, ids = torch.topk(probs, top_k, dim=-1)
@@ -23,11 +37,13 @@ def reference_moe(x, router_weight, gate_up, down, top_k: int, renormalize: bool
         weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = weights.to(logits.dtype)
     out = torch.zeros_like(x)
+    pick = lambda t, e: None if t is None else t[e]  # noqa: E731
     for e in range(gate_up.shape[0]):
         token, slot = torch.where(ids == e)
-        gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
-        y = F.linear(F.silu(gate) * up, down[e]) * weights[token, slot, None]
-        out = out.index_add(0, token, y.to(out.dtype))
+        h = _projection(x[token], gate_up[e], pick(gate_up_a, e), pick(gate_up_b, e), gate_up_scale)
+        gate, up = h.chunk(2, dim=-1)
+        y = _projection(F.silu(gate) * up, down[e], pick(down_a, e), pick(down_b, e), down_scale)
+        out = out.index_add(0, token, (y * weights[token, slot, None]).to(out.dtype))
     return out, logits
 
 
@@ -35,7 +51,8 @@ class MoeBlock(nn.Module):
     """router + experts of one Qwen3-MoE layer. forward(hidden_states [B, S, H] or [T, H]) -> (hidden_states,
     router_logits [T, E]).
 
-    mode="fused" runs the C++ block (moefuse::moe_block), mode="reference" the plain torch one."""
+    mode="fused" runs the C++ block (moefuse::moe_block), mode="reference" the plain torch one. add_lora() puts
+    stacked LoRA adapters on the expert projections, which both modes apply."""
 
     def __init__(self, router_weight: nn.Parameter, gate_up: nn.Parameter, down: nn.Parameter, top_k: int,
                  renormalize: bool = True, mode: str = "fused"):  # fmt: skip
@@ -44,6 +61,9 @@ class MoeBlock(nn.Module):
             raise ValueError(f"moefuse.MoeBlock: mode must be one of {MODES}, got {mode!r}")
         self.router_weight, self.gate_up_proj, self.down_proj = router_weight, gate_up, down
         self.top_k, self.renormalize, self.mode = int(top_k), bool(renormalize), mode
+        for name in _ADAPTERS:
+            self.register_parameter(name, None)
+        self.lora_scale = 1.0
 
     @classmethod
     def from_hf(cls, block: nn.Module, mode: str = "fused") -> "MoeBlock":
@@ -59,9 +79,40 @@ class MoeBlock(nn.Module):
         check_layout(experts)
         return cls(gate.weight, experts.gate_up_proj, experts.down_proj, gate.top_k, gate.norm_topk_prob, mode)
 
+    def add_lora(self, rank: int, alpha: float | None = None, targets: tuple[str, ...] = TARGETS) -> "MoeBlock":
+        """Stacked LoRA on the expert projections in `targets`: parameters <target>_lora_a [E, rank, in] and
+        <target>_lora_b [E, out, rank] in the weights' dtype and device, delta W[e] = alpha / rank * b[e] . a[e]
+        (alpha defaults to rank). Initialised as PEFT initialises LoRA (a uniform in +-1/sqrt(in), b zero), so the
+        block's output does not change; both expert weights are frozen (requires_grad False), as LoRA trains only
+        the adapters. Returns the block. `lora_adapters()` gives them to the converters (moefuse.convert)."""
+        bad = [t for t in targets if t not in TARGETS]
+        if rank < 1 or bad or not targets:
+            raise ValueError(f"moefuse.MoeBlock.add_lora: rank must be >= 1 and targets a non-empty subset of "
+                             f"{TARGETS}, got rank={rank}, targets={tuple(targets)}")  # fmt: skip
+        if self.lora_adapters():
+            raise ValueError("moefuse.MoeBlock.add_lora: the block already has adapters")
+        self.lora_scale = (rank if alpha is None else alpha) / rank
+        for target in targets:
+            weight = self.gate_up_proj if target == "gate_up" else self.down_proj
+            experts, out, n_in = weight.shape
+            a = torch.empty(experts, rank, n_in, dtype=weight.dtype, device=weight.device).uniform_(-1, 1) / n_in**0.5
+            setattr(self, f"{target}_lora_a", nn.Parameter(a))
+            setattr(self, f"{target}_lora_b", nn.Parameter(weight.new_zeros(experts, out, rank)))
+        self.gate_up_proj.requires_grad_(False)
+        self.down_proj.requires_grad_(False)
+        return self
+
+    def lora_adapters(self) -> dict[str, StackedLora]:
+        """The block's adapters by target ("gate_up", "down"), sharing its parameters; empty without any.
+        moefuse.convert.stacked_lora_to_per_expert(**block.lora_adapters()) exports them per expert."""
+        return {t: StackedLora(getattr(self, f"{t}_lora_a"), getattr(self, f"{t}_lora_b")) for t in TARGETS
+                if getattr(self, f"{t}_lora_a") is not None}  # fmt: skip
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        args = (x, self.router_weight, self.gate_up_proj, self.down_proj, self.top_k, self.renormalize)
+        s = self.lora_scale
+        args = (x, self.router_weight, self.gate_up_proj, self.down_proj, self.top_k, self.renormalize,
+                self.gate_up_lora_a, self.gate_up_lora_b, s, self.down_lora_a, self.down_lora_b, s)  # fmt: skip
         if self.mode == "reference":
             out, logits = reference_moe(*args)
         else:
@@ -70,4 +121,6 @@ class MoeBlock(nn.Module):
 
     def extra_repr(self) -> str:
         e, two_i, h = self.gate_up_proj.shape
-        return f"hidden={h}, intermediate={two_i // 2}, experts={e}, top_k={self.top_k}, mode={self.mode}"
+        lora = {t: l.a.shape[1] for t, l in self.lora_adapters().items()}
+        rank = f", lora_rank={lora}, lora_scale={self.lora_scale}" if lora else ""
+        return f"hidden={h}, intermediate={two_i // 2}, experts={e}, top_k={self.top_k}, mode={self.mode}{rank}"

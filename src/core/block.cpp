@@ -64,13 +64,27 @@ void check_staged_b(const char* op, const char* name, const Lora& l, const Tenso
   expect_same_device(op, name, l.staged_b, x.device);
 }
 
-void check_given(const char* op, const MoeWeights& w, const TensorView& x) {
+// A stacked adapter on a weight [E, out, in]: a [E, r, in] and b [E, out, r] of one rank r. One of a and b alone
+// is left to the ops, which say that an adapter needs both.
+void check_shapes(const char* op, const char* name, const Lora& l, std::int64_t experts, std::int64_t out,
+                  std::int64_t in) {
+  if (!l.a.defined() || !l.b.defined()) return;
+  const std::int64_t r = l.a.shape[1];
+  MOEFUSE_CHECK(l.a.shape[0] == experts && l.a.shape[2] == in, op, name, ".a must be [", experts, ", r, ", in,
+                "], got ", describe(l.a));
+  MOEFUSE_CHECK(l.b.shape[0] == experts && l.b.shape[1] == out && l.b.shape[2] == r, op, name, ".b must be [",
+                experts, ", ", out, ", ", r, "] (rank ", r, " from ", name, ".a), got ", describe(l.b));
+}
+
+void check_given(const char* op, const MoeConfig& c, const MoeWeights& w, const TensorView& x) {
   check_given(op, "gate_up_lora.a", w.gate_up_lora.a, x.device, false);
   check_given(op, "gate_up_lora.b", w.gate_up_lora.b, x.device, false);
   check_given(op, "down_lora.a", w.down_lora.a, x.device, false);
   check_given(op, "down_lora.b", w.down_lora.b, x.device, false);
   check_staged_b(op, "gate_up_lora.staged_b", w.gate_up_lora, x);
   check_staged_b(op, "down_lora.staged_b", w.down_lora, x);
+  check_shapes(op, "gate_up_lora", w.gate_up_lora, c.experts, 2 * c.intermediate, c.hidden);
+  check_shapes(op, "down_lora", w.down_lora, c.experts, c.hidden, c.intermediate);
 }
 
 TensorView stage(const TensorView& t, DType dtype, Carver& cv) {
@@ -127,7 +141,7 @@ std::int64_t check_weights(const char* op, const MoeConfig& c, const TensorView&
   expect_same_dtype(op, "down", w.down, x.dtype);
   expect_same_device(op, "gate_up", w.gate_up, x.device);
   expect_same_device(op, "down", w.down, x.device);
-  check_given(op, w, x);
+  check_given(op, c, w, x);
   return x.shape[0];
 }
 

@@ -764,7 +764,16 @@ TEST(MoeBlockLoraStaging, BadAdapters) {
   EXPECT_ERROR_NAMING(forward(blk.a_up.view(), flat), "gate_up_lora.b");
   TensorView wrong_rank = b.view;
   wrong_rank.shape[2] = c.r_up + 1;
-  EXPECT_ERROR_NAMING(forward(blk.a_up.view(), wrong_rank), "lora.b");
+  EXPECT_ERROR_NAMING(forward(blk.a_up.view(), wrong_rank), "gate_up_lora.b");
+  TensorView fewer_experts = blk.a_up.view();
+  fewer_experts.shape[0] = c.E - 1;
+  EXPECT_ERROR_NAMING(forward(fewer_experts, b.view), "gate_up_lora.a");
+  TensorView wrong_input = blk.a_up.view();
+  wrong_input.shape[2] = c.H - 1;
+  EXPECT_ERROR_NAMING(forward(wrong_input, b.view), "gate_up_lora.a");
+  moefuse::MoeWeights short_down = blk.weights();
+  short_down.down_lora.b.shape[1] = c.I;  // down's out is H
+  EXPECT_ERROR_NAMING(moefuse::moe_forward_workspace_bytes(blk.config(), blk.x.view(), short_down), "down_lora.b");
   // A room for the staged b: b's shape, contiguous, in the weights' dtype.
   Tensor room(c.dtype, {c.E, 2 * c.I, c.r_up}), short_room(c.dtype, {c.E, 2 * c.I - 1, c.r_up}),
       f32_room(DType::f32, {c.E, 2 * c.I, c.r_up});

@@ -131,3 +131,110 @@ def test_hf_block_with_moefuse_experts_compiles_fullgraph():
         block(ref_x).sum().backward()
         torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+# ---- stacked LoRA on the experts (add_lora) --------------------------------------------------------------------------
+
+
+def lora_block(tokens_k=K, mode="fused", dtype=torch.float32, rank=3):
+    """A MoeBlock of conftest's sizes with adapters of `rank` on both projections, every b non-zero (add_lora
+    zero-initialises them), and its float64 twin in `mode` with the same values."""
+    from conftest import block_tensors
+
+    _, rw, gu, dn = block_tensors()
+    make = lambda dt, m: moefuse.MoeBlock(*(torch.nn.Parameter(t.to(dt)) for t in (rw, gu, dn)), tokens_k, mode=m)
+    block = make(dtype, "fused").add_lora(rank, alpha=5.0)
+    with torch.no_grad():
+        block.gate_up_lora_b.normal_(0, 0.3)
+        block.down_lora_b.normal_(0, 0.3)
+    twin = make(torch.float64, mode).add_lora(rank, alpha=5.0)
+    twin.load_state_dict({k: v.double() for k, v in block.state_dict().items()})
+    return block, twin
+
+
+@pytest.mark.parametrize("tokens,k", [(19, K), (1, 1), (2, K)])  # one token, top_k = 1: most experts get no rows
+def test_lora_fused_matches_float64_reference(tokens, k):
+    block, ref = lora_block(k, "reference")
+    x = torch.randn(tokens, H)
+    got, want = run(block, x), run(ref, x.double())
+    names = ["x"] + [n for n, p in block.named_parameters() if p.requires_grad]
+    assert names == ["x", "router_weight", "gate_up_lora_a", "gate_up_lora_b", "down_lora_a", "down_lora_b"]
+    for name, a, b in zip(["out", "logits", *names], (got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_lora_reference_gradients_by_finite_differences():
+    _, ref = lora_block(mode="reference")
+    x = torch.randn(5, H, dtype=torch.float64, requires_grad=True)
+    leaves = (x, ref.gate_up_lora_a, ref.gate_up_lora_b, ref.down_lora_a, ref.down_lora_b)
+    f = lambda x, *lora: ref(x)[0]  # noqa: E731  (the adapters are read from the block, which gradcheck perturbs)
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-5)
+
+
+def test_lora_is_the_merged_weights_delta():
+    """The block with adapters gives what the block without them gives on W + scale * b.a (the merge PEFT's
+    merge_and_unload makes)."""
+    block, _ = lora_block()
+    x = torch.randn(11, H)
+    s, gu, dn = block.lora_scale, block.lora_adapters()["gate_up"], block.lora_adapters()["down"]
+    with torch.no_grad():
+        merged = moefuse.MoeBlock(block.router_weight, block.gate_up_proj + s * gu.b @ gu.a,
+                                  block.down_proj + s * dn.b @ dn.a, block.top_k)  # fmt: skip
+        torch.testing.assert_close(block(x)[0], merged(x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_add_lora_starts_at_the_base_output_and_trains_only_the_adapters():
+    block = moefuse.MoeBlock.from_hf(hf_block())
+    x = torch.randn(2, 7, H)
+    with torch.no_grad():
+        before = block(x)[0]
+    assert block.add_lora(4, targets=("down",)) is block and block.lora_scale == 1.0
+    assert set(block.lora_adapters()) == {"down"} and block.gate_up_lora_a is None
+    assert block.down_lora_a.shape == (E, 4, block.down_proj.shape[2]) and block.down_lora_b.abs().sum() == 0
+    assert not block.gate_up_proj.requires_grad and not block.down_proj.requires_grad
+    block.router_weight.requires_grad_(False)
+    out = block(x.requires_grad_())[0]
+    torch.testing.assert_close(out, before)
+    out.square().sum().backward()
+    assert [n for n, p in block.named_parameters() if p.grad is not None] == ["down_lora_a", "down_lora_b"]
+    assert "lora_rank={'down': 4}" in repr(block)
+
+
+def test_add_lora_errors():
+    block = moefuse.MoeBlock.from_hf(hf_block())
+    for kw in (dict(rank=0), dict(rank=2, targets=("up",)), dict(rank=2, targets=())):
+        with pytest.raises(ValueError, match="rank must be >= 1 and targets"):
+            block.add_lora(**kw)
+    block.add_lora(2)
+    with pytest.raises(ValueError, match="already has adapters"):
+        block.add_lora(2)
+    with torch.no_grad():
+        block.down_lora_b = torch.nn.Parameter(block.down_lora_b[:, :, :1].clone())  # rank 1 against a's 2
+    with pytest.raises(ValueError, match="down_lora.b"):
+        block(torch.randn(3, H))
+    with pytest.raises(ValueError, match="gate_up's adapter needs both a and b"):
+        moefuse.reference_moe(torch.randn(3, H), block.router_weight, block.gate_up_proj, block.down_proj, K, True,
+                              block.gate_up_lora_a)  # fmt: skip
+
+
+def test_lora_adapters_export_per_expert_and_back():
+    from moefuse.convert import per_expert_lora_to_stacked, stacked_lora_to_per_expert
+
+    block, _ = lora_block()
+    state = stacked_lora_to_per_expert(**block.lora_adapters())
+    assert state["experts.0.up_proj.lora_B.weight"].shape == (block.gate_up_proj.shape[1] // 2, 3)
+    for back, there in zip(per_expert_lora_to_stacked(state, E), block.lora_adapters().values()):
+        assert all(torch.equal(a, b) for a, b in zip(back, there))
+
+
+def test_lora_block_compiles_fullgraph():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    block, _ = lora_block()
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    for t in (6, 17):
+        x = torch.randn(t, H)
+        got, want = run(compiled, x), run(block, x)
+        for a, b in zip((got[0], *got[2]), (want[0], *want[2])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

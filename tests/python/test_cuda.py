@@ -9,7 +9,7 @@ from torch.library import opcheck
 import moefuse
 from conftest import CUDA, E, K, batch, block_tensors, routing, tiny_model
 from test_block import hf_block
-from test_lora import moefuse_and_peft
+from test_lora import lora_args, moefuse_and_peft
 
 pytestmark = CUDA
 ops = torch.ops.moefuse
@@ -18,6 +18,9 @@ ops = torch.ops.moefuse
 def test_opcheck_cuda():
     args = [t.cuda().detach().requires_grad_() for t in block_tensors()]
     opcheck(ops.moe_block, (*args, K, True))
+    lora = [t.cuda().requires_grad_() if isinstance(t, torch.Tensor) else t for t in lora_args()]
+    frozen = [t.detach() for t in args[2:]]  # an adapter freezes its base weight
+    opcheck(ops.moe_block, (*args[:2], *frozen, K, True, *lora))
     ids, w = routing()
     ids, w = ids.cuda(), w.cuda().requires_grad_()
     opcheck(ops.experts, (args[0], ids, w, args[2], args[3]))
@@ -26,17 +29,25 @@ def test_opcheck_cuda():
     opcheck(ops.moe_fused_linear, (args[0], args[2], plan, K, True, w))
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_block_cuda_matches_cpu(dtype, tol):
-    block = hf_block(dtype=dtype)
-    x = torch.randn(4, 33, block.gate.hidden_dim, dtype=dtype)
+def test_block_cuda_matches_cpu(dtype, tol, lora):
+    block = moefuse.MoeBlock.from_hf(hf_block(dtype=dtype))
+    if lora:  # stacked adapters on both projections, b non-zero; the expert weights frozen
+        block.add_lora(3, alpha=5.0)
+        with torch.no_grad():
+            block.gate_up_lora_b.normal_(0, 0.3)
+            block.down_lora_b.normal_(0, 0.3)
+    x = torch.randn(4, 33, block.gate_up_proj.shape[2], dtype=dtype)
     results = []
     for dev in ("cpu", "cuda"):
-        m = moefuse.MoeBlock.from_hf(copy.deepcopy(block).to(dev))
+        m = copy.deepcopy(block).to(dev)
         xd = x.detach().to(dev).clone().requires_grad_()
         out, logits = m(xd)
         (out.float().square().sum() + logits.float().logsumexp(-1).sum()).backward()
-        results.append([t.float().cpu() for t in (out, logits, xd.grad, *(p.grad for p in m.parameters()))])
+        grads = [p.grad for p in m.parameters() if p.requires_grad]
+        assert len(grads) == (5 if lora else 3)
+        results.append([t.float().cpu() for t in (out, logits, xd.grad, *grads)])
     for a, b in zip(*results):
         assert (a - b).norm() <= tol * b.norm() + 1e-6
 

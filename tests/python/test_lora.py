@@ -303,6 +303,31 @@ def test_experts_with_lora_opcheck():
     opcheck(ops.experts_backward, (*args, [False] * 5 + [True] + [False] * 2, *det))
 
 
+def test_block_with_lora_opcheck():
+    x, rw, gate_up, down = block_tensors()
+    x.requires_grad_(), rw.requires_grad_()
+    lora = lora_args(requires_grad=True)
+    opcheck(ops.moe_block, (x, rw, gate_up, down, K, True, *lora))
+    opcheck(ops.moe_block, (x, rw, gate_up, down, K, False, None, None, 1.0, *lora[3:]))  # down only
+    det = [t.detach() if isinstance(t, torch.Tensor) else t for t in lora]
+    out, logits, saved = ops.moe_block(x.detach(), rw.detach(), gate_up, down, K, True, *det)
+    args = (torch.randn_like(out), torch.randn_like(logits), x.detach(), rw.detach(), gate_up, down, logits, saved,
+            K, True)  # fmt: skip
+    opcheck(ops.moe_block_backward, (*args, [True, True, False, False] + [True] * 4, *det))
+    opcheck(ops.moe_block_backward, (*args, [False] * 5 + [True] + [False] * 2, *det))
+
+
+def test_run_moe_block_with_lora_without_torch_library_layers_matches_the_op():
+    from moefuse._ops import run_moe_block
+
+    x, rw, gate_up, down = block_tensors()
+    lora = lora_args(requires_grad=True)
+    leaves = [t for t in (x, rw, *lora) if isinstance(t, torch.Tensor)]
+    results = eager_and_op_steps(run_moe_block, ops.moe_block, (x, rw, gate_up, down, K, True, *lora), leaves)
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+
+
 def test_run_experts_without_torch_library_layers_matches_the_op():
     """run_experts' eager path (the op's Python bodies under a plain autograd.Function) gives the op's outputs and
     gradients to the bit, with and without adapters; traced or without gradients it runs the op or the body."""

@@ -103,7 +103,9 @@ def test_moe_block_opcheck(renormalize):
     opcheck(ops.moe_block, (*args, K, renormalize))
     det = [a.detach() for a in args]
     out, logits, saved = ops.moe_block(*det, K, renormalize)
-    for needs, grad_logits in (([True] * 4, torch.randn_like(logits)), ([True, True, False, False], None)):
+    # needs: x, router, gate_up, down, then the adapters' a and b (none here)
+    for needs, grad_logits in (([True] * 4 + [False] * 4, torch.randn_like(logits)),
+                               ([True, True] + [False] * 6, None)):  # fmt: skip
         opcheck(ops.moe_block_backward,
                 (torch.randn_like(out), grad_logits, *det, logits, saved, K, renormalize, needs))  # fmt: skip
 
