@@ -1,5 +1,6 @@
-// Using moefuse from C++ without Python: one Qwen3-MoE block, forward and backward with frozen experts (the LoRA
-// fine-tuning case), on the CPU. On a GPU the same calls take views with Device::cuda() and a cudaStream_t.
+// Using moefuse from C++ without Python: one Qwen3-MoE block with stacked LoRA adapters on both expert projections,
+// forward and backward with the experts frozen (LoRA fine-tuning), on the CPU. On a GPU the same calls take views with
+// Device::cuda() and a cudaStream_t.
 //   build/<dir>/examples/cpp/moe_block_example
 #include <cstdio>
 #include <cstdlib>
@@ -36,8 +37,14 @@ int main() {
   };
   std::vector<float> x_, router_, gate_up_, down_, out_, logits_, grad_out_, grad_x_, grad_router_;
   const TensorView x = tensor(x_, {T, H}, 1.f);
-  const MoeWeights w{tensor(router_, {E, H}, 0.1f), tensor(gate_up_, {E, 2 * I, H}, 0.1f),
-                     tensor(down_, {E, H, I}, 0.1f)};
+  MoeWeights w{tensor(router_, {E, H}, 0.1f), tensor(gate_up_, {E, 2 * I, H}, 0.1f), tensor(down_, {E, H, I}, 0.1f)};
+  // Stacked LoRA of rank r on each projection W [E, out, in]: a [E, r, in], b [E, out, r], W[e] + scale * b[e] . a[e]
+  // applied without forming it. Training starts from b = 0; b is random here so that the adapters change the output.
+  const std::int64_t r = 4;
+  const float scale = 2.f;  // lora_alpha / r
+  std::vector<float> gu_a_, gu_b_, dn_a_, dn_b_, grad_gu_a_, grad_gu_b_, grad_dn_a_, grad_dn_b_;
+  w.gate_up_lora = {tensor(gu_a_, {E, r, H}, 0.1f), tensor(gu_b_, {E, 2 * I, r}, 0.1f), scale};
+  w.down_lora = {tensor(dn_a_, {E, r, I}, 0.1f), tensor(dn_b_, {E, H, r}, 0.1f), scale};
   const TensorView out = tensor(out_, {T, H}, 0.f), logits = tensor(logits_, {T, E}, 0.f);
 
   try {
@@ -49,8 +56,14 @@ int main() {
     const TensorView saved_v = bytes(saved, moe_saved_bytes(cfg, T, DType::f32));
     moe_forward(cfg, x, w, out, logits, saved_v, bytes(fws, moe_forward_workspace_bytes(cfg, x, w)));
 
-    // Frozen experts: ask for the input and router gradients only; no expert weight gradient is formed.
-    const MoeGrads grads{tensor(grad_x_, {T, H}, 0.f), tensor(grad_router_, {E, H}, 0.f), {}, {}};
+    // The experts are frozen (an adapter freezes its weight): ask for the input, router and adapter gradients; no
+    // expert weight gradient is formed.
+    const MoeGrads grads{tensor(grad_x_, {T, H}, 0.f),
+                         tensor(grad_router_, {E, H}, 0.f),
+                         {},
+                         {},
+                         {tensor(grad_gu_a_, {E, r, H}, 0.f), tensor(grad_gu_b_, {E, 2 * I, r}, 0.f)},
+                         {tensor(grad_dn_a_, {E, r, I}, 0.f), tensor(grad_dn_b_, {E, H, r}, 0.f)}};
     const std::size_t bws_bytes = moe_backward_workspace_bytes(cfg, x, w, grads);
     Buffer bws(bws_bytes);
     moe_backward(cfg, x, w, logits, saved_v, tensor(grad_out_, {T, H}, 1.f), /*grad_router_logits*/ {}, grads,
@@ -61,7 +74,8 @@ int main() {
     std::printf("token 0 went to experts %d, %d, %d with weights %.3f, %.3f, %.3f\n", s.topk_ids.ptr<int>()[0],
                 s.topk_ids.ptr<int>()[1], s.topk_ids.ptr<int>()[2], s.topk_weights.ptr<float>()[0],
                 s.topk_weights.ptr<float>()[1], s.topk_weights.ptr<float>()[2]);
-    std::printf("out[0, 0] = %.5f, grad_x[0, 0] = %.5f\n", out_[0], grad_x_[0]);
+    std::printf("out[0, 0] = %.5f, grad_x[0, 0] = %.5f, grad of gate_up's a[0, 0, 0] = %.5f\n", out_[0], grad_x_[0],
+                grad_gu_a_[0]);
 
     // Bad arguments throw moefuse::Error naming the argument.
     moe_forward(cfg, view(x_.data(), DType::f32, Device::cpu(), {T, H - 1}), w, out, logits, saved_v, {});
