@@ -69,6 +69,12 @@ class MoeBlock(nn.Module):
     def from_hf(cls, block: nn.Module, mode: str = "fused") -> "MoeBlock":
         """Wraps a transformers Qwen3MoeSparseMoeBlock, sharing its parameters (no copy)."""
         gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+        if experts is not None and "base_layer" in experts._modules:  # PEFT's wrapper (target_parameters)
+            raise MoefuseError(
+                "moefuse.MoeBlock.from_hf: the block's experts carry PEFT LoRA (target_parameters), which MoeBlock "
+                "does not read. Run the PEFT model through moefuse.use_moefuse_lora, or give the block adapters of "
+                "its own: MoeBlock.add_lora, with values from moefuse.convert.stacked_from_param_wrapper"
+            )
         if gate is None or experts is None or not hasattr(experts, "gate_up_proj"):
             raise MoefuseError(
                 f"moefuse.MoeBlock.from_hf: expected a Qwen3-MoE sparse block with .gate and .experts.gate_up_proj, "

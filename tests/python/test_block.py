@@ -97,6 +97,11 @@ def test_frozen_experts():
 def test_from_hf_rejects_other_modules():
     with pytest.raises(ValueError, match="sparse block"):
         moefuse.MoeBlock.from_hf(torch.nn.Linear(3, 3))
+    from peft import LoraConfig, inject_adapter_in_model
+
+    wrapped = inject_adapter_in_model(LoraConfig(r=2, target_parameters=["experts.gate_up_proj"]), hf_block())
+    with pytest.raises(ValueError, match="experts carry PEFT LoRA"):  # not silently without its adapters
+        moefuse.MoeBlock.from_hf(wrapped)
     with pytest.raises(ValueError, match="mode"):
         moefuse.MoeBlock.from_hf(hf_block(), mode="fast")
 
