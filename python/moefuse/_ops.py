@@ -412,16 +412,22 @@ def _adapter_args(core, pieces, itemsize, gate_up_a, gate_up_b, gate_up_scale, d
             _lora_arg(down_a, down_b, down_scale, dn_u, dn_b))  # fmt: skip
 
 
-def _state_bytes(query, x, gate_up, top_k, renormalize, pieces=()):
-    """(the core's part, the whole) of an experts or block op's saved state, `query` sizing the core
-    (moe_experts_saved_bytes or moe_saved_bytes); `pieces` as _lora_pieces gives them."""
+def _saved_layout(query, x, gate_up, top_k, renormalize, lora):
+    """(the saved state's bytes, the binding's two adapters) of an experts or block op, `query` sizing the core's part
+    (moe_experts_saved_bytes or moe_saved_bytes) and lora being the op's six adapter arguments (gate_up_a, gate_up_b,
+    gate_up_scale, down_a, down_b, down_scale): the adapters' pieces (_lora_pieces) follow the core."""
+    gate_up_a, gate_up_b, _, down_a, down_b, _ = lora
+    pieces = _lora_pieces(x.shape[0] * top_k, gate_up, gate_up_a, gate_up_b, down_a, down_b)
     core = _saved_bytes(query, x.shape[0], x, gate_up, top_k, renormalize)
-    return core, core + _pieces_bytes(pieces, gate_up.element_size())
+    total = core + _pieces_bytes(pieces, gate_up.element_size())
+    return total, _adapter_args(core, pieces, gate_up.element_size(), *lora)
 
 
-def _experts_saved_bytes(x, topk_weights, gate_up, pieces=()):
-    # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
-    return _state_bytes(_C.moe_experts_saved_bytes, x, gate_up, int(topk_weights.shape[1]), False, pieces)
+def _grads_with_adapters(x, other, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
+    """_grads_like for the experts and block ops' eight differentiable inputs (`other`: the routing or router
+    weights)."""
+    like = (x, other, gate_up, down, gate_up_a, gate_up_b, down_a, down_b)
+    return _grads_like(like, needs, lambda t: x.new_empty(0))
 
 
 def _experts_impl(
@@ -445,13 +451,13 @@ def _experts_impl(
     gate_up, down = gate_up.contiguous(), down.contiguous()
     if _DEBUG and ids.is_cuda and bool((ids < 0).any()):  # CUDA cannot raise on them without this sync
         raise MoefuseError("moefuse: topk_ids has negative expert ids")
-    cfg = _config(gate_up, ids.shape[1], False)
+    cfg = _config(gate_up, ids.shape[1], False)  # the core checks topk_weights against the ids' k
+    # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
+    k = int(w.shape[1])
     out = torch.empty_like(x)
-    pieces = _lora_pieces(ids.numel(), gate_up, gate_up_a, gate_up_b, down_a, down_b)
-    core, total = _experts_saved_bytes(x, w, gate_up, pieces)
-    saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, int(w.shape[1]), total)
-    gu_lora, dn_lora = _adapter_args(core, pieces, gate_up.element_size(), gate_up_a, gate_up_b, gate_up_scale, down_a,
-                                     down_b, down_scale)  # fmt: skip
+    lora = (gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale)
+    total, (gu_lora, dn_lora) = _saved_layout(_C.moe_experts_saved_bytes, x, gate_up, k, False, lora)
+    saved = _saved_empty(_C.moe_experts_saved_bytes, cfg, x, gate_up, k, total)
     with _on(x.device):
         _call(_C.moe_experts_forward, cfg, x, ids, w, gate_up, down, out, saved, _workspace(x.device),
               _stream(x.device), gu_lora, dn_lora)  # fmt: skip
@@ -465,14 +471,9 @@ experts = torch.library.custom_op("moefuse::experts", mutates_args=())(_experts_
 def _(x, topk_ids, topk_weights, gate_up, down, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0, down_a=None,
       down_b=None, down_scale=1.0):  # fmt: skip
     _check_rows(x=x, topk_weights=topk_weights)
-    pieces = _lora_pieces(x.shape[0] * topk_weights.shape[1], gate_up, gate_up_a, gate_up_b, down_a, down_b)
-    total = _experts_saved_bytes(x, topk_weights, gate_up, pieces)[1]
+    lora = (gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale)
+    total = _saved_layout(_C.moe_experts_saved_bytes, x, gate_up, int(topk_weights.shape[1]), False, lora)[0]
     return torch.empty_like(x), x.new_empty(total, dtype=torch.uint8)
-
-
-def _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
-    like = (x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b)
-    return _grads_like(like, needs, lambda t: x.new_empty(0))
 
 
 def _experts_backward_impl(
@@ -495,10 +496,9 @@ def _experts_backward_impl(
     grad_down_b); each one not in `needs` comes back empty. A weight with an adapter is frozen (no gradient)."""
     grad_out, x, w = grad_out.contiguous(), x.contiguous(), topk_weights.contiguous()
     gate_up, down, saved = gate_up.contiguous(), down.contiguous(), _realigned(saved)
-    pieces = _lora_pieces(x.shape[0] * w.shape[1], gate_up, gate_up_a, gate_up_b, down_a, down_b)
-    gu_lora, dn_lora = _adapter_args(_experts_saved_bytes(x, w, gate_up)[0], pieces, gate_up.element_size(), gate_up_a,
-                                     gate_up_b, gate_up_scale, down_a, down_b, down_scale)  # fmt: skip
-    grads = _experts_grads_like(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
+    lora = (gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale)
+    gu_lora, dn_lora = _saved_layout(_C.moe_experts_saved_bytes, x, gate_up, int(w.shape[1]), False, lora)[1]
+    grads = _grads_with_adapters(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
     cfg = _config(gate_up, w.shape[1], False)
     with _on(x.device):
@@ -513,7 +513,7 @@ experts_backward = torch.library.custom_op("moefuse::experts_backward", mutates_
 @experts_backward.register_fake
 def _(grad_out, x, topk_weights, gate_up, down, saved, needs, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0,
       down_a=None, down_b=None, down_scale=1.0):  # fmt: skip
-    return _experts_grads_like(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
+    return _grads_with_adapters(x, topk_weights, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
 
 
 def _experts_setup(ctx, inputs, output):
@@ -614,11 +614,9 @@ def _moe_block_impl(
     cfg = _config(gate_up, top_k, renormalize)
     out = torch.empty_like(x)
     logits = x.new_empty(x.shape[0], router_weight.shape[0])
-    pieces = _lora_pieces(x.shape[0] * top_k, gate_up, gate_up_a, gate_up_b, down_a, down_b)
-    core, total = _state_bytes(_C.moe_saved_bytes, x, gate_up, top_k, renormalize, pieces)
+    lora = (gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale)
+    total, (gu_lora, dn_lora) = _saved_layout(_C.moe_saved_bytes, x, gate_up, top_k, renormalize, lora)
     saved = _saved_empty(_C.moe_saved_bytes, cfg, x, gate_up, top_k, total)
-    gu_lora, dn_lora = _adapter_args(core, pieces, gate_up.element_size(), gate_up_a, gate_up_b, gate_up_scale, down_a,
-                                     down_b, down_scale)  # fmt: skip
     with _on(x.device):
         _call(_C.moe_forward, cfg, x, router_weight, gate_up, down, out, logits, saved, _workspace(x.device),
               _stream(x.device), gu_lora, dn_lora)  # fmt: skip
@@ -632,14 +630,9 @@ moe_block = torch.library.custom_op("moefuse::moe_block", mutates_args=())(_moe_
 def _(x, router_weight, gate_up, down, top_k, renormalize, gate_up_a=None, gate_up_b=None, gate_up_scale=1.0,
       down_a=None, down_b=None, down_scale=1.0):  # fmt: skip
     _check_rows(x=x)
-    pieces = _lora_pieces(x.shape[0] * top_k, gate_up, gate_up_a, gate_up_b, down_a, down_b)
-    total = _state_bytes(_C.moe_saved_bytes, x, gate_up, top_k, renormalize, pieces)[1]
+    lora = (gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale)
+    total = _saved_layout(_C.moe_saved_bytes, x, gate_up, top_k, renormalize, lora)[0]
     return torch.empty_like(x), x.new_empty(x.shape[0], router_weight.shape[0]), x.new_empty(total, dtype=torch.uint8)
-
-
-def _block_grads_like(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
-    like = (x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b)
-    return _grads_like(like, needs, lambda t: x.new_empty(0))
 
 
 def _moe_block_backward_impl(
@@ -668,12 +661,10 @@ def _moe_block_backward_impl(
     x, router_weight, gate_up, down = (t.contiguous() for t in (x, router_weight, gate_up, down))
     grad_out, router_logits = grad_out.contiguous(), router_logits.contiguous()
     grl = None if grad_router_logits is None else grad_router_logits.contiguous()
-    pieces = _lora_pieces(x.shape[0] * top_k, gate_up, gate_up_a, gate_up_b, down_a, down_b)
-    core = _state_bytes(_C.moe_saved_bytes, x, gate_up, top_k, renormalize)[0]
-    gu_lora, dn_lora = _adapter_args(core, pieces, gate_up.element_size(), gate_up_a, gate_up_b, gate_up_scale, down_a,
-                                     down_b, down_scale)  # fmt: skip
+    lora = (gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale)
+    gu_lora, dn_lora = _saved_layout(_C.moe_saved_bytes, x, gate_up, top_k, renormalize, lora)[1]
     cfg = _config(gate_up, top_k, renormalize)
-    grads = _block_grads_like(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
+    grads = _grads_with_adapters(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     wanted = [g if n else None for g, n in zip(grads, needs)]
     with _on(x.device):
         _call(_C.moe_backward, cfg, x, router_weight, gate_up, down, router_logits, _realigned(saved), grad_out,
@@ -687,12 +678,12 @@ moe_block_backward = torch.library.custom_op("moefuse::moe_block_backward", muta
 @moe_block_backward.register_fake
 def _(grad_out, grad_router_logits, x, router_weight, gate_up, down, router_logits, saved, top_k, renormalize, needs,
       gate_up_a=None, gate_up_b=None, gate_up_scale=1.0, down_a=None, down_b=None, down_scale=1.0):  # fmt: skip
-    return _block_grads_like(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
+    return _grads_with_adapters(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
 
 
 def _block_setup(ctx, inputs, output):
-    x, router_weight, gate_up, down, top_k, renormalize, gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, \
-        down_scale = inputs
+    (x, router_weight, gate_up, down, top_k, renormalize, gate_up_a, gate_up_b, gate_up_scale, down_a, down_b,
+     down_scale) = inputs
     _, logits, saved = output
     ctx.save_for_backward(x, router_weight, gate_up, down, logits, saved, gate_up_a, gate_up_b, down_a, down_b)
     ctx.top_k, ctx.renormalize, ctx.scales = top_k, renormalize, (gate_up_scale, down_scale)

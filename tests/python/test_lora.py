@@ -370,7 +370,7 @@ def test_experts_take_strided_adapters_of_another_dtype():
 def test_backward_reads_the_forwards_low_rank_rows():
     """The forward leaves u = scale * x . A[e]^T in its saved state and the backward takes it from there: with those
     rows zeroed, grad B (= g^T . w * u) comes out zero while grad A (which does not read u) does not change."""
-    from moefuse import _ops
+    from moefuse import _C, _ops
 
     x, _, gate_up, down = block_tensors()
     ids, w = routing()
@@ -380,7 +380,7 @@ def test_backward_reads_the_forwards_low_rank_rows():
     needs = [False] * 4 + [True] * 4
     ref = ops.experts_backward(*args, saved, needs, *lora)
     tampered = saved.clone()
-    tampered[_ops._experts_saved_bytes(x, w, gate_up)[0] :] = 0
+    tampered[_ops._saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, K, False) :] = 0
     got = ops.experts_backward(*args, tampered, needs, *lora)
     for i in (4, 6):  # grad_gate_up_a, grad_down_a
         assert torch.equal(got[i], ref[i])
@@ -495,7 +495,7 @@ def test_binding_refuses_saved_pieces_that_do_not_fit():
     ids, w = routing()
     gu_a, gu_b, scale, *_ = lora_args()
     out, saved = ops.experts(x, ids, w, gate_up, down, gu_a, gu_b, scale)
-    core = _ops._experts_saved_bytes(x, w, gate_up)[0]
+    core = _ops._saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, K, False)
     for offset in (-256, core + 4, saved.numel()):
         with pytest.raises(ValueError, match="lora.u"):
             _C.moe_experts_forward(_ops._config(gate_up, K, False), x, ids, w, gate_up, down, torch.empty_like(out),
