@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine runs, in one call: tools/device.sh [stage ...] (default: all stages in order).
 # Stages: build ctest sanitize python pytest bench layer model finetune plot, and ab (not in the default run).
-# Environment: CTEST_ARGS (e.g. "-R Cuda"), SANITIZERS (default "memcheck racecheck"), AB_PATCH (ab's diff).
+# Environment: CTEST_ARGS (e.g. "-R Cuda"), SANITIZERS (default "memcheck racecheck"), AB_PATCH (ab's diff),
+# AB_IMPLS (the impls ab times, default moefuse_experts; e.g. moefuse,moefuse_experts).
 # That machine has no network and no BLAS or GoogleTest: the caller carries .deps/ (Debian's reference BLAS with
 # CBLAS, and GoogleTest's sources; see docs/device.md). Logs and JSON go to build/logs, packed into $OUT/logs.tgz
 # at the end (the device tool returns few files).
@@ -101,7 +102,7 @@ for s in "${stages[@]}"; do
       if [ ! -s "${AB_PATCH:-}" ]; then
         echo "ab: AB_PATCH must name a non-empty diff (docs/device.md)"
       else
-        layer=(--shape 30b --tokens 16384 --impls moefuse_experts --modes frozen,lora)
+        layer=(--shape 30b --tokens 16384 --impls "${AB_IMPLS:-moefuse_experts}" --modes frozen,lora)
         for side in base tree; do
           flag=$([ $side = base ] && echo -R)
           git apply $flag "$AB_PATCH" || { echo "ab: git apply $flag $AB_PATCH failed"; break; }
