@@ -4,8 +4,9 @@ layer as bench_layer.py times it), this is time the GPU sits idle.
 
 Rows: the experts op alone (frozen or with stacked adapters on both projections), called as torch.ops.moefuse.experts
 or through its eager caller, which the package exports and the experts backend uses (moefuse.experts: the same code
-without torch.library's per-call layers), and an HF Qwen3MoeSparseMoeBlock with the moefuse experts (frozen, or with
-PEFT LoRA on both expert projections through use_moefuse_lora), forward and forward+backward, microseconds per call
+without torch.library's per-call layers), an HF Qwen3MoeSparseMoeBlock with the moefuse experts (frozen, or with
+PEFT LoRA on both expert projections through use_moefuse_lora), and MoeBlock (frozen, or with its own stacked adapters
+on both), forward and forward+backward, microseconds per call
 (median of --repeats loops of --calls calls; on a GPU the loop synchronises once at its end, so the figure is the
 host's issue time while it exceeds the GPU's).
 
@@ -15,7 +16,7 @@ import argparse
 import time
 
 import torch
-from bench_layer import add_lora, hf_block
+from bench_layer import add_lora, hf_block, make
 
 SHAPE = dict(hidden_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
 TOKENS, RANK = 16, 16
@@ -64,6 +65,12 @@ def block_rows(device, dtype):
         for n, p in m.named_parameters():
             p.requires_grad_(lora and "lora_" in n)
         fwd = lambda m=m: m(x).squeeze(0)  # as bench_layer.py: no zero-fill + copy in the backward
+        yield name, fwd, lambda fwd=fwd: fwd().sum().backward()
+    for name, rank in (("MoeBlock, frozen", 0), ("MoeBlock, its own LoRA (add_lora)", RANK)):
+        block, m = make("moefuse", SHAPE, dtype, device, ref, rank)
+        for n, p in m.named_parameters():
+            p.requires_grad_(bool(rank) and "lora_" in n)
+        fwd = lambda block=block: block(x[0])
         yield name, fwd, lambda fwd=fwd: fwd().sum().backward()
 
 
