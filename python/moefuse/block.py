@@ -69,7 +69,7 @@ class MoeBlock(nn.Module):
     def from_hf(cls, block: nn.Module, mode: str = "fused") -> "MoeBlock":
         """Wraps a transformers Qwen3MoeSparseMoeBlock, sharing its parameters (no copy)."""
         gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-        if experts is not None and "base_layer" in experts._modules:  # PEFT's wrapper (target_parameters)
+        if "base_layer" in getattr(experts, "_modules", {}):  # PEFT's wrapper (target_parameters)
             raise MoefuseError(
                 "moefuse.MoeBlock.from_hf: the block's experts carry PEFT LoRA (target_parameters), which MoeBlock "
                 "does not read. Run the PEFT model through moefuse.use_moefuse_lora, or give the block adapters of "
