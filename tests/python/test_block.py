@@ -21,15 +21,16 @@ def hf_block(hidden=H, dtype=torch.float32):
     return block.to(dtype)
 
 
-def run(module, x, hf=False):
-    """Output, router logits and every gradient of a fixed loss that uses both."""
+def run(module, x, hf=False, params=None):
+    """Output, router logits and every gradient of a fixed loss that uses both (of module's parameters, or of
+    `params` for a module that is a plain function)."""
     x = x.detach().clone().requires_grad_()
     if hf:
         out, logits = module(x), module.gate(x.reshape(-1, x.shape[-1]))[0]
     else:
         out, logits = module(x)
     loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + logits.float().logsumexp(-1).sum()
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in (module.parameters() if params is None else params) if p.requires_grad]
     grads = torch.autograd.grad(loss, [x, *params])
     return out.detach(), logits.detach(), grads
 
@@ -258,3 +259,22 @@ def test_moeblock_lora_example_trains_exports_and_reloads(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "adapter_per_expert.safetensors").exists()
     assert "differ from the trained block's by at most 0.00e+00" in r.stdout
+
+
+def test_lora_bf16_close_to_float64_reference():
+    block, ref = lora_block(dtype=torch.bfloat16, mode="reference")
+    x = torch.randn(23, H)
+    got, want = run(block, x.bfloat16()), run(ref, x.double())
+    for a, b in zip((got[0], *got[2]), (want[0], *want[2])):
+        assert a.dtype == torch.bfloat16 and (a.double() - b).norm() <= 2e-2 * b.norm()
+
+
+def test_lora_gradient_checkpointing_recomputes_the_same_gradients():
+    from torch.utils.checkpoint import checkpoint
+
+    block, _ = lora_block()
+    x = torch.randn(17, H)
+    plain = run(block, x)
+    ckpt = run(lambda t: checkpoint(block, t, use_reentrant=False), x, params=list(block.parameters()))
+    for a, b in zip((plain[0], *plain[2]), (ckpt[0], *ckpt[2])):
+        assert torch.equal(a, b)
