@@ -937,6 +937,61 @@ TEST(MoeBlockLora, CudaMatchesBlockOnMergedWeights) {
     }
 }
 
+// The block's step with the forward's rows u kept for the backward, as the torch ops keep them (the other block
+// tests form u again): against the float64 block on a stream of the caller's, and captured in a CUDA graph (which a
+// host sync would break) whose replay gives the same bits.
+TEST(MoeBlockLora, CudaKeptRowsStepReplaysFromAGraph) {
+  if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  const BlockLoraCase c{300, 64, 136, 12, 4, 16, 24, DType::bf16};
+  Rng rng;
+  LoraBlock blk(c, rng);
+  DeviceArena arena;
+  const moefuse::MoeConfig cfg = blk.config();
+  moefuse::MoeWeights w = weights_of(arena.copy(blk.router.view()), arena.copy(blk.gate_up.view()),
+                                     arena.copy(blk.down_w.view()));
+  const float s = static_cast<float>(kScale);
+  const auto kept_rows = [&](std::int64_t r) { return arena.copy(Tensor(c.dtype, {c.T * c.k, r}).view(), false); };
+  w.gate_up_lora = {arena.copy(blk.a_up.view()), arena.copy(blk.b_up.view()), s, kept_rows(c.r_up)};
+  w.down_lora = {arena.copy(blk.a_down.view()), arena.copy(blk.b_down.view()), s, kept_rows(c.r_down)};
+  Vec gout_v = rng.normals(c.T * c.H);
+  const TensorView x = arena.copy(blk.x.view()), gout = arena.copy(make(c.dtype, {c.T, c.H}, gout_v).view());
+  const TensorView outputs[] = {arena.copy(blk.out.view(), false),    arena.copy(blk.logits.view(), false),
+                                arena.copy(blk.x.view(), false),      arena.copy(blk.router.view(), false),
+                                arena.copy(blk.a_up.view(), false),   arena.copy(blk.b_up.view(), false),
+                                arena.copy(blk.a_down.view(), false), arena.copy(blk.b_down.view(), false)};
+  const TensorView &out = outputs[0], &logits = outputs[1], saved = arena.copy(blk.saved.view(), false);
+  moefuse::MoeGrads g = grads_of(outputs[2], outputs[3], TensorView{}, TensorView{});
+  g.gate_up_lora = {outputs[4], outputs[5]};
+  g.down_lora = {outputs[6], outputs[7]};
+  const TensorView fws = arena.workspace(moefuse::moe_forward_workspace_bytes(cfg, x, w)),
+                   bws = arena.workspace(moefuse::moe_backward_workspace_bytes(cfg, x, w, g));
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  const auto step = [&] {
+    moefuse::moe_forward(cfg, x, w, out, logits, saved, fws, stream);
+    moefuse::moe_backward(cfg, x, w, logits, saved, gout, TensorView{}, g, bws, stream);
+  };
+  step();
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  std::vector<Vec> eager;
+  for (const TensorView& o : outputs) eager.push_back(device_values(o));
+  expect_matches_merged(blk, eager[1], eager[0], gout_v, {eager[2], eager[3], eager[4], eager[5], eager[6], eager[7]});
+
+  for (const TensorView& o : outputs) ASSERT_EQ(cudaMemset(o.data, 0xff, o.nbytes()), cudaSuccess);
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  step();
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  for (std::size_t i = 0; i < eager.size(); ++i) EXPECT_EQ(device_values(outputs[i]), eager[i]) << "output " << i;
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
 TEST(MoeBlockLoraStaging, CudaStridedF32AdaptersMatchContiguous) {
   if (cuda_devices() == 0) GTEST_SKIP() << "no CUDA device";
   DeviceArena arena;  // copies a strided view's storage and keeps its strides
