@@ -897,6 +897,18 @@ TEST_P(MoeLora, CudaMatchesReference) {
   }
 }
 
+// The block's weights and adapters on the device; u_up and u_down, where given, are the rows each adapter's forward
+// keeps for its backward (Lora::u).
+moefuse::MoeWeights device_weights(DeviceArena& arena, const LoraBlock& blk, const TensorView& u_up = {},
+                                   const TensorView& u_down = {}) {
+  moefuse::MoeWeights w = weights_of(arena.copy(blk.router.view()), arena.copy(blk.gate_up.view()),
+                                     arena.copy(blk.down_w.view()));
+  const float s = static_cast<float>(kScale);
+  w.gate_up_lora = {arena.copy(blk.a_up.view()), arena.copy(blk.b_up.view()), s, u_up};
+  w.down_lora = {arena.copy(blk.a_down.view()), arena.copy(blk.b_down.view()), s, u_down};
+  return w;
+}
+
 // The block with adapters on both projections at sizes the Hopper forms take (multiples of 8, ranks up to 64, where
 // the down projection's row pass also sums the up adapter's grad B), against the float64 block.
 TEST(MoeBlockLora, CudaMatchesBlockOnMergedWeights) {
@@ -910,11 +922,7 @@ TEST(MoeBlockLora, CudaMatchesBlockOnMergedWeights) {
       LoraBlock blk(c, rng);
       DeviceArena arena;
       const moefuse::MoeConfig cfg = blk.config();
-      moefuse::MoeWeights w = weights_of(arena.copy(blk.router.view()), arena.copy(blk.gate_up.view()),
-                                         arena.copy(blk.down_w.view()));
-      const float s = static_cast<float>(kScale);
-      w.gate_up_lora = {arena.copy(blk.a_up.view()), arena.copy(blk.b_up.view()), s};
-      w.down_lora = {arena.copy(blk.a_down.view()), arena.copy(blk.b_down.view()), s};
+      const moefuse::MoeWeights w = device_weights(arena, blk);
       const TensorView x = arena.copy(blk.x.view()), out = arena.copy(blk.out.view(), false),
                        logits = arena.copy(blk.logits.view(), false), saved = arena.copy(blk.saved.view(), false);
       moefuse::moe_forward(cfg, x, w, out, logits, saved,
@@ -947,12 +955,8 @@ TEST(MoeBlockLora, CudaKeptRowsStepReplaysFromAGraph) {
   LoraBlock blk(c, rng);
   DeviceArena arena;
   const moefuse::MoeConfig cfg = blk.config();
-  moefuse::MoeWeights w = weights_of(arena.copy(blk.router.view()), arena.copy(blk.gate_up.view()),
-                                     arena.copy(blk.down_w.view()));
-  const float s = static_cast<float>(kScale);
   const auto kept_rows = [&](std::int64_t r) { return arena.copy(Tensor(c.dtype, {c.T * c.k, r}).view(), false); };
-  w.gate_up_lora = {arena.copy(blk.a_up.view()), arena.copy(blk.b_up.view()), s, kept_rows(c.r_up)};
-  w.down_lora = {arena.copy(blk.a_down.view()), arena.copy(blk.b_down.view()), s, kept_rows(c.r_down)};
+  const moefuse::MoeWeights w = device_weights(arena, blk, kept_rows(c.r_up), kept_rows(c.r_down));
   Vec gout_v = rng.normals(c.T * c.H);
   const TensorView x = arena.copy(blk.x.view()), gout = arena.copy(make(c.dtype, {c.T, c.H}, gout_v).view());
   const TensorView outputs[] = {arena.copy(blk.out.view(), false),    arena.copy(blk.logits.view(), false),
