@@ -1,6 +1,8 @@
-// moefuse command line: `moefuse bench` times the MoE block (forward, forward+backward, forward+dX) at one shape.
+// moefuse command line: `moefuse bench` times the MoE block (forward, forward+backward, forward+dX, and with --lora
+// the LoRA fine-tuning step) at one shape.
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -26,14 +28,19 @@ struct Args {
   DType dtype = DType::f32;
   std::string device = "cpu";
   int iters = 5;
+  int lora = 0;  // rank of the adapters on both expert projections; 0: none
 };
 
 [[noreturn]] void usage(int code) {
   std::fprintf(code ? stderr : stdout,
                "usage: moefuse bench [--tokens T] [--hidden H] [--intermediate I] [--experts E] [--top-k K]\n"
                "                     [--dtype f32|bf16|f16] [--device cpu|cuda] [--iters N] [--preset 30b|235b]\n"
-               "Times the MoE block: forward, forward+backward (all gradients) and forward+dX (frozen experts).\n"
-               "FLOPs are counted as 6*T*k*H*I forward, x3 with all gradients, x2 with frozen experts.\n");
+               "                     [--lora R]\n"
+               "Times the MoE block: forward, forward+backward (all gradients) and forward+dX (frozen experts);\n"
+               "with --lora, also forward+backward with stacked LoRA of rank R on both expert projections (experts\n"
+               "frozen, the adapters' gradients formed), and its time over the frozen step's.\n"
+               "FLOPs are counted as 6*T*k*H*I forward, x3 with all gradients, x2 with frozen experts or LoRA (the\n"
+               "adapters' FLOPs not counted).\n");
   std::exit(code);
 }
 
@@ -71,6 +78,7 @@ Args parse(int argc, char** argv) {
     else if (k == "--experts") a.cfg.experts = static_cast<int>(integer(k, v, 1));
     else if (k == "--top-k") a.cfg.top_k = static_cast<int>(integer(k, v, 1));
     else if (k == "--iters") a.iters = static_cast<int>(integer(k, v, 1));
+    else if (k == "--lora") a.lora = static_cast<int>(integer(k, v, 0));
     else if (k == "--device" && (v == "cpu" || v == "cuda")) a.device = v;
     else if (k == "--dtype" && v == "f32") a.dtype = DType::f32;
     else if (k == "--dtype" && v == "bf16") a.dtype = DType::bf16;
@@ -198,14 +206,33 @@ int bench(const Args& a) {
   const TensorView ws_f = bytes(moe_forward_workspace_bytes(c, x, w));
   const TensorView ws_b = bytes(moe_backward_workspace_bytes(c, x, w, full));
 
-  auto fwd = [&] { moe_forward(c, x, w, out, logits, saved, ws_f); };
-  auto step = [&](const MoeGrads& g) {
-    fwd();
-    moe_backward(c, x, w, logits, saved, grad_out, {}, g, ws_b);
+  auto step = [&](const MoeWeights& wt, const MoeGrads& g, const TensorView& wsf, const TensorView& wsb) {
+    moe_forward(c, x, wt, out, logits, saved, wsf);
+    moe_backward(c, x, wt, logits, saved, grad_out, {}, g, wsb);
   };
-  const double f_ms = median_ms(fwd, a.iters, cuda);
-  const double fb_ms = median_ms([&] { step(full); }, a.iters, cuda);
-  const double fx_ms = median_ms([&] { step(frozen); }, a.iters, cuda);
+  const double f_ms = median_ms([&] { moe_forward(c, x, w, out, logits, saved, ws_f); }, a.iters, cuda);
+  const double fb_ms = median_ms([&] { step(w, full, ws_f, ws_b); }, a.iters, cuda);
+  const double fx_ms = median_ms([&] { step(w, frozen, ws_f, ws_b); }, a.iters, cuda);
+
+  // LoRA fine-tuning's step: adapters on both projections (a and b random, scale 2 as alpha = 2r), the rows u each
+  // forward keeps for its backward as the torch ops keep them, gradients for x, the router and the adapters.
+  double lora_ms = 0;
+  if (a.lora > 0) {
+    const std::int64_t r = a.lora, M = T * c.top_k;
+    MoeWeights wl = w;
+    wl.gate_up_lora = {alloc(a.dtype, {E, r, H}), alloc(a.dtype, {E, 2 * I, r}), 2.f, alloc(a.dtype, {M, r})};
+    wl.down_lora = {alloc(a.dtype, {E, r, I}), alloc(a.dtype, {E, H, r}), 2.f, alloc(a.dtype, {M, r})};
+    fill_random(wl.gate_up_lora.a, 1.f / std::sqrt(static_cast<float>(H)), 6, cuda);
+    fill_random(wl.gate_up_lora.b, 0.02f, 7, cuda);
+    fill_random(wl.down_lora.a, 1.f / std::sqrt(static_cast<float>(I)), 8, cuda);
+    fill_random(wl.down_lora.b, 0.02f, 9, cuda);
+    MoeGrads g = frozen;
+    g.gate_up_lora = {alloc(a.dtype, {E, r, H}), alloc(a.dtype, {E, 2 * I, r})};
+    g.down_lora = {alloc(a.dtype, {E, r, I}), alloc(a.dtype, {E, H, r})};
+    const TensorView lws_f = bytes(moe_forward_workspace_bytes(c, x, wl));
+    const TensorView lws_b = bytes(moe_backward_workspace_bytes(c, x, wl, g));
+    lora_ms = median_ms([&] { step(wl, g, lws_f, lws_b); }, a.iters, cuda);
+  }
 
   const double flops = 6.0 * T * c.top_k * H * I;
   std::printf("moefuse bench: %s %s  T=%lld H=%lld I=%lld E=%lld k=%d  (median of %d)\n", a.device.c_str(),
@@ -214,6 +241,11 @@ int bench(const Args& a) {
   std::printf("  %-28s %10.2f %12.1f\n", "forward", f_ms, flops / f_ms * 1e-6);
   std::printf("  %-28s %10.2f %12.1f\n", "forward+backward (all)", fb_ms, 3 * flops / fb_ms * 1e-6);
   std::printf("  %-28s %10.2f %12.1f\n", "forward+dX (frozen experts)", fx_ms, 2 * flops / fx_ms * 1e-6);
+  if (a.lora > 0) {
+    const std::string name = "forward+backward, LoRA r=" + std::to_string(a.lora);
+    std::printf("  %-28s %10.2f %12.1f\n", name.c_str(), lora_ms, 2 * flops / lora_ms * 1e-6);
+    std::printf("  LoRA step / frozen step: %.3fx\n", lora_ms / fx_ms);
+  }
   return 0;
 }
 

@@ -73,7 +73,7 @@ for s in "${stages[@]}"; do
     bench)
       step "moefuse bench (C++, bf16)"
       for args in "--preset 30b --tokens 4096" "--preset 30b --tokens 16384" "--preset 235b --tokens 8192"; do
-        build/dev/apps/moefuse bench --device cuda --dtype bf16 --iters 20 $args
+        build/dev/apps/moefuse bench --device cuda --dtype bf16 --iters 20 --lora 16 $args
       done 2>&1 | tee "$LOG/bench_cli.txt" ;;
     layer)
       step "layer benchmark vs Hugging Face and dense cuBLAS"
