@@ -22,14 +22,16 @@ struct MoeConfig {
   bool renormalize = true;        // norm_topk_prob
 };
 
-// All of one dtype (f32 | bf16 | f16) and one device. The adapters' a and b may have any strides and any float
+// All of one dtype (f32 | bf16 | f16) and one device, but for 4-bit expert weights: gate_up and down may each be
+// given as nf4_quantize packs them (ops.h), frozen; the ops then dequantize it into their workspace (in x's dtype,
+// the experts that got rows only) just before its projection runs, forward and backward. The adapters' a and b may have any strides and any float
 // dtype (PEFT's layouts are strided views of its lora_A / lora_B weights, often f32 over bf16 weights): such ones
 // are copied, cast to the weights' dtype, into the workspace first (a b into its staged_b when given, which the
 // backward then reads as it is: ops.h). Their u must be contiguous, in the weights' dtype.
 struct MoeWeights {
   TensorView router;   // [E, H]
-  TensorView gate_up;  // [E, 2I, H]: gate rows then up rows
-  TensorView down;     // [E, H, I]
+  TensorView gate_up;  // [E, 2I, H]: gate rows then up rows (4-bit: u8 [E, 2I, nf4_row_bytes(H)])
+  TensorView down;     // [E, H, I] (4-bit: u8 [E, H, nf4_row_bytes(I)])
   Lora gate_up_lora;   // optional stacked LoRA: a [E, r, H], b [E, 2I, r]
   Lora down_lora;      // optional stacked LoRA: a [E, r, I], b [E, H, r]
 };
@@ -39,8 +41,8 @@ struct MoeWeights {
 struct MoeGrads {
   TensorView x;        // [T, H]
   TensorView router;   // [E, H]
-  TensorView gate_up;  // [E, 2I, H] (not with gate_up_lora: LoRA freezes its base weight)
-  TensorView down;     // [E, H, I]  (not with down_lora)
+  TensorView gate_up;  // [E, 2I, H] (not with gate_up_lora or a 4-bit gate_up: both freeze it)
+  TensorView down;     // [E, H, I]  (not with down_lora or a 4-bit down)
   LoraGrads gate_up_lora;  // shaped like the adapter; any float dtype and non-overlapping strides (written through
   LoraGrads down_lora;     // the workspace, cast, when not contiguous in the weights' dtype)
 };

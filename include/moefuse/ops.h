@@ -156,4 +156,17 @@ void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, c
                             const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
                             void* stream = nullptr);
 
+// ---------------------------------------------------------------------------------------------------------------------
+// 4-bit expert weights (NF4, the format of QLoRA): a frozen weight [E, out, in] kept in about a quarter of its bf16
+// bytes. Each run of 64 inputs of a row keeps its absolute maximum m (f32) and, per element, the index of the nearest
+// of 16 fixed levels in [-1, 1] to w / m; dequantized, an element is level * m. A row takes nf4_row_bytes(in) bytes:
+// ceil(in / 2) bytes of indices (element 2i in the high nibble of byte i), then ceil(in / 64) f32 maxima, each part
+// zero-padded to a multiple of 16 bytes. The experts ops (block.h) take the two expert weights in this form too.
+// A run holding an Inf or NaN dequantizes to non-finite values.
+std::int64_t nf4_row_bytes(std::int64_t in);
+//   weight [E, out, in] f32 | bf16 | f16;  packed [E, out, nf4_row_bytes(in)] u8 (out)
+void nf4_quantize(TensorView weight, TensorView packed, void* stream = nullptr);
+//   packed as nf4_quantize writes it;  weight [E, out, in] f32 | bf16 | f16 (out), each element rounded once
+void nf4_dequantize(TensorView packed, TensorView weight, void* stream = nullptr);
+
 }  // namespace moefuse

@@ -84,6 +84,11 @@ struct UpLoraGrad {
                                     UpLoraGrad* up, void* stream);                                                  \
   void swiglu_backward(const TensorView& h, const TensorView& grad_a, const TensorView& grad_h, void* stream);      \
                                                                                                                     \
+  /* 4-bit weights (core/nf4.h). counts (optional, [E] i32): experts without rows are skipped, their slice of     \
+     weight left as it was (the block's GEMMs never read it). */                                                    \
+  void nf4_quantize(const TensorView& weight, const TensorView& packed, void* stream);                             \
+  void nf4_dequantize(const TensorView& packed, const TensorView& counts, const TensorView& weight, void* stream);  \
+                                                                                                                    \
   /* dst = src, cast to dst's dtype: same 3-D shape, any strides (core/block.cpp stages adapters with it). */     \
   void copy_strided(const TensorView& src, const TensorView& dst, void* stream);                                   \
                                                                                                                     \

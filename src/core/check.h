@@ -43,6 +43,9 @@ inline void expect_workspace(const char* op, const TensorView& workspace, std::s
   expect_buffer(op, "workspace", workspace, needed, device);
 }
 
+// A 4-bit weight (ops.h, nf4_quantize) at a 16-byte aligned address: its rows' f32 maxima are read in place.
+void expect_nf4_aligned(const char* op, const char* name, const TensorView& packed);
+
 constexpr std::initializer_list<DType> kFloatTypes = {DType::f32, DType::bf16, DType::f16};
 
 }  // namespace moefuse::detail

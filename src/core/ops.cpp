@@ -3,6 +3,7 @@
 #include <limits>
 
 #include "core/dispatch.h"
+#include "core/nf4.h"
 #include "core/workspace.h"
 #include "moefuse/moefuse.h"
 
@@ -459,6 +460,36 @@ void swiglu_backward(TensorView h, TensorView grad_a, TensorView grad_h, void* s
   expect_same_dtype(op, "grad_h", grad_h, h.dtype);
   expect_same_device(op, "grad_h", grad_h, h.device);
   BACKEND(op, h.device, swiglu_backward, h, grad_a, grad_h, stream);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+std::int64_t nf4_row_bytes(std::int64_t in) {
+  MOEFUSE_CHECK(in >= 1, "nf4_row_bytes", "in must be >= 1, got ", in);
+  return detail::nf4_bytes_per_row(in);
+}
+
+namespace {
+// weight [E, out, in] float and packed [E, out, nf4_row_bytes(in)] u8 on one device.
+void check_nf4(const char* op, const TensorView& weight, const TensorView& packed) {
+  expect(op, "weight", weight, {-1, -1, -1}, kFloatTypes);
+  check_features(op, weight);
+  expect(op, "packed", packed, {weight.shape[0], weight.shape[1], detail::nf4_bytes_per_row(weight.shape[2])},
+         {DType::u8});
+  expect_same_device(op, "packed", packed, weight.device);
+  detail::expect_nf4_aligned(op, "packed", packed);
+}
+}  // namespace
+
+void nf4_quantize(TensorView weight, TensorView packed, void* stream) {
+  const char* op = "nf4_quantize";
+  check_nf4(op, weight, packed);
+  BACKEND(op, weight.device, nf4_quantize, weight, packed, stream);
+}
+
+void nf4_dequantize(TensorView packed, TensorView weight, void* stream) {
+  const char* op = "nf4_dequantize";
+  check_nf4(op, weight, packed);
+  BACKEND(op, weight.device, nf4_dequantize, packed, TensorView{}, weight, stream);
 }
 
 }  // namespace moefuse

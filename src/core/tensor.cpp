@@ -141,5 +141,10 @@ void expect_buffer(const char* op, const char* name, const TensorView& buffer, s
   MOEFUSE_CHECK(reinterpret_cast<std::uintptr_t>(buffer.data) % 256 == 0, op, name, " must be 256-byte aligned");
 }
 
+void expect_nf4_aligned(const char* op, const char* name, const TensorView& packed) {
+  MOEFUSE_CHECK(reinterpret_cast<std::uintptr_t>(packed.data) % 16 == 0, op, name,
+                " (4-bit weight) must start at a 16-byte aligned address, got ", packed.data);
+}
+
 }  // namespace detail
 }  // namespace moefuse
