@@ -1,5 +1,5 @@
-// moefuse command line: `moefuse bench` times the MoE block (forward, forward+backward, forward+dX, and with --lora
-// the LoRA fine-tuning step) at one shape.
+// moefuse command line: `moefuse bench` times the MoE block (forward, forward+backward, forward+dX, with --lora the
+// LoRA fine-tuning step, with --nf4 the frozen steps again on 4-bit expert weights) at one shape.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -29,16 +29,19 @@ struct Args {
   std::string device = "cpu";
   int iters = 5;
   int lora = 0;  // rank of the adapters on both expert projections; 0: none
+  bool nf4 = false;  // also the frozen steps with the expert weights in 4 bits
 };
 
 [[noreturn]] void usage(int code) {
   std::fprintf(code ? stderr : stdout,
                "usage: moefuse bench [--tokens T] [--hidden H] [--intermediate I] [--experts E] [--top-k K]\n"
                "                     [--dtype f32|bf16|f16] [--device cpu|cuda] [--iters N] [--preset 30b|235b]\n"
-               "                     [--lora R]\n"
+               "                     [--lora R] [--nf4]\n"
                "Times the MoE block: forward, forward+backward (all gradients) and forward+dX (frozen experts);\n"
                "with --lora, also forward+backward with stacked LoRA of rank R on both expert projections (experts\n"
-               "frozen, the adapters' gradients formed), and its time over the frozen step's.\n"
+               "frozen, the adapters' gradients formed), and its time over the frozen step's; with --nf4, the\n"
+               "forward+dX step (and the LoRA step) again with both expert weights 4-bit (NF4, QLoRA), against\n"
+               "the same steps on the weights' dtype.\n"
                "FLOPs are counted as 6*T*k*H*I forward, x3 with all gradients, x2 with frozen experts or LoRA (the\n"
                "adapters' FLOPs not counted).\n");
   std::exit(code);
@@ -70,6 +73,10 @@ Args parse(int argc, char** argv) {
   for (int i = 2; i < argc; ++i) {
     std::string k = argv[i];
     if (k == "-h" || k == "--help") usage(0);
+    if (k == "--nf4") {
+      a.nf4 = true;
+      continue;
+    }
     if (i + 1 >= argc) bad(k + " needs a value");
     std::string v = argv[++i];
     if (k == "--tokens") a.tokens = integer(k, v, 0);
@@ -217,21 +224,40 @@ int bench(const Args& a) {
   // LoRA fine-tuning's step: adapters on both projections (a and b random, scale 2 as alpha = 2r), the rows u each
   // forward keeps for its backward as the torch ops keep them, gradients for x, the router and the adapters.
   double lora_ms = 0;
+  MoeWeights wl = w;
+  MoeGrads gl = frozen;
   if (a.lora > 0) {
     const std::int64_t r = a.lora, M = T * c.top_k;
-    MoeWeights wl = w;
     wl.gate_up_lora = {alloc(a.dtype, {E, r, H}), alloc(a.dtype, {E, 2 * I, r}), 2.f, alloc(a.dtype, {M, r})};
     wl.down_lora = {alloc(a.dtype, {E, r, I}), alloc(a.dtype, {E, H, r}), 2.f, alloc(a.dtype, {M, r})};
     fill_random(wl.gate_up_lora.a, 1.f / std::sqrt(static_cast<float>(H)), 6, cuda);
     fill_random(wl.gate_up_lora.b, 0.02f, 7, cuda);
     fill_random(wl.down_lora.a, 1.f / std::sqrt(static_cast<float>(I)), 8, cuda);
     fill_random(wl.down_lora.b, 0.02f, 9, cuda);
-    MoeGrads g = frozen;
-    g.gate_up_lora = {alloc(a.dtype, {E, r, H}), alloc(a.dtype, {E, 2 * I, r})};
-    g.down_lora = {alloc(a.dtype, {E, r, I}), alloc(a.dtype, {E, H, r})};
+    gl.gate_up_lora = {alloc(a.dtype, {E, r, H}), alloc(a.dtype, {E, 2 * I, r})};
+    gl.down_lora = {alloc(a.dtype, {E, r, I}), alloc(a.dtype, {E, H, r})};
     const TensorView lws_f = bytes(moe_forward_workspace_bytes(c, x, wl));
-    const TensorView lws_b = bytes(moe_backward_workspace_bytes(c, x, wl, g));
-    lora_ms = median_ms([&] { step(wl, g, lws_f, lws_b); }, a.iters, cuda);
+    const TensorView lws_b = bytes(moe_backward_workspace_bytes(c, x, wl, gl));
+    lora_ms = median_ms([&] { step(wl, gl, lws_f, lws_b); }, a.iters, cuda);
+  }
+
+  // The frozen and LoRA steps again with both expert weights 4-bit (QLoRA): the ops dequantize each into their
+  // workspace just before its projection, forward and backward.
+  double fx4_ms = 0, lora4_ms = 0;
+  if (a.nf4) {
+    const TensorView gate_up4 = alloc(DType::u8, {E, 2 * I, nf4_row_bytes(H)});
+    const TensorView down4 = alloc(DType::u8, {E, H, nf4_row_bytes(I)});
+    nf4_quantize(w.gate_up, gate_up4);
+    nf4_quantize(w.down, down4);
+    auto timed = [&](MoeWeights wt, const MoeGrads& g) {
+      wt.gate_up = gate_up4;
+      wt.down = down4;
+      const TensorView wsf = bytes(moe_forward_workspace_bytes(c, x, wt)),
+                       wsb = bytes(moe_backward_workspace_bytes(c, x, wt, g));
+      return median_ms([&] { step(wt, g, wsf, wsb); }, a.iters, cuda);
+    };
+    fx4_ms = timed(w, frozen);
+    if (a.lora > 0) lora4_ms = timed(wl, gl);
   }
 
   const double flops = 6.0 * T * c.top_k * H * I;
@@ -245,6 +271,19 @@ int bench(const Args& a) {
     const std::string name = "forward+backward, LoRA r=" + std::to_string(a.lora);
     std::printf("  %-28s %10.2f %12.1f\n", name.c_str(), lora_ms, 2 * flops / lora_ms * 1e-6);
     std::printf("  LoRA step / frozen step: %.3fx\n", lora_ms / fx_ms);
+  }
+  if (a.nf4) {
+    std::printf("  %-28s %10.2f %12.1f\n", "forward+dX, 4-bit experts", fx4_ms, 2 * flops / fx4_ms * 1e-6);
+    std::printf("  4-bit step / frozen step: %.3fx\n", fx4_ms / fx_ms);
+    if (a.lora > 0) {
+      const std::string name = "LoRA r=" + std::to_string(a.lora) + ", 4-bit experts";
+      std::printf("  %-28s %10.2f %12.1f\n", name.c_str(), lora4_ms, 2 * flops / lora4_ms * 1e-6);
+      std::printf("  QLoRA step / LoRA step: %.3fx\n", lora4_ms / lora_ms);
+    }
+    const double mib = 1.0 / (1 << 20);
+    std::printf("  expert weights: %.1f MiB in %s, %.1f MiB in 4 bits\n",
+                (w.gate_up.nbytes() + w.down.nbytes()) * mib, dtype_name(a.dtype),
+                static_cast<double>(E * (2 * I * nf4_row_bytes(H) + H * nf4_row_bytes(I))) * mib);
   }
   return 0;
 }

@@ -54,7 +54,7 @@ for s in "${stages[@]}"; do
       # its LoRA k-block (SwigluForward, Lora), but not the linear sweep. Both tools then run the block with adapters on
       # both projections, contiguous and strided f32 as PEFT's (test_lora's two CUDA tests: every LoRA kernel, ~25 s).
       filter='CudaRouter.*:CudaPlan.*:CudaSwiglu.*:CudaBlock.SmallShapesMatchCpu:CudaBlock.StepReplaysFromACudaGraph'
-      filter+=':CudaLinear.SwigluForwardMatchesCpu:CudaLinear.LoraMatchesCpu'
+      filter+=':CudaLinear.SwigluForwardMatchesCpu:CudaLinear.LoraMatchesCpu:CudaNf4.*'
       for tool in ${SANITIZERS:-memcheck racecheck}; do
         sanitize $tool cuda/test_cuda "$([ $tool = memcheck ] && echo "$filter:CudaLinear.*" || echo "$filter")"
         sanitize $tool cpp/test_lora 'MoeBlockLora*Cuda*'
@@ -73,7 +73,7 @@ for s in "${stages[@]}"; do
     bench)
       step "moefuse bench (C++, bf16)"
       for args in "--preset 30b --tokens 4096" "--preset 30b --tokens 16384" "--preset 235b --tokens 8192"; do
-        build/dev/apps/moefuse bench --device cuda --dtype bf16 --iters 20 --lora 16 $args
+        build/dev/apps/moefuse bench --device cuda --dtype bf16 --iters 20 --lora 16 --nf4 $args
       done 2>&1 | tee "$LOG/bench_cli.txt" ;;
     layer)
       step "layer benchmark vs Hugging Face and dense cuBLAS"

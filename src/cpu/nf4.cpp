@@ -33,6 +33,8 @@ void nf4_quantize(const TensorView& weight, const TensorView& packed, void*) {
 void nf4_dequantize(const TensorView& packed, const TensorView& counts, const TensorView& weight, void*) {
   const std::int64_t experts = weight.shape[0], out = weight.shape[1], in = weight.shape[2];
   const std::int64_t row_bytes = nf4_bytes_per_row(in), index_bytes = nf4_index_bytes(in);
+  float level[16];
+  for (int c = 0; c < 16; ++c) level[c] = nf4_level(c);
 #pragma omp parallel for
   for (std::int64_t r = 0; r < experts * out; ++r) {
     if (counts.defined() && counts.ptr<int>()[r / out] == 0) continue;
@@ -40,7 +42,7 @@ void nf4_dequantize(const TensorView& packed, const TensorView& counts, const Te
     const float* maxima = reinterpret_cast<const float*>(p + index_bytes);
     for (std::int64_t i = 0; i < in; ++i) {
       const int c = i % 2 ? p[i / 2] & 15 : p[i / 2] >> 4;
-      store(weight, r * in + i, nf4_level(c) * maxima[i / kNf4Run]);
+      store(weight, r * in + i, level[c] * maxima[i / kNf4Run]);
     }
   }
 }
