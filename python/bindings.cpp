@@ -150,13 +150,13 @@ moefuse::MoeGrads to_grads(const OptArray& x, const OptArray& router, const OptA
 }
 
 // The weights (no router for the experts ops) with their optional adapters, whose u and staged_b are pieces of
-// `saved` (rows: the token-expert pairs).
+// `saved` in x's dtype (rows: the token-expert pairs).
 moefuse::MoeWeights to_weights(const OptArray& router, const Array& gate_up, const Array& down,
                                const OptLora& gate_up_lora, const OptLora& down_lora, const TensorView& saved,
-                               std::int64_t rows) {
+                               std::int64_t rows, moefuse::DType dtype) {
   moefuse::MoeWeights w{to_view(router, "router weight"), to_view(gate_up, "gate_up"), to_view(down, "down")};
-  w.gate_up_lora = to_lora(gate_up_lora, saved, rows, w.gate_up.dtype);
-  w.down_lora = to_lora(down_lora, saved, rows, w.gate_up.dtype);
+  w.gate_up_lora = to_lora(gate_up_lora, saved, rows, dtype);
+  w.down_lora = to_lora(down_lora, saved, rows, dtype);
   return w;
 }
 
@@ -188,6 +188,21 @@ NB_MODULE(_C, m) {
   m.def("has_cuda", &moefuse::has_cuda);
 
   const auto release = nb::call_guard<nb::gil_scoped_release>();
+
+  // 4-bit weights.
+  m.def("nf4_row_bytes", &moefuse::nf4_row_bytes, "in"_a);
+  m.def(
+      "nf4_quantize",
+      [](const Array& weight, const Array& packed, std::uintptr_t stream) {
+        moefuse::nf4_quantize(to_view(weight, "weight"), to_view(packed, "packed"), to_stream(stream));
+      },
+      "weight"_a, "packed"_a, "stream"_a = 0, release);
+  m.def(
+      "nf4_dequantize",
+      [](const Array& packed, const Array& weight, std::uintptr_t stream) {
+        moefuse::nf4_dequantize(to_view(packed, "packed"), to_view(weight, "weight"), to_stream(stream));
+      },
+      "packed"_a, "weight"_a, "stream"_a = 0, release);
 
   // Router.
   m.def(
@@ -295,7 +310,8 @@ NB_MODULE(_C, m) {
          const Array& gate_up, const Array& down, const Array& out, const Array& saved, const nb::callable& alloc,
          std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora) {
         const TensorView xv = to_view(x, "x"), ids = to_view(topk_ids, "topk_ids"), sv = to_view(saved, "saved");
-        const moefuse::MoeWeights w = to_weights(std::nullopt, gate_up, down, gate_up_lora, down_lora, sv, ids.numel());
+        const moefuse::MoeWeights w =
+            to_weights(std::nullopt, gate_up, down, gate_up_lora, down_lora, sv, ids.numel(), xv.dtype);
         const Scratch ws = scratch(alloc, moefuse::moe_experts_forward_workspace_bytes(cfg, xv, w));
         nb::gil_scoped_release nogil;
         moefuse::moe_experts_forward(cfg, xv, ids, to_view(topk_weights, "topk_weights"), w, to_view(out, "out"), sv,
@@ -314,7 +330,8 @@ NB_MODULE(_C, m) {
         const moefuse::MoeGrads grads = to_grads(grad_x, std::nullopt, grad_gate_up, grad_down, grad_gate_up_a,
                                                  grad_gate_up_b, grad_down_a, grad_down_b);
         const TensorView xv = to_view(x, "x"), wv = to_view(topk_weights, "topk_weights"), sv = to_view(saved, "saved");
-        const moefuse::MoeWeights w = to_weights(std::nullopt, gate_up, down, gate_up_lora, down_lora, sv, wv.numel());
+        const moefuse::MoeWeights w =
+            to_weights(std::nullopt, gate_up, down, gate_up_lora, down_lora, sv, wv.numel(), xv.dtype);
         const Scratch ws = scratch(alloc, moefuse::moe_experts_backward_workspace_bytes(cfg, xv, w));
         nb::gil_scoped_release nogil;
         moefuse::moe_experts_backward(cfg, xv, wv, w, sv, to_view(grad_out, "grad_out"), grads,
@@ -335,7 +352,7 @@ NB_MODULE(_C, m) {
          std::uintptr_t stream, const OptLora& gate_up_lora, const OptLora& down_lora) {
         const TensorView xv = to_view(x, "x"), sv = to_view(saved, "saved");
         const moefuse::MoeWeights w =
-            to_weights(router, gate_up, down, gate_up_lora, down_lora, sv, xv.shape[0] * cfg.top_k);
+            to_weights(router, gate_up, down, gate_up_lora, down_lora, sv, xv.shape[0] * cfg.top_k, xv.dtype);
         const Scratch ws = scratch(alloc, moefuse::moe_forward_workspace_bytes(cfg, xv, w));
         nb::gil_scoped_release nogil;
         moefuse::moe_forward(cfg, xv, w, to_view(out, "out"), to_view(router_logits, "router_logits"), sv, ws.view,
@@ -353,7 +370,7 @@ NB_MODULE(_C, m) {
          const OptArray& grad_down_b) {
         const TensorView xv = to_view(x, "x"), sv = to_view(saved, "saved");
         const moefuse::MoeWeights w =
-            to_weights(router, gate_up, down, gate_up_lora, down_lora, sv, xv.shape[0] * cfg.top_k);
+            to_weights(router, gate_up, down, gate_up_lora, down_lora, sv, xv.shape[0] * cfg.top_k, xv.dtype);
         const moefuse::MoeGrads grads = to_grads(grad_x, grad_router, grad_gate_up, grad_down, grad_gate_up_a,
                                                  grad_gate_up_b, grad_down_a, grad_down_b);
         const Scratch ws = scratch(alloc, moefuse::moe_backward_workspace_bytes(cfg, xv, w, grads));

@@ -374,12 +374,12 @@ def _lora_arg(a, b, scale, u=None, staged_b=None):
     return (a, b, scale, u, staged_b)
 
 
-def _lora_pieces(rows, gate_up, gate_up_a, gate_up_b, down_a, down_b):
+def _lora_pieces(rows, dtype, gate_up_a, gate_up_b, down_a, down_b):
     """Shapes of the experts op's saved state past the core, in order (None for an absent piece): each adapter's u
-    [rows, r], then each b that the op stages (strided, as PEFT's are, or in another dtype) as the kernels read it
-    [E, out, r], kept so that the backward does not stage it again."""
+    [rows, r], then each b that the op stages (strided, as PEFT's are, or in another dtype than the compute dtype)
+    as the kernels read it [E, out, r], kept so that the backward does not stage it again."""
     u = [None if a is None else (rows, a.shape[1]) for a in (gate_up_a, down_a)]
-    b = [None if t is None or (t.is_contiguous() and t.dtype == gate_up.dtype) else tuple(t.shape)
+    b = [None if t is None or (t.is_contiguous() and t.dtype == dtype) else tuple(t.shape)
          for t in (gate_up_b, down_b)]  # fmt: skip
     return u + b
 
@@ -417,10 +417,10 @@ def _saved_layout(query, x, gate_up, top_k, renormalize, lora):
     (moe_experts_saved_bytes or moe_saved_bytes) and lora being the op's six adapter arguments (gate_up_a, gate_up_b,
     gate_up_scale, down_a, down_b, down_scale): the adapters' pieces (_lora_pieces) follow the core."""
     gate_up_a, gate_up_b, _, down_a, down_b, _ = lora
-    pieces = _lora_pieces(x.shape[0] * top_k, gate_up, gate_up_a, gate_up_b, down_a, down_b)
+    pieces = _lora_pieces(x.shape[0] * top_k, x.dtype, gate_up_a, gate_up_b, down_a, down_b)
     core = _saved_bytes(query, x.shape[0], x, gate_up, top_k, renormalize)
-    total = core + _pieces_bytes(pieces, gate_up.element_size())
-    return total, _adapter_args(core, pieces, gate_up.element_size(), *lora)
+    total = core + _pieces_bytes(pieces, x.element_size())
+    return total, _adapter_args(core, pieces, x.element_size(), *lora)
 
 
 def _grads_with_adapters(x, other, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs):
@@ -451,7 +451,7 @@ def _experts_impl(
     gate_up, down = gate_up.contiguous(), down.contiguous()
     if _DEBUG and ids.is_cuda and bool((ids < 0).any()):  # CUDA cannot raise on them without this sync
         raise MoefuseError("moefuse: topk_ids has negative expert ids")
-    cfg = _config(gate_up, ids.shape[1], False)  # the core checks topk_weights against the ids' k
+    cfg = _config(x, gate_up, ids.shape[1], False)  # the core checks topk_weights against the ids' k
     # k is fixed per model: specialising on it costs no recompiles (the token count stays symbolic).
     k = int(w.shape[1])
     out = torch.empty_like(x)
@@ -500,7 +500,7 @@ def _experts_backward_impl(
     gu_lora, dn_lora = _saved_layout(_C.moe_experts_saved_bytes, x, gate_up, int(w.shape[1]), False, lora)[1]
     grads = _grads_with_adapters(x, w, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     gx, gw, ggu, gdown, ggu_a, ggu_b, gdn_a, gdn_b = (g if n else None for g, n in zip(grads, needs))
-    cfg = _config(gate_up, w.shape[1], False)
+    cfg = _config(x, gate_up, w.shape[1], False)
     with _on(x.device):
         _call(_C.moe_experts_backward, cfg, x, w, gate_up, down, saved, grad_out, gx, ggu, gdown, gw,
               _workspace(x.device), _stream(x.device), gu_lora, dn_lora, ggu_a, ggu_b, gdn_a, gdn_b)  # fmt: skip
@@ -546,15 +546,15 @@ run_experts = _with_autograd(experts, _experts_impl, _experts_setup, _experts_gr
 # opaque state moe_backward needs (u8).
 
 
-def _expert_dims(gate_up: torch.Tensor):
-    """(experts, 2 * intermediate, hidden) of gate_up."""
+def _expert_dims(x: torch.Tensor, gate_up: torch.Tensor):
+    """(experts, 2 * intermediate, hidden) of gate_up; hidden from x where gate_up is 4-bit (uint8, moefuse.nf4)."""
     if gate_up.dim() != 3:
         raise MoefuseError(f"moefuse: gate_up must be [experts, 2 * intermediate, hidden], got {list(gate_up.shape)}")
-    return gate_up.shape
+    return (*gate_up.shape[:2], x.shape[-1]) if gate_up.dtype == torch.uint8 else gate_up.shape
 
 
-def _config(gate_up: torch.Tensor, top_k: int, renormalize: bool):
-    experts, two_i, hidden = _expert_dims(gate_up)
+def _config(x: torch.Tensor, gate_up: torch.Tensor, top_k: int, renormalize: bool):
+    experts, two_i, hidden = _expert_dims(x, gate_up)
     return _C.MoeConfig(hidden, two_i // 2, experts, top_k, renormalize)
 
 
@@ -572,7 +572,7 @@ def _saved_affine(query, hidden: int, intermediate: int, experts: int, top_k: in
 
 
 def _saved_bytes(query, tokens, x, gate_up, top_k, renormalize):
-    e, two_i, hidden = _expert_dims(gate_up)
+    e, two_i, hidden = _expert_dims(x, gate_up)
     per_token, fixed = _saved_affine(query, int(hidden), int(two_i) // 2, int(e), top_k, renormalize,
                                      _dtype(x, "x"))  # fmt: skip
     return per_token * tokens + fixed
@@ -611,7 +611,7 @@ def _moe_block_impl(
     its stacked adapter is given, as in the experts op."""
     _check_rows(x=x)
     x, router_weight, gate_up, down = (t.contiguous() for t in (x, router_weight, gate_up, down))
-    cfg = _config(gate_up, top_k, renormalize)
+    cfg = _config(x, gate_up, top_k, renormalize)
     out = torch.empty_like(x)
     logits = x.new_empty(x.shape[0], router_weight.shape[0])
     lora = (gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale)
@@ -663,7 +663,7 @@ def _moe_block_backward_impl(
     grl = None if grad_router_logits is None else grad_router_logits.contiguous()
     lora = (gate_up_a, gate_up_b, gate_up_scale, down_a, down_b, down_scale)
     gu_lora, dn_lora = _saved_layout(_C.moe_saved_bytes, x, gate_up, top_k, renormalize, lora)[1]
-    cfg = _config(gate_up, top_k, renormalize)
+    cfg = _config(x, gate_up, top_k, renormalize)
     grads = _grads_with_adapters(x, router_weight, gate_up, down, gate_up_a, gate_up_b, down_a, down_b, needs)
     wanted = [g if n else None for g, n in zip(grads, needs)]
     with _on(x.device):

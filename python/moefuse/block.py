@@ -8,6 +8,7 @@ from torch import nn
 
 from ._ops import MoefuseError, run_moe_block
 from .convert import StackedLora
+from .nf4 import Nf4Weight, packed
 
 MODES = ("fused", "reference")
 TARGETS = ("gate_up", "down")  # the expert projections an adapter can go on
@@ -103,7 +104,8 @@ class MoeBlock(nn.Module):
             experts, out, n_in = weight.shape
             a = torch.empty(experts, rank, n_in, dtype=weight.dtype, device=weight.device).uniform_(-1, 1) / n_in**0.5
             setattr(self, f"{target}_lora_a", nn.Parameter(a))
-            setattr(self, f"{target}_lora_b", nn.Parameter(weight.new_zeros(experts, out, rank)))
+            b = torch.zeros(experts, out, rank, dtype=weight.dtype, device=weight.device)
+            setattr(self, f"{target}_lora_b", nn.Parameter(b))
         self.gate_up_proj.requires_grad_(False)
         self.down_proj.requires_grad_(False)
         return self
@@ -116,9 +118,13 @@ class MoeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        s = self.lora_scale
-        args = (x, self.router_weight, self.gate_up_proj, self.down_proj, self.top_k, self.renormalize,
-                self.gate_up_lora_a, self.gate_up_lora_b, s, self.down_lora_a, self.down_lora_b, s)  # fmt: skip
+        s, gate_up, down = self.lora_scale, self.gate_up_proj, self.down_proj
+        if self.mode == "reference":  # 4-bit weights dequantized once, not per expert
+            gate_up, down = (w.dequantize() if isinstance(w, Nf4Weight) else w for w in (gate_up, down))
+        else:
+            gate_up, down = packed(gate_up), packed(down)
+        args = (x, self.router_weight, gate_up, down, self.top_k, self.renormalize, self.gate_up_lora_a,
+                self.gate_up_lora_b, s, self.down_lora_a, self.down_lora_b, s)  # fmt: skip
         if self.mode == "reference":
             out, logits = reference_moe(*args)
         else:

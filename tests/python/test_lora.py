@@ -498,7 +498,7 @@ def test_binding_refuses_saved_pieces_that_do_not_fit():
     core = _ops._saved_bytes(_C.moe_experts_saved_bytes, x.shape[0], x, gate_up, K, False)
     for offset in (-256, core + 4, saved.numel()):
         with pytest.raises(ValueError, match="lora.u"):
-            _C.moe_experts_forward(_ops._config(gate_up, K, False), x, ids, w, gate_up, down, torch.empty_like(out),
+            _C.moe_experts_forward(_ops._config(x, gate_up, K, False), x, ids, w, gate_up, down, torch.empty_like(out),
                                    saved, _ops._workspace(x.device), 0, (gu_a, gu_b, scale, offset, None), None)
     plan, arg = _ops._make_plan(ids, E)  # plan owns the views in arg
     with pytest.raises(ValueError, match="lora.u must be None"):

@@ -1,0 +1,129 @@
+"""4-bit expert weights (NF4, the format of QLoRA; include/moefuse/ops.h, nf4_quantize).
+
+``quantize_experts(model)`` packs the expert weights of every Transformers experts module and moefuse.MoeBlock in
+`model` into 4 bits (4.5 bits a weight with the per-64 maxima), frozen. The experts and block ops take the packed
+bytes as they are and dequantize each weight into their workspace just before its projection runs, forward and
+backward, so the model holds the experts in about 28 % of their bf16 bytes; LoRA on them (moefuse's own or PEFT's
+through use_moefuse_lora) is QLoRA.
+
+A packed weight stays a parameter of its logical shape and dtype (Nf4Weight), so what reads .shape, .dtype or
+.device of it (PEFT's target_parameters, Transformers) sees the weight it expects. Any other torch op on it runs on
+its dequantized copy (PEFT's own merged-weight path, for instance: correct, and as slow as that path is); in-place
+ops are refused, and .to() moves the bytes or changes the dtype it dequantizes to.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_map
+
+from . import _C
+from ._ops import MoefuseError, _call, _on, _stream
+
+_aten = torch.ops.aten
+_VIEWS = (_aten.detach.default, _aten.alias.default)
+
+
+class Nf4Weight(torch.Tensor):
+    """An expert weight [E, out, in] held as NF4 bytes `packed` [E, out, nf4_row_bytes(in)] (uint8); it reads as a
+    tensor of `dtype`, the dtype it dequantizes to (the model's compute dtype)."""
+
+    packed: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, packed: torch.Tensor, shape, dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, tuple(shape), dtype=dtype, device=packed.device,
+                                                   requires_grad=False)  # fmt: skip
+
+    def __init__(self, packed: torch.Tensor, shape, dtype: torch.dtype):
+        self.packed = packed
+
+    def __repr__(self):
+        return f"Nf4Weight(shape={list(self.shape)}, dtype={self.dtype}, device={self.device})"
+
+    def __tensor_flatten__(self):
+        return ["packed"], (tuple(self.shape), self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
+        return Nf4Weight(inner["packed"], *meta)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as a plain tensor of its dtype: level * maximum of each element's run, rounded once."""
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        with _on(out.device):
+            _call(_C.nf4_dequantize, self.packed, out, _stream(out.device))
+        return out
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _VIEWS:
+            w = args[0]
+            return Nf4Weight(w.packed, w.shape, w.dtype)
+        if func is _aten._to_copy.default:
+            w = args[0]
+            device = kwargs.get("device") or w.device
+            return Nf4Weight(w.packed.to(device), w.shape, kwargs.get("dtype") or w.dtype)
+        if func is _aten.clone.default:
+            w = args[0]
+            return Nf4Weight(w.packed.clone(), w.shape, w.dtype)
+        if func._schema.is_mutable and any(isinstance(a, Nf4Weight) for a in args):
+            raise MoefuseError(f"moefuse: {func} would write a 4-bit expert weight, which is frozen (train LoRA on "
+                               "it, or dequantize() it first)")  # fmt: skip
+        plain = lambda t: t.dequantize() if isinstance(t, Nf4Weight) else t  # noqa: E731
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs))
+
+
+def quantize(weight: torch.Tensor, device: torch.device | str | None = None) -> Nf4Weight:
+    """weight [E, out, in] (f32, bf16 or f16) as an Nf4Weight of its dtype, packed on `device` (default: the
+    weight's own)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or not weight.dtype.is_floating_point:
+        raise MoefuseError(f"moefuse.nf4.quantize: expects a floating-point [experts, out, in] weight, got "
+                           f"{type(weight).__name__} {list(getattr(weight, 'shape', []))}")  # fmt: skip
+    if isinstance(weight, Nf4Weight):
+        return weight
+    w = weight.detach().to(device or weight.device).contiguous()
+    e, out, n_in = w.shape
+    packed = torch.empty(e, out, _C.nf4_row_bytes(n_in), dtype=torch.uint8, device=w.device)
+    with _on(w.device):
+        _call(_C.nf4_quantize, w, packed, _stream(w.device))
+    return Nf4Weight(packed, w.shape, w.dtype)
+
+
+def packed(weight: torch.Tensor) -> torch.Tensor:
+    """What the ops take for an expert weight: the bytes of an Nf4Weight, any other tensor as it is."""
+    return weight.packed if isinstance(weight, Nf4Weight) else weight
+
+
+_NAMES = ("gate_up_proj", "down_proj")
+
+
+def quantize_experts(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:
+    """Packs the expert weights (gate_up_proj, down_proj) of every Transformers experts module and MoeBlock in
+    `model` into 4 bits, frozen, in place; returns `model`. `device` (default: each weight's own) is where the
+    packed bytes go: a model loaded on the CPU can be quantized onto the GPU weight by weight, so its bf16 experts
+    never need to fit there (model.to(device) then moves the rest). Quantize before adding adapters (QLoRA's
+    order): PEFT's wrappers read the weights' shapes, which stay the same."""
+    if any(type(m).__name__ == "ParamWrapper" for m in model.modules()):  # PEFT's target_parameters wrapper
+        raise MoefuseError("moefuse.quantize_experts: the experts already carry PEFT adapters; quantize the model "
+                           "first, then add LoRA (QLoRA's order)")  # fmt: skip
+    done: dict[int, torch.nn.Parameter] = {}  # a MoeBlock from_hf shares its parameters with the HF block
+    found = False
+    for module in model.modules():
+        params = [module._parameters.get(n) for n in _NAMES]
+        if any(p is None or p.dim() != 3 for p in params):
+            continue
+        if hasattr(module, "is_transposed"):  # a Transformers experts module: only the layout moefuse runs
+            from .hf import check_layout
+
+            check_layout(module)
+        for name, p in zip(_NAMES, params):
+            if id(p) not in done:
+                done[id(p)] = torch.nn.Parameter(quantize(p, device), requires_grad=False)
+            setattr(module, name, done[id(p)])
+        found = True
+    if not found:
+        raise MoefuseError(f"moefuse.quantize_experts: {type(model).__name__} has no experts module with 3-D "
+                           "gate_up_proj and down_proj parameters")  # fmt: skip
+    return model
