@@ -64,8 +64,16 @@ Tensor packed_tensor(const Packed& p) {
   return t;
 }
 
-std::vector<Shape> shapes() {
-  return {{3, 5, 200}, {2, 3, 1}, {1, 4, 63}, {4, 7, 129}, {2, 2, 64}, {1, 1, 24}};
+// Calls f(dtype, shape, weights) for every float dtype and odd shape, with fresh weights per shape.
+template <class F>
+void for_each_case(F f) {
+  for (DType dt : kFloatTypes)
+    for (const Shape& s : std::initializer_list<Shape>{{3, 5, 200}, {2, 3, 1}, {1, 4, 63}, {4, 7, 129}, {2, 2, 64},
+                                                       {1, 1, 24}}) {
+      SCOPED_TRACE(std::string(name(dt)) + " in=" + std::to_string(s.in));
+      Rng rng(std::to_string(s.in));
+      f(dt, s, rng.normals(s.E * s.out * s.in, 0.05));
+    }
 }
 
 TEST(Nf4, RowBytes) {
@@ -79,36 +87,32 @@ TEST(Nf4, RowBytes) {
 // Each element's index is a level nearest to w / m (m: its run's |max|, kept exactly), in the documented nibble,
 // and every padding byte is zero.
 TEST(Nf4, QuantizeMatchesFormat) {
-  for (DType dt : kFloatTypes)
-    for (const Shape& s : shapes()) {
-      SCOPED_TRACE(std::string(name(dt)) + " in=" + std::to_string(s.in));
-      Rng rng(std::to_string(s.in));
-      Vec w = rng.normals(s.E * s.out * s.in, 0.05);
-      const Tensor wt = make(dt, {s.E, s.out, s.in}, w);
-      const Packed p = quantize(wt, s);
-      for (std::int64_t r = 0; r < s.E * s.out; ++r) {
-        for (std::int64_t run = 0; run * 64 < s.in; ++run) {
-          double m = 0;
-          const std::int64_t end = std::min(s.in, run * 64 + 64);
-          for (std::int64_t i = run * 64; i < end; ++i) m = std::max(m, std::abs(w[r * s.in + i]));
-          ASSERT_EQ(p.max(r, run), m) << "row " << r << " run " << run;
-          for (std::int64_t i = run * 64; i < end; ++i) {
-            const double v = w[r * s.in + i] / m;
-            double best = 2;
-            for (double l : kLevels) best = std::min(best, std::abs(v - l));
-            ASSERT_LE(std::abs(v - kLevels[p.index(r, i)]), best + 1e-6) << "row " << r << " element " << i;
-          }
-        }
-        const std::uint8_t* row = &p.bytes[r * p.row_bytes()];
-        if (s.in % 2) {
-          ASSERT_EQ(row[s.in / 2] & 15, 0) << "the last byte's free nibble, row " << r;
-        }
-        for (std::int64_t b = (s.in + 1) / 2; b < p.row_bytes(); ++b) {
-          if (b >= p.index_bytes() && b < p.index_bytes() + 4 * ((s.in + 63) / 64)) continue;  // the maxima
-          ASSERT_EQ(row[b], 0) << "padding byte " << b << " of row " << r;
+  for_each_case([](DType dt, const Shape& s, Vec w) {
+    const Tensor wt = make(dt, {s.E, s.out, s.in}, w);
+    const Packed p = quantize(wt, s);
+    for (std::int64_t r = 0; r < s.E * s.out; ++r) {
+      for (std::int64_t run = 0; run * 64 < s.in; ++run) {
+        double m = 0;
+        const std::int64_t end = std::min(s.in, run * 64 + 64);
+        for (std::int64_t i = run * 64; i < end; ++i) m = std::max(m, std::abs(w[r * s.in + i]));
+        ASSERT_EQ(p.max(r, run), m) << "row " << r << " run " << run;
+        for (std::int64_t i = run * 64; i < end; ++i) {
+          const double v = w[r * s.in + i] / m;
+          double best = 2;
+          for (double l : kLevels) best = std::min(best, std::abs(v - l));
+          ASSERT_LE(std::abs(v - kLevels[p.index(r, i)]), best + 1e-6) << "row " << r << " element " << i;
         }
       }
+      const std::uint8_t* row = &p.bytes[r * p.row_bytes()];
+      if (s.in % 2) {
+        ASSERT_EQ(row[s.in / 2] & 15, 0) << "the last byte's free nibble, row " << r;
+      }
+      for (std::int64_t b = (s.in + 1) / 2; b < p.row_bytes(); ++b) {
+        if (b >= p.index_bytes() && b < p.index_bytes() + 4 * ((s.in + 63) / 64)) continue;  // the maxima
+        ASSERT_EQ(row[b], 0) << "padding byte " << b << " of row " << r;
+      }
     }
+  });
 }
 
 // Element 2i in the high nibble: [-1, 1, 0, 0.5625] packs as levels 0 and 15, then 7 and 13.
@@ -123,25 +127,21 @@ TEST(Nf4, NibbleOrder) {
 // Dequantized: level * m, rounded once to the dtype, every element written; a quantized dequantized weight packs to
 // the same bytes.
 TEST(Nf4, DequantizeIsLevelTimesMax) {
-  for (DType dt : kFloatTypes)
-    for (const Shape& s : shapes()) {
-      SCOPED_TRACE(std::string(name(dt)) + " in=" + std::to_string(s.in));
-      Rng rng(std::to_string(s.in));
-      Vec w = rng.normals(s.E * s.out * s.in, 0.05);
-      const Packed p = quantize(make(DType::f32, {s.E, s.out, s.in}, w), s);
-      Tensor out(dt, {s.E, s.out, s.in});
-      out.poison();
-      moefuse::nf4_dequantize(packed_tensor(p).view(), out.view());
-      const Vec got = out.values();
-      for (std::int64_t r = 0; r < s.E * s.out; ++r)
-        for (std::int64_t i = 0; i < s.in; ++i)
-          ASSERT_EQ(got[r * s.in + i],
-                    round_to(dt, static_cast<float>(kLevels[p.index(r, i)]) * static_cast<float>(p.max(r, i / 64))))
-              << "row " << r << " element " << i;
-      if (dt == DType::f32) {
-        EXPECT_EQ(quantize(out, s).bytes, p.bytes);
-      }
+  for_each_case([](DType dt, const Shape& s, Vec w) {
+    const Packed p = quantize(make(DType::f32, {s.E, s.out, s.in}, w), s);
+    Tensor out(dt, {s.E, s.out, s.in});
+    out.poison();
+    moefuse::nf4_dequantize(packed_tensor(p).view(), out.view());
+    const Vec got = out.values();
+    for (std::int64_t r = 0; r < s.E * s.out; ++r)
+      for (std::int64_t i = 0; i < s.in; ++i)
+        ASSERT_EQ(got[r * s.in + i],
+                  round_to(dt, static_cast<float>(kLevels[p.index(r, i)]) * static_cast<float>(p.max(r, i / 64))))
+            << "row " << r << " element " << i;
+    if (dt == DType::f32) {
+      EXPECT_EQ(quantize(out, s).bytes, p.bytes);
     }
+  });
 }
 
 // A run with a NaN or an Inf dequantizes to non-finite values; the other runs of its row stay exact.
