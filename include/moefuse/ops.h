@@ -161,8 +161,12 @@ void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, c
 // bytes. Each run of 64 inputs of a row keeps its absolute maximum m (f32) and, per element, the index of the nearest
 // of 16 fixed levels in [-1, 1] to w / m; dequantized, an element is level * m. A row takes nf4_row_bytes(in) bytes:
 // ceil(in / 2) bytes of indices (element 2i in the high nibble of byte i), then ceil(in / 64) f32 maxima, each part
-// zero-padded to a multiple of 16 bytes. The experts ops (block.h) take the two expert weights in this form too.
-// A run holding an Inf or NaN dequantizes to non-finite values.
+// zero-padded to a multiple of 16 bytes. A run holding an Inf or NaN dequantizes to non-finite values.
+// Every op above that takes an expert `weight` (and the experts ops, block.h) takes it in this form too: u8
+// [E, out, nf4_row_bytes(in)], 16-byte aligned, `in` being x's width (h's half width in swiglu_linear_backward), and
+// computes what it computes on the dequantized weight in x's dtype, to the bit: it dequantizes the weight (experts
+// that got no rows skipped) into its workspace, whose query counts that room, then runs as on a float weight. Such a
+// weight is frozen: no grad_weight.
 std::int64_t nf4_row_bytes(std::int64_t in);
 //   weight [E, out, in] f32 | bf16 | f16;  packed [E, out, nf4_row_bytes(in)] u8 (out)
 void nf4_quantize(TensorView weight, TensorView packed, void* stream = nullptr);

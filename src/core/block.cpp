@@ -126,7 +126,7 @@ void copy_staged(const char* op, std::initializer_list<std::pair<TensorView, Ten
       BACKEND(op, from.device, copy_strided, from, to, stream);
 }
 
-// A 4-bit expert weight (ops.h, nf4_quantize) is u8; the kernels read a float copy of it (ExpertWeights).
+// A 4-bit expert weight (ops.h, nf4_quantize) is u8; the projection ops take it as it is.
 bool nf4(const TensorView& w) { return w.dtype == DType::u8; }
 
 // An expert weight of logical shape [E, out, in]: in x's dtype, or 4-bit, packed [E, out, nf4_row_bytes(in)].
@@ -234,33 +234,9 @@ auto saved_in(const char* op, const MoeConfig& c, std::int64_t tokens, DType dty
   return layout(c, tokens, dtype, cv);
 }
 
-// The expert weights as the kernels read them: the caller's, or for a 4-bit one a float copy in the workspace,
-// dequantized just before its projection runs. The two copies share one region (the projections run in turn), and
-// experts without rows are left out of it (no GEMM reads them).
-struct ExpertWeights {
-  TensorView gate_up, down;
-};
-
-ExpertWeights layout_dense(const MoeConfig& c, const MoeWeights& w, const TensorView& x, Carver& cv) {
-  ExpertWeights d{w.gate_up, w.down};
-  const std::int64_t e = c.experts, h = c.hidden, i = c.intermediate;
-  const std::int64_t n = std::max(nf4(w.gate_up) ? e * 2 * i * h : 0, nf4(w.down) ? e * h * i : 0);
-  if (n == 0) return d;
-  const TensorView region = cv.take(x.dtype, {n});
-  if (nf4(w.gate_up)) d.gate_up = view(region.data, x.dtype, x.device, {e, 2 * i, h});
-  if (nf4(w.down)) d.down = view(region.data, x.dtype, x.device, {e, h, i});
-  return d;
-}
-
-// Fills the float copy of a 4-bit weight; nothing for a float one.
-void dequantize(const char* op, const TensorView& given, const TensorView& dense, const Plan& plan, void* stream) {
-  if (nf4(given)) BACKEND(op, dense.device, nf4_dequantize, given, plan.counts, dense, stream);
-}
-
-// Forward scratch: the expert weights and adapters as the kernels read them, a = swiglu(h), then one region the ops
-// take turns using.
+// Forward scratch: the adapters as the kernels read them, a = swiglu(h), then one region the ops take turns using
+// (with 4-bit expert weights it holds the float copy of one of them where a projection makes one: ops.h).
 struct ForwardWork {
-  ExpertWeights w;
   Lora gate_up_lora, down_lora;
   TensorView a, scratch;
 };
@@ -268,21 +244,19 @@ struct ForwardWork {
 ForwardWork layout_forward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const ExpertsSaved& s,
                            const TensorView& topk_weights, Carver& cv) {
   ForwardWork f;
-  f.w = layout_dense(c, w, x, cv);
   f.gate_up_lora = stage(w.gate_up_lora, x.dtype, cv);
   f.down_lora = stage(w.down_lora, x.dtype, cv);
   f.a = cv.take(x.dtype, {s.h.shape[0], c.intermediate});
   f.scratch = cv.take_bytes(
       std::max({BACKEND("moe_forward", x.device, routing_plan_workspace_bytes, s.plan),
-                moe_linear_workspace_bytes(s.plan, x, f.w.gate_up, f.gate_up_lora, true, TensorView{}),
-                moe_linear_workspace_bytes(s.plan, f.a, f.w.down, f.down_lora, false, topk_weights)}));
+                moe_linear_workspace_bytes(s.plan, x, w.gate_up, f.gate_up_lora, true, TensorView{}),
+                moe_linear_workspace_bytes(s.plan, f.a, w.down, f.down_lora, false, topk_weights)}));
   return f;
 }
 
 // Backward scratch of the experts (the block adds the router's below them): swiglu_linear_backward goes from h to
 // grad_h itself.
 struct BackwardWork {
-  ExpertWeights w;
   Lora gate_up_lora, down_lora;
   LoraGrads gate_up_grads, down_grads;  // room for the adapters' gradients, used where the caller's are staged
   TensorView grad_h, scratch;
@@ -291,15 +265,14 @@ struct BackwardWork {
 BackwardWork layout_backward(const MoeConfig& c, const TensorView& x, const MoeWeights& w, const ExpertsSaved& s,
                              const TensorView& topk_weights, Carver& cv) {
   BackwardWork b;
-  b.w = layout_dense(c, w, x, cv);
   b.gate_up_lora = stage(w.gate_up_lora, x.dtype, cv);
   b.down_lora = stage(w.down_lora, x.dtype, cv);
   b.gate_up_grads = stage_grads(w.gate_up_lora, x.dtype, cv);
   b.down_grads = stage_grads(w.down_lora, x.dtype, cv);
   b.grad_h = cv.take(x.dtype, {s.h.shape[0], 2 * c.intermediate});
   b.scratch = cv.take_bytes(
-      std::max(swiglu_linear_backward_workspace_bytes(s.plan, s.h, b.w.down, b.down_lora, topk_weights),
-               moe_linear_backward_workspace_bytes(s.plan, x, b.w.gate_up, b.gate_up_lora, true, TensorView{})));
+      std::max(swiglu_linear_backward_workspace_bytes(s.plan, s.h, w.down, b.down_lora, topk_weights),
+               moe_linear_backward_workspace_bytes(s.plan, x, w.gate_up, b.gate_up_lora, true, TensorView{})));
   return b;
 }
 
@@ -327,12 +300,10 @@ void experts_forward(const TensorView& x, const MoeWeights& w, const TensorView&
   BACKEND(op, x.device, routing_plan, topk_ids, s.plan, f.scratch, stream);
   // Each adapter is staged just before its projection: a layer step's GPU waits for the host until the first GEMM
   // is issued, and the down adapter's copies need not come before it.
-  dequantize(op, w.gate_up, f.w.gate_up, s.plan, stream);
   stage_adapter(op, w.gate_up_lora, f.gate_up_lora, false, stream);
-  moe_linear_swiglu_forward(s.plan, x, f.w.gate_up, f.gate_up_lora, s.h, f.a, f.scratch, stream);
-  dequantize(op, w.down, f.w.down, s.plan, stream);
+  moe_linear_swiglu_forward(s.plan, x, w.gate_up, f.gate_up_lora, s.h, f.a, f.scratch, stream);
   stage_adapter(op, w.down_lora, f.down_lora, false, stream);
-  moe_linear_forward(s.plan, f.a, f.w.down, f.down_lora, false, topk_weights, out, f.scratch, stream);
+  moe_linear_forward(s.plan, f.a, w.down, f.down_lora, false, topk_weights, out, f.scratch, stream);
 }
 
 // One expert projection's backward: the base weight's gradient, or the adapter's when there is one (LoRA freezes
@@ -370,18 +341,15 @@ void experts_backward(const TensorView& x, const MoeWeights& w, const TensorView
   const TensorView grad_h = need_grad_h ? b.grad_h : TensorView{};
   UpLoraGrad up;
   if (b.gate_up_lora.u.defined()) up = {b.gate_up_lora.u, gate_up_grads.b};
-  dequantize(op, w.down, b.w.down, s.plan, stream);
   if (w.down_lora.defined())
-    detail::swiglu_linear_backward(s.plan, s.h, b.w.down, b.down_lora, topk_weights, grad_out, grad_h, down_grads,
+    detail::swiglu_linear_backward(s.plan, s.h, w.down, b.down_lora, topk_weights, grad_out, grad_h, down_grads,
                                    grad_topk_weights, b.scratch, up, stream);
   else
-    swiglu_linear_backward(s.plan, s.h, b.w.down, topk_weights, grad_out, grad_h, grads.down, grad_topk_weights,
+    swiglu_linear_backward(s.plan, s.h, w.down, topk_weights, grad_out, grad_h, grads.down, grad_topk_weights,
                            b.scratch, stream);
-  if (need_grad_h) {  // up projection (gathered x); a 4-bit gate_up's copy takes the region down's held
-    dequantize(op, w.gate_up, b.w.gate_up, s.plan, stream);
-    projection_backward(s.plan, x, b.w.gate_up, b.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
+  if (need_grad_h)  // up projection (gathered x)
+    projection_backward(s.plan, x, w.gate_up, b.gate_up_lora, true, TensorView{}, b.grad_h, grads.x, grads.gate_up,
                         {gate_up_grads.a, up.done ? TensorView{} : gate_up_grads.b}, TensorView{}, b.scratch, stream);
-  }
   copy_staged(op, {{gate_up_grads.a, gu.a}, {gate_up_grads.b, gu.b}, {down_grads.a, dn.a}, {down_grads.b, dn.b}},
               stream);
 }

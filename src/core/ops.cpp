@@ -51,7 +51,44 @@ void check_features(const char* op, const TensorView& weight) {
                 "weight must have at least one output and one input feature, got ", describe(weight));
 }
 
-// Shared checks of moe_linear_forward/backward; returns the out feature count.
+bool nf4(const TensorView& w) { return w.defined() && w.dtype == DType::u8; }
+
+// An expert weight may be 4-bit (core/nf4.h): u8 [E, out, nf4_row_bytes(in)], `in` being given by the op's input
+// `x` (2-D, checked here first) at column `in_col`, or half its width. Checks the packed view and returns the weight's
+// logical view [E, out, in] in x's dtype, on which the other checks and the workspace queries run. That view points at
+// the packed bytes: no kernel reads it (dense_weight makes the float copy that kernels read).
+TensorView logical_weight(const char* op, const Plan& plan, const TensorView& weight, const char* x_name,
+                          const TensorView& x, bool half_of_x, bool data) {
+  if (!nf4(weight)) return weight;
+  expect(op, x_name, x, {-1, -1}, kFloatTypes, data);
+  const std::int64_t in = half_of_x ? x.shape[1] / 2 : x.shape[1];
+  MOEFUSE_CHECK(in >= 1, op, "weight is 4-bit, so ", x_name, " must have input columns, got ", describe(x));
+  expect(op, "weight", weight, {plan.experts, -1, detail::nf4_bytes_per_row(in)}, {DType::u8}, data);
+  if (data) detail::expect_nf4_aligned(op, "weight", weight);
+  return view(weight.data, x.dtype, weight.device, {weight.shape[0], weight.shape[1], in});
+}
+
+// A 4-bit weight's float copy, which the op's workspace holds in front of what the float path needs.
+std::size_t dense_bytes(const TensorView& given, const TensorView& logical) {
+  if (!nf4(given)) return 0;
+  detail::Carver c(logical.device);
+  c.take(logical.dtype, {logical.shape[0], logical.shape[1], logical.shape[2]});
+  return c.bytes();
+}
+
+// The weight as the kernels read it: a float weight as given; a 4-bit one dequantized into the head of the workspace
+// (experts without rows skipped), `workspace` becoming the rest of it. The op then runs its float path unchanged.
+TensorView dense_weight(const char* op, const Plan& plan, const TensorView& given, const TensorView& logical,
+                        TensorView& workspace, void* stream) {
+  if (!nf4(given)) return given;
+  detail::Carver c(workspace);
+  const TensorView dense = c.take(logical.dtype, {logical.shape[0], logical.shape[1], logical.shape[2]});
+  workspace = c.take_bytes(workspace.nbytes() - c.bytes());
+  BACKEND(op, given.device, nf4_dequantize, given, plan.counts, dense, stream);
+  return dense;
+}
+
+// Shared checks of moe_linear_forward/backward on the logical weight; returns the out feature count.
 std::int64_t check_linear(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight, bool gather,
                           const TensorView& combine_weights, bool data = true) {
   const std::int64_t m = check_plan_views(op, plan, data);
@@ -129,13 +166,6 @@ void check_plan(const Plan& plan, void* stream) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
-                                       TensorView combine_weights) {
-  const char* op = "moe_linear_workspace_bytes";
-  check_linear(op, plan, x, weight, gather, combine_weights, false);
-  return BACKEND(op, plan.counts.device, moe_linear_workspace_bytes, plan, x, weight, gather, combine_weights);
-}
-
 namespace {
 void check_linear_forward(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight,
                           bool gather, const TensorView& combine_weights, const TensorView& out) {
@@ -144,27 +174,7 @@ void check_linear_forward(const char* op, const Plan& plan, const TensorView& x,
   expect_same_dtype(op, "out", out, weight.dtype);
   expect_same_device(op, "out", out, plan.counts.device);
 }
-}  // namespace
 
-void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
-                        TensorView out, TensorView workspace, void* stream) {
-  const char* op = "moe_linear_forward";
-  check_linear_forward(op, plan, x, weight, gather, combine_weights, out);
-  const Device d = plan.counts.device;
-  expect_workspace(op, workspace, BACKEND(op, d, moe_linear_workspace_bytes, plan, x, weight, gather, combine_weights),
-                   d);
-  BACKEND(op, d, moe_linear_forward, plan, x, weight, gather, combine_weights, out, workspace, stream);
-}
-
-std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
-                                                TensorView combine_weights) {
-  const char* op = "moe_linear_backward_workspace_bytes";
-  check_linear(op, plan, x, weight, gather, combine_weights, false);
-  return BACKEND(op, plan.counts.device, moe_linear_backward_workspace_bytes, plan, x, weight, gather,
-                 combine_weights);
-}
-
-namespace {
 void check_linear_backward(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight,
                            bool gather, const TensorView& combine_weights, const TensorView& grad_out,
                            const TensorView& grad_x, const TensorView& grad_weight,
@@ -187,24 +197,13 @@ void check_linear_backward(const char* op, const Plan& plan, const TensorView& x
   expect_same_device(op, "grad_weight", grad_weight, d);
   expect_same_device(op, "grad_combine_weights", grad_combine_weights, d);
 }
-}  // namespace
 
-void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
-                         TensorView grad_out, TensorView grad_x, TensorView grad_weight,
-                         TensorView grad_combine_weights, TensorView workspace, void* stream) {
-  const char* op = "moe_linear_backward";
-  check_linear_backward(op, plan, x, weight, gather, combine_weights, grad_out, grad_x, grad_weight,
-                        grad_combine_weights);
-  const Device d = plan.counts.device;
-  expect_workspace(
-      op, workspace,
-      BACKEND(op, d, moe_linear_backward_workspace_bytes, plan, x, weight, gather, combine_weights), d);
-  BACKEND(op, d, moe_linear_backward, plan, x, weight, gather, combine_weights, grad_out, grad_x, grad_weight,
-          grad_combine_weights, workspace, stream);
+// A 4-bit weight has no gradient: it stays frozen, an adapter trains instead.
+void check_frozen(const char* op, const TensorView& weight, const TensorView& grad_weight) {
+  MOEFUSE_CHECK(!(nf4(weight) && grad_weight.defined()), op,
+                "weight is 4-bit, which stays frozen: grad_weight cannot be asked for (train a LoRA adapter)");
 }
 
-// ---------------------------------------------------------------------------------------------------------------------
-namespace {
 // Checks an adapter against its weight [E, out, in] (and its u against the plan's M = T*k rows); returns r.
 std::int64_t check_lora(const char* op, const Lora& lora, const TensorView& weight, const Plan& plan,
                         bool data = true) {
@@ -242,67 +241,119 @@ void check_lora_grads(const char* op, const Lora& lora, const TensorView& weight
     expect_same_device(op, name, t, weight.device);
   }
 }
+
+// The float path's workspace (w: the logical weight): the base projection's, or the adapter's when larger.
+std::size_t linear_bytes(const char* op, const Plan& plan, const TensorView& x, const TensorView& w, const Lora& lora,
+                         bool gather, const TensorView& combine_weights, bool backward) {
+  const Device d = plan.counts.device;
+  if (backward) {
+    const std::size_t base = BACKEND(op, d, moe_linear_backward_workspace_bytes, plan, x, w, gather, combine_weights);
+    return lora.defined() ? std::max(base, BACKEND(op, d, moe_lora_backward_workspace_bytes, plan, x, lora, gather,
+                                                   combine_weights))
+                          : base;
+  }
+  const std::size_t base = BACKEND(op, d, moe_linear_workspace_bytes, plan, x, w, gather, combine_weights);
+  return lora.defined() ? std::max(base, BACKEND(op, d, moe_lora_workspace_bytes, plan, x, lora, gather,
+                                                 combine_weights))
+                        : base;
+}
+
+// Both workspace queries: a 4-bit weight's float copy in front of the float path's room.
+std::size_t linear_query(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight,
+                         const Lora& lora, bool gather, const TensorView& combine_weights, bool backward) {
+  const TensorView w = logical_weight(op, plan, weight, "x", x, false, false);
+  check_linear(op, plan, x, w, gather, combine_weights, false);
+  if (lora.defined()) check_lora(op, lora, w, plan, false);
+  return dense_bytes(weight, w) + linear_bytes(op, plan, x, w, lora, gather, combine_weights, backward);
+}
+
+// Both forwards. A backend's fused form takes an adapter in its own kernels where it has one; else the base
+// projection runs, then the adapter's part is added.
+void linear_forward(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora, bool gather,
+                    const TensorView& combine_weights, const TensorView& out, TensorView workspace, void* stream) {
+  const char* op = "moe_linear_forward";
+  const TensorView w = logical_weight(op, plan, weight, "x", x, false, true);
+  check_linear_forward(op, plan, x, w, gather, combine_weights, out);
+  if (lora.defined()) check_lora(op, lora, w, plan);
+  const Device d = plan.counts.device;
+  expect_workspace(op, workspace, linear_query(op, plan, x, weight, lora, gather, combine_weights, false), d);
+  const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
+  if (lora.defined() && BACKEND(op, d, moe_linear_forward_fused, plan, x, dense, lora, gather, combine_weights, out,
+                                workspace, stream))
+    return;
+  BACKEND(op, d, moe_linear_forward, plan, x, dense, gather, combine_weights, out, workspace, stream);
+  if (lora.defined())
+    BACKEND(op, d, moe_lora_forward_add, plan, x, lora, gather, combine_weights, out, workspace, stream);
+}
+
+// Both backwards, as the forwards: the base part writes grad_x and grad_combine_weights, the adapter's is added.
+void linear_backward(const Plan& plan, const TensorView& x, const TensorView& weight, const Lora& lora, bool gather,
+                     const TensorView& combine_weights, const TensorView& grad_out, const TensorView& grad_x,
+                     const TensorView& grad_weight, const LoraGrads& grad_lora,
+                     const TensorView& grad_combine_weights, TensorView workspace, void* stream) {
+  const char* op = "moe_linear_backward";
+  const TensorView w = logical_weight(op, plan, weight, "x", x, false, true);
+  check_linear_backward(op, plan, x, w, gather, combine_weights, grad_out, grad_x, grad_weight, grad_combine_weights);
+  check_frozen(op, weight, grad_weight);
+  if (lora.defined()) check_lora(op, lora, w, plan);
+  check_lora_grads(op, lora, w, grad_lora);
+  const Device d = plan.counts.device;
+  expect_workspace(op, workspace, linear_query(op, plan, x, weight, lora, gather, combine_weights, true), d);
+  const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
+  if (lora.defined() && BACKEND(op, d, moe_linear_backward_fused, plan, x, dense, lora, gather, combine_weights,
+                                grad_out, grad_x, grad_lora, grad_combine_weights, workspace, stream))
+    return;
+  BACKEND(op, d, moe_linear_backward, plan, x, dense, gather, combine_weights, grad_out, grad_x, grad_weight,
+          grad_combine_weights, workspace, stream);
+  if (lora.defined())
+    BACKEND(op, d, moe_lora_backward_add, plan, x, lora, gather, combine_weights, grad_out, grad_x, grad_lora,
+            grad_combine_weights, workspace, stream);
+}
 }  // namespace
+
+std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
+                                       TensorView combine_weights) {
+  return linear_query("moe_linear_workspace_bytes", plan, x, weight, Lora{}, gather, combine_weights, false);
+}
 
 std::size_t moe_linear_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, const Lora& lora,
                                        bool gather, TensorView combine_weights) {
-  const char* op = "moe_linear_workspace_bytes";
-  const std::size_t base = moe_linear_workspace_bytes(plan, x, weight, gather, combine_weights);
-  if (!lora.defined()) return base;
-  check_lora(op, lora, weight, plan, false);
-  return std::max(base, BACKEND(op, plan.counts.device, moe_lora_workspace_bytes, plan, x, lora, gather,
-                                combine_weights));
+  return linear_query("moe_linear_workspace_bytes", plan, x, weight, lora, gather, combine_weights, false);
+}
+
+void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
+                        TensorView out, TensorView workspace, void* stream) {
+  linear_forward(plan, x, weight, Lora{}, gather, combine_weights, out, workspace, stream);
 }
 
 void moe_linear_forward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, bool gather,
                         TensorView combine_weights, TensorView out, TensorView workspace, void* stream) {
-  if (!lora.defined()) return moe_linear_forward(plan, x, weight, gather, combine_weights, out, workspace, stream);
-  const char* op = "moe_linear_forward";
-  check_linear_forward(op, plan, x, weight, gather, combine_weights, out);
-  check_lora(op, lora, weight, plan);
-  const Device d = plan.counts.device;
-  expect_workspace(op, workspace, moe_linear_workspace_bytes(plan, x, weight, lora, gather, combine_weights), d);
-  if (BACKEND(op, d, moe_linear_forward_fused, plan, x, weight, lora, gather, combine_weights, out, workspace, stream))
-    return;
-  BACKEND(op, d, moe_linear_forward, plan, x, weight, gather, combine_weights, out, workspace, stream);
-  BACKEND(op, d, moe_lora_forward_add, plan, x, lora, gather, combine_weights, out, workspace, stream);
+  linear_forward(plan, x, weight, lora, gather, combine_weights, out, workspace, stream);
+}
+
+std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, bool gather,
+                                                TensorView combine_weights) {
+  return linear_query("moe_linear_backward_workspace_bytes", plan, x, weight, Lora{}, gather, combine_weights, true);
 }
 
 std::size_t moe_linear_backward_workspace_bytes(const Plan& plan, TensorView x, TensorView weight, const Lora& lora,
                                                 bool gather, TensorView combine_weights) {
-  const char* op = "moe_linear_backward_workspace_bytes";
-  const std::size_t base = moe_linear_backward_workspace_bytes(plan, x, weight, gather, combine_weights);
-  if (!lora.defined()) return base;
-  check_lora(op, lora, weight, plan, false);
-  return std::max(base, BACKEND(op, plan.counts.device, moe_lora_backward_workspace_bytes, plan, x, lora, gather,
-                                combine_weights));
+  return linear_query("moe_linear_backward_workspace_bytes", plan, x, weight, lora, gather, combine_weights, true);
+}
+
+void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, bool gather, TensorView combine_weights,
+                         TensorView grad_out, TensorView grad_x, TensorView grad_weight,
+                         TensorView grad_combine_weights, TensorView workspace, void* stream) {
+  linear_backward(plan, x, weight, Lora{}, gather, combine_weights, grad_out, grad_x, grad_weight, LoraGrads{},
+                  grad_combine_weights, workspace, stream);
 }
 
 void moe_linear_backward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, bool gather,
                          TensorView combine_weights, TensorView grad_out, TensorView grad_x,
                          const LoraGrads& grad_lora, TensorView grad_combine_weights, TensorView workspace,
                          void* stream) {
-  if (!lora.defined()) {
-    check_lora_grads("moe_linear_backward", lora, weight, grad_lora);
-    return moe_linear_backward(plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{},
-                               grad_combine_weights, workspace, stream);
-  }
-  const char* op = "moe_linear_backward";
-  check_linear_backward(op, plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{},
-                        grad_combine_weights);
-  check_lora(op, lora, weight, plan);
-  check_lora_grads(op, lora, weight, grad_lora);
-  const Device d = plan.counts.device;
-  expect_workspace(op, workspace,
-                   moe_linear_backward_workspace_bytes(plan, x, weight, lora, gather, combine_weights), d);
-  if (BACKEND(op, d, moe_linear_backward_fused, plan, x, weight, lora, gather, combine_weights, grad_out, grad_x,
-              grad_lora, grad_combine_weights, workspace, stream))
-    return;
-  // The base part writes grad_x and grad_combine_weights; the adapter's part is added to them.
-  BACKEND(op, d, moe_linear_backward, plan, x, weight, gather, combine_weights, grad_out, grad_x, TensorView{},
-          grad_combine_weights, workspace, stream);
-  BACKEND(op, d, moe_lora_backward_add, plan, x, lora, gather, combine_weights, grad_out, grad_x, grad_lora,
-          grad_combine_weights, workspace, stream);
+  linear_backward(plan, x, weight, lora, gather, combine_weights, grad_out, grad_x, TensorView{}, grad_lora,
+                  grad_combine_weights, workspace, stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -327,17 +378,18 @@ void swiglu_forward(TensorView h, TensorView a, void* stream) {
 void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, const Lora& lora, TensorView h,
                                TensorView a, TensorView workspace, void* stream) {
   const char* op = "moe_linear_swiglu_forward";
-  const std::int64_t n = check_linear(op, plan, x, weight, true, TensorView{});
-  MOEFUSE_CHECK(n % 2 == 0, op, "weight must be [E, 2*I, in] ([gate; up]), got an odd output size: ",
-                describe(weight));
+  const TensorView w = logical_weight(op, plan, weight, "x", x, false, true);
+  const std::int64_t n = check_linear(op, plan, x, w, true, TensorView{});
+  MOEFUSE_CHECK(n % 2 == 0, op, "weight must be [E, 2*I, in] ([gate; up]), got an odd output size: ", describe(w));
   const Device d = plan.counts.device;
   expect(op, "h", h, {plan.tokens * plan.top_k, n}, kFloatTypes);
   check_swiglu(op, h, a, "a");
-  expect_same_dtype(op, "h", h, weight.dtype);
+  expect_same_dtype(op, "h", h, w.dtype);
   expect_same_device(op, "h", h, d);
-  if (lora.defined()) check_lora(op, lora, weight, plan);
-  expect_workspace(op, workspace, moe_linear_workspace_bytes(plan, x, weight, lora, true, TensorView{}), d);
-  BACKEND(op, d, moe_linear_swiglu_forward, plan, x, weight, lora, h, a, workspace, stream);
+  if (lora.defined()) check_lora(op, lora, w, plan);
+  expect_workspace(op, workspace, linear_query(op, plan, x, weight, lora, true, TensorView{}, false), d);
+  const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
+  BACKEND(op, d, moe_linear_swiglu_forward, plan, x, dense, lora, h, a, workspace, stream);
 }
 
 void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight, TensorView h, TensorView a,
@@ -346,7 +398,7 @@ void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight
 }
 
 namespace {
-// The composed form's workspace: a [M, I], grad_a [M, I], then moe_linear_backward's.
+// The composed form's workspace: a [M, I], grad_a [M, I], then moe_linear_backward's (weight: in float).
 struct SwigluLinearWork {
   TensorView a, grad_a, rest;
 };
@@ -359,6 +411,7 @@ SwigluLinearWork layout_swiglu_linear(const Plan& plan, const TensorView& h, con
   return w;
 }
 
+// Checks on the logical weight.
 void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
                          const Lora& lora, const TensorView& combine_weights, bool data = true) {
   const std::int64_t m = check_plan_views(op, plan, data);
@@ -374,48 +427,52 @@ void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, 
   if (lora.defined()) check_lora(op, lora, weight, plan, data);
 }
 
+// A 4-bit weight's float copy, then the composed form's room.
 std::size_t swiglu_linear_bytes(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
                                 const Lora& lora, const TensorView& combine_weights) {
-  check_swiglu_linear(op, plan, h, weight, lora, combine_weights, false);
+  const TensorView w = logical_weight(op, plan, weight, "h", h, true, false);
+  check_swiglu_linear(op, plan, h, w, lora, combine_weights, false);
   detail::Carver c(plan.counts.device);
-  layout_swiglu_linear(plan, h, weight, lora, combine_weights, c);
-  return c.bytes();
+  layout_swiglu_linear(plan, h, w, lora, combine_weights, c);
+  return dense_bytes(weight, w) + c.bytes();
 }
 
 // Both overloads: grad_weight with the base weight trained, grad_lora with an adapter (the base frozen).
 void swiglu_linear_bwd(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
                        const Lora& lora, const TensorView& combine_weights, const TensorView& grad_out,
                        const TensorView& grad_h, const TensorView& grad_weight, const LoraGrads& grad_lora,
-                       const TensorView& grad_combine_weights, const TensorView& workspace, UpLoraGrad* up,
-                       void* stream) {
-  check_swiglu_linear(op, plan, h, weight, lora, combine_weights);
+                       const TensorView& grad_combine_weights, TensorView workspace, UpLoraGrad* up, void* stream) {
+  const TensorView w = logical_weight(op, plan, weight, "h", h, true, true);
+  check_swiglu_linear(op, plan, h, w, lora, combine_weights);
   const Device d = plan.counts.device;
-  const DType dt = weight.dtype;
-  expect(op, "grad_out", grad_out, {plan.tokens, weight.shape[1]}, kFloatTypes);
+  const DType dt = w.dtype;
+  expect(op, "grad_out", grad_out, {plan.tokens, w.shape[1]}, kFloatTypes);
   expect_optional(op, "grad_h", grad_h, {h.shape[0], h.shape[1]}, kFloatTypes);
-  expect_optional(op, "grad_weight", grad_weight, {weight.shape[0], weight.shape[1], weight.shape[2]}, kFloatTypes);
+  expect_optional(op, "grad_weight", grad_weight, {w.shape[0], w.shape[1], w.shape[2]}, kFloatTypes);
+  check_frozen(op, weight, grad_weight);
   expect_optional(op, "grad_combine_weights", grad_combine_weights, {plan.tokens, plan.top_k}, {DType::f32});
   for (auto [name, t] : {std::pair{"grad_out", grad_out}, {"grad_h", grad_h}, {"grad_weight", grad_weight}}) {
     expect_same_dtype(op, name, t, dt);
     expect_same_device(op, name, t, d);
   }
   expect_same_device(op, "grad_combine_weights", grad_combine_weights, d);
-  check_lora_grads(op, lora, weight, grad_lora);
+  check_lora_grads(op, lora, w, grad_lora);
   expect_workspace(op, workspace, swiglu_linear_bytes(op, plan, h, weight, lora, combine_weights), d);
-  if (BACKEND(op, d, swiglu_linear_backward_fused, plan, h, weight, lora, combine_weights, grad_out, grad_h,
+  const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
+  if (BACKEND(op, d, swiglu_linear_backward_fused, plan, h, dense, lora, combine_weights, grad_out, grad_h,
               grad_weight, grad_lora, grad_combine_weights, workspace, up, stream))
     return;
   detail::Carver c(workspace);
-  const SwigluLinearWork w = layout_swiglu_linear(plan, h, weight, lora, combine_weights, c);
-  swiglu_forward(h, w.a, stream);
-  const TensorView grad_a = grad_h.defined() ? w.grad_a : TensorView{};
+  const SwigluLinearWork sw = layout_swiglu_linear(plan, h, dense, lora, combine_weights, c);
+  swiglu_forward(h, sw.a, stream);
+  const TensorView grad_a = grad_h.defined() ? sw.grad_a : TensorView{};
   if (lora.defined())
-    moe_linear_backward(plan, w.a, weight, lora, false, combine_weights, grad_out, grad_a, grad_lora,
-                        grad_combine_weights, w.rest, stream);
+    moe_linear_backward(plan, sw.a, dense, lora, false, combine_weights, grad_out, grad_a, grad_lora,
+                        grad_combine_weights, sw.rest, stream);
   else
-    moe_linear_backward(plan, w.a, weight, false, combine_weights, grad_out, grad_a, grad_weight,
-                        grad_combine_weights, w.rest, stream);
-  if (grad_h.defined()) swiglu_backward(h, w.grad_a, grad_h, stream);
+    moe_linear_backward(plan, sw.a, dense, false, combine_weights, grad_out, grad_a, grad_weight,
+                        grad_combine_weights, sw.rest, stream);
+  if (grad_h.defined()) swiglu_backward(h, sw.grad_a, grad_h, stream);
 }
 }  // namespace
 

@@ -1,7 +1,7 @@
-// 4-bit expert weights (nf4_quantize / nf4_dequantize, and the block ops taking them): the packed bytes against a
-// float64 reading of the format (ops.h), on odd shapes and every float dtype; the block with 4-bit weights against
-// the same block given their dequantized copies, which must agree to the bit (the ops dequantize, then run the
-// float path); non-finite runs; bad arguments.
+// 4-bit expert weights (nf4_quantize / nf4_dequantize, and the ops taking them): the packed bytes against a float64
+// reading of the format (ops.h), on odd shapes and every float dtype; the block and moe_fused_linear with 4-bit
+// weights against the same ops given their dequantized copies, which must agree to the bit (on the CPU the ops
+// dequantize, then run the float path); non-finite runs; bad arguments.
 #include <cmath>
 #include <cstring>
 
@@ -244,6 +244,49 @@ INSTANTIATE_TEST_SUITE_P(Cases, Nf4Block,
                                            BlockCase{0, 24, 10, 3, 2, DType::bf16, true},
                                            BlockCase{64, 130, 67, 12, 4, DType::bf16, true}),
                          CaseName());
+
+// ---- moe_fused_linear with a 4-bit weight ---------------------------------------------------------------------------
+// The forward (gather and combine) and backward (grad_x, routing-weight gradient) on a 4-bit weight give the bits the
+// same op gives on its dequantized copy; placeholders and idle experts included. grad_weight is refused.
+TEST(Nf4Linear, MatchesOpsOnDequantizedWeight) {
+  Rng rng;
+  const std::int64_t T = 9, in = 70, out = 33;
+  const int k = 2, E = 7;
+  const ref::Plan plan_ref = ref::routing_plan(random_ids(rng, T, k, E, true), T, k, E);
+  const PlanTensors pt = plan_tensors(plan_ref);
+  const moefuse::Plan plan = pt.plan();
+  for (DType d : kFloatTypes) {
+    SCOPED_TRACE(name(d));
+    Vec xv = rng.normals(T * in), wv = rng.normals(E * out * in, 0.1), cwv = rng.normals(T * k),
+        gv = rng.normals(T * out);
+    const Tensor x = make(d, {T, in}, xv), cw = make(DType::f32, {T, k}, cwv), gout = make(d, {T, out}, gv);
+    const Packed p = quantize(make(d, {E, out, in}, wv), {E, out, in});
+    const Tensor w4 = packed_tensor(p);
+    Tensor w(d, {E, out, in});
+    moefuse::nf4_dequantize(w4.view(), w.view());
+    const auto step = [&](const TensorView& weight) {
+      Tensor y(d, {T, out}), gx(d, {T, in}), gcw(DType::f32, {T, k});
+      for (Tensor* t : {&y, &gx, &gcw}) t->poison();
+      Tensor fws = scratch(moefuse::moe_linear_workspace_bytes(plan, x.view(), weight, true, cw.view()));
+      moefuse::moe_linear_forward(plan, x.view(), weight, true, cw.view(), y.view(), fws.view());
+      Tensor bws = scratch(moefuse::moe_linear_backward_workspace_bytes(plan, x.view(), weight, true, cw.view()));
+      moefuse::moe_linear_backward(plan, x.view(), weight, true, cw.view(), gout.view(), gx.view(), TensorView{},
+                                   gcw.view(), bws.view());
+      return std::vector<Vec>{y.values(), gx.values(), gcw.values()};
+    };
+    const auto want = step(w.view()), got = step(w4.view());
+    for (std::size_t i = 0; i < got.size(); ++i) EXPECT_EQ(got[i], want[i]) << "output " << i;
+
+    Tensor gw(d, {E, out, in}), gx(d, {T, in});
+    Tensor bws = scratch(moefuse::moe_linear_backward_workspace_bytes(plan, x.view(), w4.view(), true, cw.view()));
+    EXPECT_ERROR_NAMING(moefuse::moe_linear_backward(plan, x.view(), w4.view(), true, cw.view(), gout.view(),
+                                                     gx.view(), gw.view(), TensorView{}, bws.view()),
+                        "grad_weight");
+    Tensor x_odd(d, {T, in + 64});  // rows of another width
+    EXPECT_ERROR_NAMING(moefuse::moe_linear_workspace_bytes(plan, x_odd.view(), w4.view(), true, cw.view()),
+                        "weight");
+  }
+}
 
 TEST(Nf4Errors, BadArgumentsAreNamed) {
   const moefuse::MoeConfig cfg{64, 32, 4, 2, true};
