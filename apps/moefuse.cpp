@@ -43,7 +43,9 @@ struct Args {
                "forward+dX step (and the LoRA step) again with both expert weights 4-bit (NF4, QLoRA), against\n"
                "the same steps on the weights' dtype.\n"
                "FLOPs are counted as 6*T*k*H*I forward, x3 with all gradients, x2 with frozen experts or LoRA (the\n"
-               "adapters' FLOPs not counted).\n");
+               "adapters' FLOPs not counted).\n"
+               "On a GPU the warm-up steps autotune the kernel choices of new shapes (moefuse/tune.h; the cache\n"
+               "file is printed; MOEFUSE_AUTOTUNE=0 turns it off).\n");
   std::exit(code);
 }
 
@@ -263,6 +265,9 @@ int bench(const Args& a) {
   const double flops = 6.0 * T * c.top_k * H * I;
   std::printf("moefuse bench: %s %s  T=%lld H=%lld I=%lld E=%lld k=%d  (median of %d)\n", a.device.c_str(),
               dtype_name(a.dtype), (long long)T, (long long)H, (long long)I, (long long)E, c.top_k, a.iters);
+  if (cuda)
+    std::printf("  autotuning %s%s\n", autotune_enabled() ? "on, cache " : "off",
+                autotune_enabled() ? (tune_cache().path().empty() ? "in memory" : tune_cache().path().c_str()) : "");
   std::printf("  %-28s %10s %12s\n", "pass", "ms", "GFLOP/s");
   std::printf("  %-28s %10.2f %12.1f\n", "forward", f_ms, flops / f_ms * 1e-6);
   std::printf("  %-28s %10.2f %12.1f\n", "forward+backward (all)", fb_ms, 3 * flops / fb_ms * 1e-6);

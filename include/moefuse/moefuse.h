@@ -5,6 +5,7 @@
 #include "moefuse/error.h"
 #include "moefuse/ops.h"
 #include "moefuse/tensor.h"
+#include "moefuse/tune.h"
 
 namespace moefuse {
 

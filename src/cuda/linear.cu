@@ -7,6 +7,9 @@
 // order in workspace, and the dgrad row scale and row dots run as a row kernel after the GEMM. Elsewhere the
 // portable kernel fuses both.
 #include <algorithm>
+#include <functional>
+#include <mutex>
+#include <string>
 
 #include "core/backend.h"
 #include "core/workspace.h"
@@ -15,6 +18,7 @@
 #include "cuda/grouped_gemm_sm90.h"
 #include "cuda/lora.h"
 #include "cuda/rows.cuh"
+#include "moefuse/tune.h"
 
 namespace moefuse::cuda {
 namespace {
@@ -191,6 +195,64 @@ void run_hopper_gather(const Plan& plan, const TensorView& x, bool gather, const
   run_gather_gemm_sm90(g, weight.dtype, s);
 }
 
+// ---- autotuning (moefuse/tune.h) --------------------------------------------------------------------------------
+std::string gpu_name(int index) {
+  static std::mutex mutex;
+  static std::string names[64];
+  std::lock_guard<std::mutex> lock(mutex);
+  std::string& name = names[index % 64];
+  if (name.empty()) {
+    cudaDeviceProp prop{};
+    MOEFUSE_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+    name = prop.name;
+  }
+  return name;
+}
+
+// Timing must not enter a CUDA graph being captured (nor wait on one).
+bool may_time(cudaStream_t s) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(s, &status) != cudaSuccess) {
+    cudaGetLastError();  // the legacy stream while another captures: treat as capturing
+    return false;
+  }
+  return status == cudaStreamCaptureStatusNone;
+}
+
+// Microseconds of `run` on s: one warm-up, then the mean of three.
+double time_us(cudaStream_t s, const std::function<void()>& run) {
+  cudaEvent_t start, stop;
+  MOEFUSE_CUDA_CHECK(cudaEventCreate(&start));
+  MOEFUSE_CUDA_CHECK(cudaEventCreate(&stop));
+  run();
+  MOEFUSE_CUDA_CHECK(cudaEventRecord(start, s));
+  for (int i = 0; i < 3; ++i) run();
+  MOEFUSE_CUDA_CHECK(cudaEventRecord(stop, s));
+  MOEFUSE_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0.f;
+  MOEFUSE_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return 1000.0 * ms / 3;
+}
+
+// A Hopper GEMM over rows already in sorted order runs on CUTLASS's grouped kernel (run(false), the default) or on
+// the gather kernel (run(true)). CUTLASS is faster with many rows per expert, the gather kernel with few (RESULTS,
+// 2026-11-29 fourteenth), so the first call of each shape times both, each writing the same output, and the
+// choice is kept. Returns whether the gather kernel runs.
+bool gather_kernel_wins(const char* gemm, const Plan& plan, const TensorView& weight, cudaStream_t s,
+                        const std::function<void(bool)>& run) {
+  const std::int64_t m = plan.tokens * plan.top_k;
+  if (!autotune_enabled() || m == 0) return false;
+  std::int64_t rows = 1;  // per expert, rounded up to a power of two
+  while (rows < ceil_div<std::int64_t>(m, plan.experts)) rows *= 2;
+  const std::string key = gpu_name(weight.device.index) + " sm90-" + gemm + " " + dtype_name(weight.dtype) +
+                          " E=" + std::to_string(plan.experts) + " weight=" + std::to_string(weight.shape[1]) + "x" +
+                          std::to_string(weight.shape[2]) + " rows=" + std::to_string(rows);
+  return tune_cache().pick(key, 2, 0, may_time(s),
+                           [&](int i) { return time_us(s, [&] { run(i == 1); }); }) == 1;
+}
+
 // Workspace layouts: the same function sizes (Carver without base) and lays out.
 struct ForwardWorkspace {
   TensorView tiles;     // [E+1] i32
@@ -247,9 +309,14 @@ void forward_impl(const Plan& plan, const TensorView& x, const TensorView& weigh
   if (gather && use_hopper_gather(weight, n, {x.data, weight.data, rows.data})) {
     run_hopper_gather<T>(plan, x, true, weight, rows, TensorView{}, ws.tiles, GatherLora{}, s);
   } else if (!gather && use_hopper(weight, {x.data, weight.data, rows.data, workspace.data})) {
-    const Sm90Gemm g{GemmKind::fwd, x.data, weight.data, rows.data, plan.offsets.ptr<int>(), plan.experts, 0,
-                     static_cast<int>(n), static_cast<int>(k)};
-    run_grouped_gemm_sm90(g, weight.device, ws.sm90.data, s);
+    const auto run = [&](bool gather_kernel) {
+      if (gather_kernel)
+        return run_hopper_gather<T>(plan, x, false, weight, rows, TensorView{}, ws.tiles, GatherLora{}, s);
+      const Sm90Gemm g{GemmKind::fwd, x.data, weight.data, rows.data, plan.offsets.ptr<int>(), plan.experts, 0,
+                       static_cast<int>(n), static_cast<int>(k)};
+      run_grouped_gemm_sm90(g, weight.device, ws.sm90.data, s);
+    };
+    run(use_hopper_gather(weight, n, {}) && gather_kernel_wins("fwd", plan, weight, s, run));
   } else {
     GemmParams p = plan_params(plan, ws.tiles);
     p.a = {x.data, k, 0, gather};
@@ -281,9 +348,16 @@ void backward_hopper(const Plan& plan, const TensorView& x, const TensorView& we
   if (grad_x.defined() || grad_cw.defined()) {
     if (combine) launch_gather_sorted<T>(grad_out, plan, nullptr, ws.gathered, s);
     const TensorView& rows = grad_x.defined() && !gather ? grad_x : ws.dx_rows;
-    const Sm90Gemm g{GemmKind::dgrad, combine ? ws.gathered.data : grad_out.data, weight.data, rows.data, offsets,
-                     plan.experts, 0, static_cast<int>(in_f), static_cast<int>(out_f)};
-    run_grouped_gemm_sm90(g, weight.device, ws.sm90.data, s);
+    const auto run = [&](bool gather_kernel) {
+      if (gather_kernel)
+        return run_hopper_gather<T>(plan, grad_out, false, weight, rows, TensorView{}, ws.tiles, GatherLora{}, s,
+                                    true);
+      const Sm90Gemm g{GemmKind::dgrad, combine ? ws.gathered.data : grad_out.data, weight.data, rows.data, offsets,
+                       plan.experts, 0, static_cast<int>(in_f), static_cast<int>(out_f)};
+      run_grouped_gemm_sm90(g, weight.device, ws.sm90.data, s);
+    };
+    // With combine CUTLASS reads grad_out gathered into sorted order first: not timed against the gather kernel.
+    run(!combine && use_hopper_gather(weight, in_f, {}) && gather_kernel_wins("dgrad", plan, weight, s, run));
     if (combine && m > 0) {
       constexpr int kWarpsPerBlock = kThreads / 32;
       dgrad_row_dots<T><<<static_cast<unsigned>(ceil_div<std::int64_t>(m, kWarpsPerBlock)), kThreads, 0, s>>>(
