@@ -270,13 +270,15 @@ def _moe_fused_linear_impl(
     combine_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """out[s] = weight[e(s)] . x[src(s)] for every row s of `plan` (routing_plan) in expert-sorted order: x in token
-    order [T, in] when `gather`, else already sorted [T*k, in]; weight [E, out, in]. With `combine_weights` [T, k]
-    (f32) the rows are summed back into token order, each times its routing weight: out [T, out]; else [T*k, out]."""
+    order [T, in] when `gather`, else already sorted [T*k, in]; weight [E, out, in], or 4-bit (u8 [E, out, row
+    bytes]: an Nf4Weight's packed bytes; moefuse.moe_fused_linear takes the Nf4Weight itself). With `combine_weights`
+    [T, k] (f32) the rows are summed back into token order, each times its routing weight: out [T, out]; else
+    [T*k, out]. out has x's dtype."""
     x, weight = x.contiguous(), weight.contiguous()
     cw = None if combine_weights is None else combine_weights.contiguous()
     tokens = _linear_tokens(x, top_k, gather, cw)
     arg = _plan_arg(plan, tokens, top_k, weight.shape[0])
-    out = x.new_empty(tokens if cw is not None else tokens * top_k, weight.shape[1], dtype=weight.dtype)
+    out = x.new_empty(tokens if cw is not None else tokens * top_k, weight.shape[1])
     with _on(x.device):
         _call(_C.moe_linear_forward, arg, x, weight, gather, cw, out, _workspace(x.device), _stream(x.device))
     return out
@@ -289,7 +291,7 @@ moe_fused_linear = torch.library.custom_op("moefuse::moe_fused_linear", mutates_
 def _(x, weight, plan, top_k, gather, combine_weights=None):
     tokens = _linear_tokens(x, top_k, gather, combine_weights)
     rows = tokens if combine_weights is not None else tokens * top_k
-    return x.new_empty(rows, weight.shape[1], dtype=weight.dtype)
+    return x.new_empty(rows, weight.shape[1])
 
 
 def _moe_fused_linear_backward_impl(
@@ -352,8 +354,17 @@ def _linear_grads(ctx, backward, grad_out):
     return gx, gw, None, None, None, gc
 
 
-run_moe_fused_linear = _with_autograd(moe_fused_linear, _moe_fused_linear_impl, _linear_setup, _linear_grads,
-                                      _moe_fused_linear_backward_impl)  # fmt: skip
+_run_moe_fused_linear = _with_autograd(moe_fused_linear, _moe_fused_linear_impl, _linear_setup, _linear_grads,
+                                       _moe_fused_linear_backward_impl)  # fmt: skip
+
+
+@functools.wraps(_run_moe_fused_linear)
+def run_moe_fused_linear(x, weight, plan, top_k, gather, combine_weights=None):
+    # A 4-bit weight (moefuse.Nf4Weight) goes in as its packed bytes, which the op dequantizes in its own workspace
+    # (experts without rows skipped) rather than as a torch copy of all of them.
+    from .nf4 import packed  # nf4 builds on this module
+
+    return _run_moe_fused_linear(x, packed(weight), plan, top_k, gather, combine_weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -148,6 +148,25 @@ def test_compiled_quantized_model_matches_eager():
     torch.testing.assert_close(compiled(**b).logits, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_linear_on_a_4bit_weight_matches_its_dequantized_weight(device):
+    # The op takes the packed bytes and dequantizes them itself: the bits of the op on the dequantized weight.
+    torch.manual_seed(0)
+    tokens, experts, hidden, out = 9, 5, 64, 40
+    x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = quantize(torch.randn(experts, out, hidden, dtype=torch.bfloat16) * 0.1, device)
+    ids = torch.randint(0, experts, (tokens, K), dtype=torch.int32, device=device)
+    cw = torch.rand(tokens, K, device=device)
+    plan = moefuse.routing_plan(ids, experts)
+    got = moefuse.moe_fused_linear(x, w, plan, K, gather=True, combine_weights=cw)
+    (gx,) = torch.autograd.grad(got.float().square().sum(), x)
+    want = moefuse.moe_fused_linear(x, w.dequantize(), plan, K, gather=True, combine_weights=cw)
+    (wx,) = torch.autograd.grad(want.float().square().sum(), x)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want) and torch.equal(gx, wx)
+    compiled = torch.compile(lambda x, w: moefuse.moe_fused_linear(x, w.packed, plan, K, True, cw), fullgraph=True)
+    assert torch.equal(compiled(x, w), want)
+
+
 def test_bad_input_is_refused_clearly():
     with pytest.raises(moefuse.MoefuseError, match="no experts module"):
         moefuse.quantize_experts(torch.nn.Linear(4, 4))
