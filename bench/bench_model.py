@@ -11,6 +11,8 @@ padding and skip it for SDPA's causal kernel; traced (`model`), it materialises 
 grouped_mm run the same way, and against eager grouped_mm when that ran too.
 Modes: attn = LoRA (rank --lora-rank, 16) on q/k/v/o with frozen experts; attn_experts = also LoRA on the experts
 through PEFT's target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj).
+Impls: Transformers' experts implementations (grouped_mm, eager, ...), moefuse, and moefuse_nf4: moefuse with the
+expert weights in 4 bits (moefuse.quantize_experts before PEFT wraps the model: QLoRA on the experts).
 """
 import argparse
 
@@ -50,14 +52,17 @@ def model(impl, mode, layers, seq, shape, device, rank):
     torch.manual_seed(0)
     c = Qwen3MoeConfig(**shape, norm_topk_prob=True, num_hidden_layers=layers, max_position_embeddings=seq,
                        attn_implementation="sdpa")
-    c._experts_implementation = impl
+    nf4 = impl == "moefuse_nf4"
+    c._experts_implementation = "moefuse" if nf4 else impl
     with torch.device(device):
         m = Qwen3MoeForCausalLM(c).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    if nf4:
+        moefuse.quantize_experts(m)
     lora = dict(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     if mode == "attn_experts":
         lora["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
     m = get_peft_model(m, LoraConfig(**lora))
-    if impl == "moefuse" and mode == "attn_experts":
+    if impl.startswith("moefuse") and mode == "attn_experts":
         moefuse.use_moefuse_lora(m)  # expert LoRA through moefuse's stacked path instead of PEFT's merged weights
     return m.train()
 
@@ -119,7 +124,7 @@ def table(rows):
         ratios = [base.get((r["mode"], how)) for how in (r["compiled"], "no")]
         same, eager = (f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "" for b in ratios)
         # with expert LoRA, the other impls run PEFT's own path for it (its merged-weight parametrisation)
-        impl = r["impl"] if r["impl"] == "moefuse" or r["mode"] != "attn_experts" else f"{r['impl']} + PEFT"
+        impl = r["impl"] if r["impl"].startswith("moefuse") or r["mode"] != "attn_experts" else f"{r['impl']} + PEFT"
         print(f"| {r['mode']} | {impl} | {r['compiled']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
               f"{same} | {eager} | {r['peak_GiB']:.1f} |")
 
