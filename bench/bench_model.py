@@ -124,7 +124,8 @@ def table(rows):
         ratios = [base.get((r["mode"], how)) for how in (r["compiled"], "no")]
         same, eager = (f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}x" if b else "" for b in ratios)
         # with expert LoRA, the other impls run PEFT's own path for it (its merged-weight parametrisation)
-        impl = r["impl"] if r["impl"].startswith("moefuse") or r["mode"] != "attn_experts" else f"{r['impl']} + PEFT"
+        peft = r["mode"] == "attn_experts" and not r["impl"].startswith("moefuse")
+        impl = f"{r['impl']} + PEFT" if peft else r["impl"]
         print(f"| {r['mode']} | {impl} | {r['compiled']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
               f"{same} | {eager} | {r['peak_GiB']:.1f} |")
 

@@ -86,8 +86,8 @@ for s in "${stages[@]}"; do
       step "model step benchmark"
       python3 bench/bench_model.py --profile --json "$LOG/model.json" > "$LOG/model.txt" 2>&1
       grep "^|" "$LOG/model.txt" || tail -20 "$LOG/model.txt"
-      python3 bench/bench_model.py --compile layers --impls moefuse,moefuse_nf4,grouped_mm --json "$LOG/model_compiled.json" \
-        > "$LOG/model_compiled.txt" 2>&1
+      python3 bench/bench_model.py --compile layers --impls moefuse,moefuse_nf4,grouped_mm \
+        --json "$LOG/model_compiled.json" > "$LOG/model_compiled.txt" 2>&1
       grep "^|" "$LOG/model_compiled.txt" || tail -20 "$LOG/model_compiled.txt" ;;
     finetune)
       step "main job on the GPU"
