@@ -13,10 +13,11 @@ from .block import MoeBlock, reference_moe
 from . import hf  # registers experts_implementation="moefuse"
 from .hf import compile_decoder_layers
 from .lora import use_moefuse_lora
-from .nf4 import Nf4Weight, quantize_experts
+from .nf4 import Nf4Weight, dequantize_experts, quantize_experts
 
 __version__ = "0.1.0"
 has_cuda = _C.has_cuda
 
-__all__ = ["MoeBlock", "MoefuseError", "Nf4Weight", "compile_decoder_layers", "experts", "has_cuda", "moe_block",
-           "moe_fused_linear", "quantize_experts", "reference_moe", "routing_plan", "use_moefuse_lora"]
+__all__ = ["MoeBlock", "MoefuseError", "Nf4Weight", "compile_decoder_layers", "dequantize_experts", "experts",
+           "has_cuda", "moe_block", "moe_fused_linear", "quantize_experts", "reference_moe", "routing_plan",
+           "use_moefuse_lora"]

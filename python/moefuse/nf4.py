@@ -9,7 +9,9 @@ through use_moefuse_lora) is QLoRA.
 A packed weight stays a parameter of its logical shape and dtype (Nf4Weight), so what reads .shape, .dtype or
 .device of it (PEFT's target_parameters, Transformers) sees the weight it expects. Any other torch op on it runs on
 its dequantized copy (PEFT's own merged-weight path, for instance: correct, and as slow as that path is); in-place
-ops are refused, and .to() moves the bytes or changes the dtype it dequantizes to.
+ops are refused, and .to() moves the bytes or changes the dtype it dequantizes to. PEFT saves a QLoRA adapter as
+usual; what needs the weights themselves (merge_and_unload, saving the whole model) comes after
+``dequantize_experts(model)``.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ class Nf4Weight(torch.Tensor):
     @staticmethod
     def __tensor_unflatten__(inner, meta, outer_size, outer_stride):
         return Nf4Weight(inner["packed"], *meta)
+
+    def storage(self):
+        # The wrapper has no storage. Savers find that out through the legacy storage() (safetensors, after
+        # untyped_storage().data_ptr() failed; torch itself, torch.compile included, uses untyped_storage): say what
+        # to do instead.
+        raise MoefuseError("moefuse: a 4-bit expert weight has no storage of its logical shape to save; save the "
+                           "adapter (PEFT's save_pretrained saves only it), or moefuse.dequantize_experts(model) "
+                           "first to save the whole model")  # fmt: skip
 
     def dequantize(self) -> torch.Tensor:
         """The weight as a plain tensor of its dtype: level * maximum of each element's run, rounded once."""
@@ -126,4 +136,20 @@ def quantize_experts(model: torch.nn.Module, device: torch.device | str | None =
     if not found:
         raise MoefuseError(f"moefuse.quantize_experts: {type(model).__name__} has no experts module with 3-D "
                            "gate_up_proj and down_proj parameters")  # fmt: skip
+    return model
+
+
+def dequantize_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """Turns every 4-bit expert weight in `model` back into a plain frozen parameter of its dtype, in place, wherever
+    it sits (PEFT's wrappers included); returns `model`. For what needs the weights themselves: PEFT's
+    merge_and_unload after QLoRA, or saving the whole model."""
+    done: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if isinstance(p, Nf4Weight):
+                if id(p) not in done:
+                    done[id(p)] = torch.nn.Parameter(p.dequantize(), requires_grad=False)
+                module._parameters[name] = done[id(p)]
+    if not done:
+        raise MoefuseError(f"moefuse.dequantize_experts: {type(model).__name__} has no 4-bit expert weights")
     return model

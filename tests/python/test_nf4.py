@@ -123,6 +123,34 @@ def test_qlora_through_peft_matches_dequantized_and_trains(device):
     assert loss.item() < first
 
 
+@torch.no_grad()
+def test_qlora_adapter_saves_and_merges_once_dequantized(tmp_path):
+    # PEFT saves the adapter alone with the experts in 4 bits; the whole model and merge_and_unload need the weights
+    # themselves: dequantize_experts, after which the merged model gives the QLoRA model's logits.
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    m = get_peft_model(moefuse.quantize_experts(tiny_model("moefuse")),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=BOTH))  # fmt: skip
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.2)
+    moefuse.use_moefuse_lora(m)
+    want = m(**batch()).logits
+    m.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(moefuse.quantize_experts(tiny_model("moefuse")), tmp_path / "adapter")
+    assert torch.equal(moefuse.use_moefuse_lora(reloaded)(**batch()).logits, want)
+    with pytest.raises(moefuse.MoefuseError, match="dequantize_experts"):
+        m.base_model.model.save_pretrained(tmp_path / "model")
+    with pytest.raises(moefuse.MoefuseError, match="dequantize"):
+        copy.deepcopy(m).merge_and_unload()
+    merged = moefuse.dequantize_experts(m).merge_and_unload()
+    assert not any(isinstance(p, Nf4Weight) for p in merged.parameters())
+    torch.testing.assert_close(merged(**batch()).logits, want, rtol=1e-4, atol=1e-4)
+    merged.save_pretrained(tmp_path / "model")
+    with pytest.raises(moefuse.MoefuseError, match="no 4-bit expert weights"):
+        moefuse.dequantize_experts(merged)
+
+
 def test_moe_block_qlora_matches_dequantized_and_reference():
     block = moefuse.MoeBlock.from_hf(tiny_model("eager").model.layers[0].mlp)
     moefuse.quantize_experts(block)
