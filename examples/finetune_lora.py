@@ -5,9 +5,12 @@ It prints the loss of both runs, their throughput, saves moefuse's adapter in PE
 reloads it onto a fresh base model, and checks that the reloaded model gives the same outputs.
 
     python3 examples/finetune_lora.py [--steps 40] [--impls moefuse,eager] [--out runs/finetune_lora] [--compile]
+                                      [--nf4]
 
 --compile compiles each decoder layer (torch.compile per layer, as docs recommend for training: the causal mask
 stays eager, so SDPA keeps its causal kernel); the first steps then include compilation.
+--nf4 keeps every run's expert weights in 4 bits (moefuse.quantize_experts before the adapters: QLoRA). The eager
+experts then run on each weight's dequantized copy, made anew at every use: the same model, as slow as that is.
 """
 import argparse
 import json
@@ -35,6 +38,7 @@ def parse():
     p.add_argument("--out", default="runs/finetune_lora")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--nf4", action="store_true", help="the expert weights in 4 bits (QLoRA)")
     return p.parse_args()
 
 
@@ -47,12 +51,13 @@ def tiny_config():
                           output_router_logits=True, router_aux_loss_coef=0.01, tie_word_embeddings=False)
 
 
-def base_model(impl, device, dtype, seed):
+def base_model(impl, a, dtype):
     from transformers import Qwen3MoeForCausalLM
-    torch.manual_seed(seed)  # the same "pretrained" base for every run
+    torch.manual_seed(a.seed)  # the same "pretrained" base for every run
     m = Qwen3MoeForCausalLM(tiny_config())
     m.set_experts_implementation(impl)
-    return m.to(device, dtype)
+    m = m.to(a.device, dtype)
+    return moefuse.quantize_experts(m) if a.nf4 else m
 
 
 def lora(model, impl, a):
@@ -97,7 +102,7 @@ def fit(model, a, device, desc, quiet=False):
 
 
 def train(impl, a, dtype):
-    model = lora(base_model(impl, a.device, dtype, a.seed), impl, a)
+    model = lora(base_model(impl, a, dtype), impl, a)
     if a.compile:
         moefuse.compile_decoder_layers(model)
     return (model, *fit(model, a, a.device, f"{impl:>8}"))
@@ -107,7 +112,7 @@ def check_reload(model, impl, a, dtype, path):
     """Saves the adapter (PEFT format), loads it onto a fresh base, and compares outputs."""
     from peft import PeftModel
     model.save_pretrained(path)
-    fresh = PeftModel.from_pretrained(base_model(impl, a.device, dtype, a.seed), path).eval()
+    fresh = PeftModel.from_pretrained(base_model(impl, a, dtype), path).eval()
     if impl == "moefuse":
         moefuse.use_moefuse_lora(fresh)
     model.eval()
@@ -117,7 +122,7 @@ def check_reload(model, impl, a, dtype, path):
     return diff
 
 
-def plot(runs, path):
+def plot(runs, path, nf4):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -128,7 +133,7 @@ def plot(runs, path):
     for (impl, r), style in zip(runs.items(), ("-", "--", ":")):  # the curves coincide: keep each visible
         ax.plot(r["losses"], style, linewidth=2.5 if style == "-" else 1.5,
                 label=f"{impl} ({r['tokens_per_s']:,.0f} tok/s)")
-    ax.set(xlabel="step", ylabel="loss", title="LoRA fine-tuning, tiny Qwen3-MoE")
+    ax.set(xlabel="step", ylabel="loss", title=f"{'QLoRA' if nf4 else 'LoRA'} fine-tuning, tiny Qwen3-MoE")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -141,7 +146,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     backend = "CUDA" if a.device == "cuda" else "CPU"
     print(f"moefuse {moefuse.__version__} ({backend} backend), torch {torch.__version__}, {a.steps} steps of "
-          f"{a.batch}x{a.seq} tokens", flush=True)
+          f"{a.batch}x{a.seq} tokens{', experts in 4 bits' if a.nf4 else ''}", flush=True)
     impls = a.impls.split(",")
     runs, saved = {}, None
     for impl in impls:
@@ -163,7 +168,7 @@ def main():
         print(f"largest step-by-step loss difference between {impls[0]} and {impls[-1]}: {gap:.2e}")
     print(f"adapter saved to {os.path.join(a.out, 'adapter')}; reloaded model's logits differ by at most "
           f"{runs[saved]['reload_max_abs_diff']:.2e}")
-    png = plot(runs, os.path.join(a.out, "loss.png"))
+    png = plot(runs, os.path.join(a.out, "loss.png"), a.nf4)
     if png:
         print(f"loss curves: {png}")
     with open(os.path.join(a.out, "summary.json"), "w") as f:
