@@ -53,8 +53,8 @@ void check_features(const char* op, const TensorView& weight) {
 
 bool nf4(const TensorView& w) { return w.defined() && w.dtype == DType::u8; }
 
-// An expert weight may be 4-bit (core/nf4.h): u8 [E, out, nf4_row_bytes(in)], `in` being given by the op's input
-// `x` (2-D, checked here first) at column `in_col`, or half its width. Checks the packed view and returns the weight's
+// An expert weight may be 4-bit (core/nf4.h): u8 [E, out, nf4_row_bytes(in)], `in` being the width of the op's input
+// `x` (2-D, checked here first), or half of it. Checks the packed view and returns the weight's
 // logical view [E, out, in] in x's dtype, on which the other checks and the workspace queries run. That view points at
 // the packed bytes: no kernel reads it (dense_weight makes the float copy that kernels read).
 TensorView logical_weight(const char* op, const Plan& plan, const TensorView& weight, const char* x_name,
@@ -68,11 +68,14 @@ TensorView logical_weight(const char* op, const Plan& plan, const TensorView& we
   return view(weight.data, x.dtype, weight.device, {weight.shape[0], weight.shape[1], in});
 }
 
-// A 4-bit weight's float copy, which the op's workspace holds in front of what the float path needs.
+// A 4-bit weight's float copy, which the op's workspace holds in front of what the float path needs (nothing for a
+// float weight); sized and laid out by the same carve.
+TensorView take_dense(detail::Carver& c, const TensorView& given, const TensorView& logical) {
+  return nf4(given) ? c.take(logical.dtype, {logical.shape[0], logical.shape[1], logical.shape[2]}) : TensorView{};
+}
 std::size_t dense_bytes(const TensorView& given, const TensorView& logical) {
-  if (!nf4(given)) return 0;
   detail::Carver c(logical.device);
-  c.take(logical.dtype, {logical.shape[0], logical.shape[1], logical.shape[2]});
+  take_dense(c, given, logical);
   return c.bytes();
 }
 
@@ -82,7 +85,7 @@ TensorView dense_weight(const char* op, const Plan& plan, const TensorView& give
                         TensorView& workspace, void* stream) {
   if (!nf4(given)) return given;
   detail::Carver c(workspace);
-  const TensorView dense = c.take(logical.dtype, {logical.shape[0], logical.shape[1], logical.shape[2]});
+  const TensorView dense = take_dense(c, given, logical);
   workspace = c.take_bytes(workspace.nbytes() - c.bytes());
   BACKEND(op, given.device, nf4_dequantize, given, plan.counts, dense, stream);
   return dense;
@@ -276,7 +279,8 @@ void linear_forward(const Plan& plan, const TensorView& x, const TensorView& wei
   check_linear_forward(op, plan, x, w, gather, combine_weights, out);
   if (lora.defined()) check_lora(op, lora, w, plan);
   const Device d = plan.counts.device;
-  expect_workspace(op, workspace, linear_query(op, plan, x, weight, lora, gather, combine_weights, false), d);
+  expect_workspace(op, workspace,
+                   dense_bytes(weight, w) + linear_bytes(op, plan, x, w, lora, gather, combine_weights, false), d);
   const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
   if (lora.defined() && BACKEND(op, d, moe_linear_forward_fused, plan, x, dense, lora, gather, combine_weights, out,
                                 workspace, stream))
@@ -298,7 +302,8 @@ void linear_backward(const Plan& plan, const TensorView& x, const TensorView& we
   if (lora.defined()) check_lora(op, lora, w, plan);
   check_lora_grads(op, lora, w, grad_lora);
   const Device d = plan.counts.device;
-  expect_workspace(op, workspace, linear_query(op, plan, x, weight, lora, gather, combine_weights, true), d);
+  expect_workspace(op, workspace,
+                   dense_bytes(weight, w) + linear_bytes(op, plan, x, w, lora, gather, combine_weights, true), d);
   const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
   if (lora.defined() && BACKEND(op, d, moe_linear_backward_fused, plan, x, dense, lora, gather, combine_weights,
                                 grad_out, grad_x, grad_lora, grad_combine_weights, workspace, stream))
@@ -387,7 +392,8 @@ void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight
   expect_same_dtype(op, "h", h, w.dtype);
   expect_same_device(op, "h", h, d);
   if (lora.defined()) check_lora(op, lora, w, plan);
-  expect_workspace(op, workspace, linear_query(op, plan, x, weight, lora, true, TensorView{}, false), d);
+  expect_workspace(op, workspace,
+                   dense_bytes(weight, w) + linear_bytes(op, plan, x, w, lora, true, TensorView{}, false), d);
   const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
   BACKEND(op, d, moe_linear_swiglu_forward, plan, x, dense, lora, h, a, workspace, stream);
 }
@@ -433,8 +439,9 @@ std::size_t swiglu_linear_bytes(const char* op, const Plan& plan, const TensorVi
   const TensorView w = logical_weight(op, plan, weight, "h", h, true, false);
   check_swiglu_linear(op, plan, h, w, lora, combine_weights, false);
   detail::Carver c(plan.counts.device);
+  take_dense(c, weight, w);
   layout_swiglu_linear(plan, h, w, lora, combine_weights, c);
-  return dense_bytes(weight, w) + c.bytes();
+  return c.bytes();
 }
 
 // Both overloads: grad_weight with the base weight trained, grad_lora with an adapter (the base frozen).
