@@ -408,12 +408,12 @@ namespace {
 struct SwigluLinearWork {
   TensorView a, grad_a, rest;
 };
-SwigluLinearWork layout_swiglu_linear(const Plan& plan, const TensorView& h, const TensorView& weight,
+SwigluLinearWork layout_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
                                       const Lora& lora, const TensorView& combine_weights, detail::Carver& c) {
   SwigluLinearWork w;
   w.a = c.take(h.dtype, {h.shape[0], h.shape[1] / 2});
   w.grad_a = c.take(h.dtype, {h.shape[0], h.shape[1] / 2});
-  w.rest = c.take_bytes(moe_linear_backward_workspace_bytes(plan, w.a, weight, lora, false, combine_weights));
+  w.rest = c.take_bytes(linear_bytes(op, plan, w.a, weight, lora, false, combine_weights, true));
   return w;
 }
 
@@ -433,15 +433,20 @@ void check_swiglu_linear(const char* op, const Plan& plan, const TensorView& h, 
   if (lora.defined()) check_lora(op, lora, weight, plan, data);
 }
 
-// A 4-bit weight's float copy, then the composed form's room.
+// A 4-bit weight's float copy, then the composed form's room; w is the checked logical weight.
+std::size_t swiglu_linear_room(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
+                               const TensorView& w, const Lora& lora, const TensorView& combine_weights) {
+  detail::Carver c(plan.counts.device);
+  take_dense(c, weight, w);
+  layout_swiglu_linear(op, plan, h, w, lora, combine_weights, c);
+  return c.bytes();
+}
+
 std::size_t swiglu_linear_bytes(const char* op, const Plan& plan, const TensorView& h, const TensorView& weight,
                                 const Lora& lora, const TensorView& combine_weights) {
   const TensorView w = logical_weight(op, plan, weight, "h", h, true, false);
   check_swiglu_linear(op, plan, h, w, lora, combine_weights, false);
-  detail::Carver c(plan.counts.device);
-  take_dense(c, weight, w);
-  layout_swiglu_linear(plan, h, w, lora, combine_weights, c);
-  return c.bytes();
+  return swiglu_linear_room(op, plan, h, weight, w, lora, combine_weights);
 }
 
 // Both overloads: grad_weight with the base weight trained, grad_lora with an adapter (the base frozen).
@@ -464,13 +469,13 @@ void swiglu_linear_bwd(const char* op, const Plan& plan, const TensorView& h, co
   }
   expect_same_device(op, "grad_combine_weights", grad_combine_weights, d);
   check_lora_grads(op, lora, w, grad_lora);
-  expect_workspace(op, workspace, swiglu_linear_bytes(op, plan, h, weight, lora, combine_weights), d);
+  expect_workspace(op, workspace, swiglu_linear_room(op, plan, h, weight, w, lora, combine_weights), d);
   const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
   if (BACKEND(op, d, swiglu_linear_backward_fused, plan, h, dense, lora, combine_weights, grad_out, grad_h,
               grad_weight, grad_lora, grad_combine_weights, workspace, up, stream))
     return;
   detail::Carver c(workspace);
-  const SwigluLinearWork sw = layout_swiglu_linear(plan, h, dense, lora, combine_weights, c);
+  const SwigluLinearWork sw = layout_swiglu_linear(op, plan, h, dense, lora, combine_weights, c);
   swiglu_forward(h, sw.a, stream);
   const TensorView grad_a = grad_h.defined() ? sw.grad_a : TensorView{};
   if (lora.defined())
