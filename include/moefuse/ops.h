@@ -166,7 +166,8 @@ void swiglu_linear_backward(const Plan& plan, TensorView h, TensorView weight, c
 // [E, out, nf4_row_bytes(in)], 16-byte aligned, `in` being x's width (h's half width in swiglu_linear_backward), and
 // computes what it computes on the dequantized weight in x's dtype, to the bit: it dequantizes the weight (experts
 // that got no rows skipped) into its workspace, whose query counts that room, then runs as on a float weight. Such a
-// weight is frozen: no grad_weight.
+// weight is frozen: no grad_weight. The bytes do not record `in`, and widths that round to the same row bytes (65 to
+// 96, say) cannot be told apart: x must have the width the weight was quantized at (Python's Nf4Weight checks it).
 std::int64_t nf4_row_bytes(std::int64_t in);
 //   weight [E, out, in] f32 | bf16 | f16;  packed [E, out, nf4_row_bytes(in)] u8 (out)
 void nf4_quantize(TensorView weight, TensorView packed, void* stream = nullptr);

@@ -364,7 +364,7 @@ def run_moe_fused_linear(x, weight, plan, top_k, gather, combine_weights=None):
     # (experts without rows skipped) rather than as a torch copy of all of them.
     from .nf4 import packed  # nf4 builds on this module
 
-    return _run_moe_fused_linear(x, packed(weight), plan, top_k, gather, combine_weights)
+    return _run_moe_fused_linear(x, packed(weight, x.shape[-1]), plan, top_k, gather, combine_weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

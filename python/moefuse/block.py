@@ -122,7 +122,7 @@ class MoeBlock(nn.Module):
         if self.mode == "reference":  # 4-bit weights dequantized once, not per expert
             gate_up, down = (w.dequantize() if isinstance(w, Nf4Weight) else w for w in (gate_up, down))
         else:
-            gate_up, down = packed(gate_up), packed(down)
+            gate_up, down = packed(gate_up, x.shape[-1]), packed(down, gate_up.shape[-2] // 2)
         args = (x, self.router_weight, gate_up, down, self.top_k, self.renormalize, self.gate_up_lora_a,
                 self.gate_up_lora_b, s, self.down_lora_a, self.down_lora_b, s)  # fmt: skip
         if self.mode == "reference":

@@ -74,8 +74,8 @@ def moefuse_experts_forward(
     # Stacked PEFT adapters, handed over for this forward by moefuse.lora (use_moefuse_lora).
     adapters = getattr(self, LORA_ATTR, {})
     lora = [t for name in ("gate_up_proj", "down_proj") for t in adapters.get(name, (None, None, 1.0))]
-    out, _ = run_experts(x, top_k_index.to(torch.int32), top_k_weights.to(torch.float32), packed(w),
-                         packed(self.down_proj), *lora)  # fmt: skip
+    out, _ = run_experts(x, top_k_index.to(torch.int32), top_k_weights.to(torch.float32), packed(w, x.shape[-1]),
+                         packed(self.down_proj, w.shape[-2] // 2), *lora)  # fmt: skip
     return out.to(hidden_states.dtype)
 
 

@@ -101,9 +101,16 @@ def quantize(weight: torch.Tensor, device: torch.device | str | None = None) -> 
     return Nf4Weight(packed, w.shape, w.dtype)
 
 
-def packed(weight: torch.Tensor) -> torch.Tensor:
-    """What the ops take for an expert weight: the bytes of an Nf4Weight, any other tensor as it is."""
-    return weight.packed if isinstance(weight, Nf4Weight) else weight
+def packed(weight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """What the ops take for an expert weight whose inputs are `in_features` wide: the bytes of an Nf4Weight, any
+    other tensor as it is. The bytes do not record the width (every width from 65 to 96 packs a row into 64 bytes),
+    so it is checked here against the Nf4Weight's shape; the ops check a float weight's themselves."""
+    if not isinstance(weight, Nf4Weight):
+        return weight
+    if weight.shape[-1] != in_features:
+        raise MoefuseError(f"moefuse: the 4-bit expert weight {list(weight.shape)} takes inputs {weight.shape[-1]} "
+                           f"wide, got {in_features}")  # fmt: skip
+    return weight.packed
 
 
 _NAMES = ("gate_up_proj", "down_proj")

@@ -211,3 +211,7 @@ def test_bad_input_is_refused_clearly():
     with pytest.raises(moefuse.MoefuseError, match="gate_up"):  # bytes of another width
         moefuse.experts(torch.randn(5, H), torch.zeros(5, K, dtype=torch.int32), torch.rand(5, K),
                         q.packed[..., :16].contiguous(), quantize(torch.randn(E, H, I)).packed)  # fmt: skip
+    # The bytes of widths 65-96 have one size: the Nf4Weight's shape tells them apart.
+    w70, ids = quantize(torch.randn(E, 12, 70)), torch.zeros(3, 1, dtype=torch.int32)
+    with pytest.raises(moefuse.MoefuseError, match="takes inputs 70 wide, got 71"):
+        moefuse.moe_fused_linear(torch.randn(3, 71), w70, moefuse.routing_plan(ids, E), 1, gather=True)
