@@ -4,7 +4,8 @@
 // shape is timed once per device. Timing waits for the GPU once per new shape; it never runs during CUDA graph
 // capture (a shape seen first there gets the default kernel, not kept).
 //   MOEFUSE_AUTOTUNE=0     no timing and no cache: the default kernel always
-//   MOEFUSE_TUNE_CACHE     the cache file; default $XDG_CACHE_HOME/moefuse/tune.txt, else ~/.cache/moefuse/tune.txt
+//   MOEFUSE_TUNE_CACHE     the cache file; default $XDG_CACHE_HOME/moefuse/tune-<version>.txt, else
+//                          ~/.cache/moefuse/tune-<version>.txt (a new release times again)
 // A shape is the device's name, the GEMM, the dtype, the expert count, the weight's sizes and the rows per expert
 // rounded up to a power of two. The file holds one "choice key" line per shape; delete it to time again.
 #pragma once

@@ -56,10 +56,12 @@ int TuneCache::pick(const std::string& key, int candidates, int fallback, bool m
 }
 
 namespace {
+// One file per release: another release's kernels may rank otherwise.
 std::string default_cache_path() {
+  const std::string file = "/moefuse/tune-" MOEFUSE_VERSION ".txt";
   if (const char* p = std::getenv("MOEFUSE_TUNE_CACHE")) return p;
-  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::string(x) + "/moefuse/tune.txt";
-  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.cache/moefuse/tune.txt";
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return x + file;
+  if (const char* h = std::getenv("HOME"); h && *h) return h + std::string("/.cache") + file;
   return "";
 }
 }  // namespace
