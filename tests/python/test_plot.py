@@ -17,13 +17,14 @@ MODEL = [dict(impl=i, mode="attn", layers=2, compiled=c, step_ms=1.0, tokens_per
                          ("moefuse", "layers", 3500.0))]  # fmt: skip
 
 
-def plot(tmp_path, *rows_per_file):
+def plot(tmp_path, *rows_per_file, args=()):
     files = []
     for n, rows in enumerate(rows_per_file):
         files.append(tmp_path / f"{n}.json")
         files[-1].write_text(json.dumps(rows))
     out = tmp_path / "bench.png"
-    r = subprocess.run([sys.executable, str(PLOT), *map(str, files), "-o", str(out)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(PLOT), *map(str, files), "-o", str(out), *args], capture_output=True,
+                       text=True)  # fmt: skip
     return r, out
 
 
@@ -34,8 +35,16 @@ def test_draws_layer_and_model_panels(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_skipped_implementations_are_left_out(tmp_path):
+    pytest.importorskip("matplotlib")
+    r, out = plot(tmp_path, LAYER, MODEL, args=["--skip", "hf_grouped_mm,grouped_mm"])
+    assert r.returncode == 0, r.stderr
+    r, out = plot(tmp_path, MODEL, args=["--skip", "moefuse,grouped_mm"])  # nothing left
+    assert r.returncode != 0 and "no rows to draw" in r.stderr
+
+
 @pytest.mark.parametrize("rows, message", [([dict(a=1)], "not a bench_layer.py or bench_model.py row"),
-                                           ([dict(error="x")], "no successful rows")])  # fmt: skip
+                                           ([dict(error="x")], "no rows to draw")])  # fmt: skip
 def test_bad_input_exits_with_a_message(tmp_path, rows, message):
     r, out = plot(tmp_path, rows)
     assert r.returncode != 0 and message in r.stderr and not out.exists()
