@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch.utils._pytree import tree_map
+from tqdm import tqdm
 
 from . import _C
 from ._ops import MoefuseError, _call, _on, _stream
@@ -116,42 +117,48 @@ def packed(weight: torch.Tensor, in_features: int) -> torch.Tensor:
 _NAMES = ("gate_up_proj", "down_proj")
 
 
-def quantize_experts(model: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:
+def _bar(items: list, desc: str, progress: bool):
+    """`items` with a progress bar on a terminal when `progress` (a 235B model has 94 expert layers)."""
+    return tqdm(items, desc=desc, unit="layer", disable=None if progress else True)
+
+
+def quantize_experts(model: torch.nn.Module, device: torch.device | str | None = None,
+                     progress: bool = True) -> torch.nn.Module:  # fmt: skip
     """Packs the expert weights (gate_up_proj, down_proj) of every Transformers experts module and MoeBlock in
     `model` into 4 bits, frozen, in place; returns `model`. `device` (default: each weight's own) is where the
     packed bytes go: a model loaded on the CPU can be quantized onto the GPU weight by weight, so its bf16 experts
     never need to fit there (model.to(device) then moves the rest). Quantize before adding adapters (QLoRA's
-    order): PEFT's wrappers read the weights' shapes, which stay the same."""
+    order): PEFT's wrappers read the weights' shapes, which stay the same. `progress`: a bar over the layers when
+    stderr is a terminal."""
     if any(type(m).__name__ == "ParamWrapper" for m in model.modules()):  # PEFT's target_parameters wrapper
         raise MoefuseError("moefuse.quantize_experts: the experts already carry PEFT adapters; quantize the model "
                            "first, then add LoRA (QLoRA's order)")  # fmt: skip
-    done: dict[int, torch.nn.Parameter] = {}  # a MoeBlock from_hf shares its parameters with the HF block
-    found = False
-    for module in model.modules():
-        params = [module._parameters.get(n) for n in _NAMES]
-        if any(p is None or p.dim() != 3 for p in params):
-            continue
+    found = [m for m in model.modules() if all(getattr(m._parameters.get(n), "ndim", 0) == 3 for n in _NAMES)]
+    if not found:
+        raise MoefuseError(f"moefuse.quantize_experts: {type(model).__name__} has no experts module with 3-D "
+                           "gate_up_proj and down_proj parameters")  # fmt: skip
+    for module in found:
         if hasattr(module, "is_transposed"):  # a Transformers experts module: only the layout moefuse runs
             from .hf import check_layout
 
             check_layout(module)
-        for name, p in zip(_NAMES, params):
+    done: dict[int, torch.nn.Parameter] = {}  # a MoeBlock from_hf shares its parameters with the HF block
+    for module in _bar(found, "moefuse: quantizing experts", progress):
+        for name in _NAMES:
+            p = module._parameters[name]
             if id(p) not in done:
                 done[id(p)] = torch.nn.Parameter(quantize(p, device), requires_grad=False)
             setattr(module, name, done[id(p)])
-        found = True
-    if not found:
-        raise MoefuseError(f"moefuse.quantize_experts: {type(model).__name__} has no experts module with 3-D "
-                           "gate_up_proj and down_proj parameters")  # fmt: skip
     return model
 
 
-def dequantize_experts(model: torch.nn.Module) -> torch.nn.Module:
+def dequantize_experts(model: torch.nn.Module, progress: bool = True) -> torch.nn.Module:
     """Turns every 4-bit expert weight in `model` back into a plain frozen parameter of its dtype, in place, wherever
     it sits (PEFT's wrappers included); returns `model`. For what needs the weights themselves: PEFT's
-    merge_and_unload after QLoRA, or saving the whole model."""
+    merge_and_unload after QLoRA, or saving the whole model. `progress` as in quantize_experts."""
+    found = [m for m in model.modules() if any(isinstance(p, Nf4Weight) for p in m._parameters.values())]
     done: dict[int, torch.nn.Parameter] = {}
-    for module in model.modules():
+    for module in _bar(found, "moefuse: dequantizing experts", progress):
         for name, p in list(module._parameters.items()):
             if isinstance(p, Nf4Weight):
                 if id(p) not in done:

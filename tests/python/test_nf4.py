@@ -3,6 +3,8 @@ dequantized weights as plain parameters, which must agree exactly (the ops dequa
 through PEFT and through MoeBlock; torch.compile; what Nf4Weight does as a tensor; bad input."""
 
 import copy
+import io
+import sys
 
 import pytest
 import torch
@@ -215,3 +217,15 @@ def test_bad_input_is_refused_clearly():
     w70, ids = quantize(torch.randn(E, 12, 70)), torch.zeros(3, 1, dtype=torch.int32)
     with pytest.raises(moefuse.MoefuseError, match="takes inputs 70 wide, got 71"):
         moefuse.moe_fused_linear(torch.randn(3, 71), w70, moefuse.routing_plan(ids, E), 1, gather=True)
+
+
+def test_quantizing_shows_progress_on_a_terminal(monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    model = moefuse.quantize_experts(tiny_model("moefuse"))
+    assert "moefuse: quantizing experts: 100%" in sys.stderr.getvalue()
+    moefuse.dequantize_experts(model, progress=False)
+    assert "dequantizing" not in sys.stderr.getvalue()
