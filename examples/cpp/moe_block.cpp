@@ -1,7 +1,8 @@
 // Using moefuse from C++ without Python: one Qwen3-MoE block with stacked LoRA adapters on both expert projections,
-// forward and backward with the experts frozen (LoRA fine-tuning), on the CPU. On a GPU the same calls take views with
-// Device::cuda() and a cudaStream_t.
+// forward and backward with the experts frozen (LoRA fine-tuning), then its forward with the experts in 4 bits
+// (QLoRA), on the CPU. On a GPU the same calls take views with Device::cuda() and a cudaStream_t.
 //   build/<dir>/examples/cpp/moe_block_example
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -76,6 +77,29 @@ int main() {
                 s.topk_weights.ptr<float>()[1], s.topk_weights.ptr<float>()[2]);
     std::printf("out[0, 0] = %.5f, grad_x[0, 0] = %.5f, grad of gate_up's a[0, 0, 0] = %.5f\n", out_[0], grad_x_[0],
                 grad_gu_a_[0]);
+
+    // QLoRA: the frozen expert weights packed into 4 bits (NF4), [E, out, nf4_row_bytes(in)] u8, in place of the
+    // float ones; the ops dequantize them into their workspace, so only the workspace query changes.
+    std::vector<std::uint8_t> gu4_(static_cast<std::size_t>(E * 2 * I * nf4_row_bytes(H))),
+        dn4_(static_cast<std::size_t>(E * H * nf4_row_bytes(I)));
+    MoeWeights w4 = w;
+    w4.gate_up = view(gu4_.data(), DType::u8, Device::cpu(), {E, 2 * I, nf4_row_bytes(H)});
+    w4.down = view(dn4_.data(), DType::u8, Device::cpu(), {E, H, nf4_row_bytes(I)});
+    nf4_quantize(w.gate_up, w4.gate_up);
+    nf4_quantize(w.down, w4.down);
+    std::vector<float> out4_;
+    const TensorView out4 = tensor(out4_, {T, H}, 0.f);
+    const std::size_t fws4_bytes = moe_forward_workspace_bytes(cfg, x, w4);
+    Buffer fws4(fws4_bytes);
+    moe_forward(cfg, x, w4, out4, logits, saved_v, bytes(fws4, fws4_bytes));
+    double err = 0, norm = 0;
+    for (std::size_t i = 0; i < out_.size(); ++i) {
+      err += (out4_[i] - out_[i]) * (out4_[i] - out_[i]);
+      norm += out_[i] * out_[i];
+    }
+    std::printf("4-bit experts: %zu bytes of expert weights instead of %zu, the output off by %.1f %% (relative L2)\n",
+                gu4_.size() + dn4_.size(), (gate_up_.size() + down_.size()) * sizeof(float),
+                100 * std::sqrt(err / norm));
 
     // Bad arguments throw moefuse::Error naming the argument.
     moe_forward(cfg, view(x_.data(), DType::f32, Device::cpu(), {T, H - 1}), w, out, logits, saved_v, {});
