@@ -3,6 +3,7 @@
 // Skips when no GPU is present.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -467,6 +468,166 @@ TEST(CudaLinear, SwigluBackwardMatchesCpu) {
         EXPECT_MATCH(gh, d);
         EXPECT_CLOSE(gcw.gpu.values(), gcw.cpu.values(), gpu_tol(d));
       }
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Sizes past int32: a projection whose row buffers hold more than 2^31 elements, so offsets into them need 64-bit
+// arithmetic. Such buffers are too big to mirror on the host: the inputs repeat a random block of rows with an odd
+// period (an offset wrapped by 2^32 elements, 2^20 rows here, would read another row), and rows at both ends of the
+// sorted order and at element 2^31 are compared with a float64 reference, with the weight gradient of the one
+// expert whose rows all lie past element 2^31.
+
+// A device buffer [rows, cols], poisoned (0xFF bytes).
+struct Big {
+  DType dtype;
+  std::int64_t rows, cols;
+  std::shared_ptr<void> ptr;
+  Big(DType d, std::int64_t r, std::int64_t c) : dtype(d), rows(r), cols(c) {
+    void* p = nullptr;
+    if (cudaMalloc(&p, std::max<std::size_t>(bytes(r), 1)) != cudaSuccess)
+      throw std::runtime_error("cudaMalloc failed");
+    ptr = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+    cudaMemset(p, 0xFF, bytes(r));
+  }
+  std::size_t bytes(std::int64_t r) const { return static_cast<std::size_t>(r * cols) * moefuse::dtype_size(dtype); }
+  char* at(std::int64_t r) const { return static_cast<char*>(ptr.get()) + bytes(r); }
+  TensorView view() const { return moefuse::view(ptr.get(), dtype, Device::cuda(0), {rows, cols}); }
+  TensorView flat() const { return moefuse::view(ptr.get(), dtype, Device::cuda(0), {rows * cols}); }
+  Vec get(std::int64_t r0, std::int64_t r1) const {  // rows [r0, r1)
+    Tensor t(dtype, {r1 - r0, cols});
+    if (cudaMemcpy(t.data(), at(r0), bytes(r1 - r0), cudaMemcpyDeviceToHost) != cudaSuccess)
+      throw std::runtime_error("download failed");
+    return t.values();
+  }
+  // Row i becomes row i % P of `block` [P, cols]: copies of whole periods, doubling.
+  void repeat(const Tensor& block, std::int64_t period) {
+    std::int64_t n = std::min(period, rows);
+    cudaMemcpy(at(0), block.data(), bytes(n), cudaMemcpyHostToDevice);
+    for (; n < rows; n *= 2) cudaMemcpy(at(n), at(0), bytes(std::min(n, rows - n)), cudaMemcpyDeviceToDevice);
+  }
+};
+
+TEST(CudaLinear, RowsPastInt32ElementsMatchReference) {
+  REQUIRE_GPU();
+  // Every token but the last `tail` picks experts 0-7, those pick 1-8: expert 8's rows come last in sorted order.
+  constexpr std::int64_t T = 65600, tail = 100, in = 64, out = 4096, P = 1021, M = T * 8;
+  constexpr int k = 8, E = 9;
+  constexpr std::int64_t edge = (std::int64_t{1} << 31) / out;  // the row holding element 2^31
+  static_assert((M - tail) * out > (std::int64_t{1} << 31), "expert 8's rows must lie past element 2^31");
+  Ints ids(static_cast<std::size_t>(M));
+  for (std::int64_t t = 0; t < T; ++t)
+    for (int j = 0; j < k; ++j) ids[t * k + j] = j + (t >= T - tail);
+  BothPlan plan(ids, T, k, E);
+  const Ints offsets = plan.cpu.offsets.ints(), sorted = plan.cpu.sorted_pairs.ints(),
+             positions = plan.cpu.pair_positions.ints();
+  ASSERT_EQ(offsets[E - 1], M - tail);
+  ASSERT_EQ(plan.offsets.ints(), offsets);
+  ASSERT_EQ(plan.sorted.ints(), sorted);
+  std::vector<std::int64_t> rows = {0, 1, 2, 3, edge - 2, edge - 1, edge, edge + 1}, tokens = {0, 1, 2, 3};
+  for (std::int64_t i = M - tail; i < M; ++i) rows.push_back(i);
+  for (std::int64_t i = edge - 2; i < edge + 2; ++i) tokens.push_back(sorted[i] / k);
+  for (std::int64_t t = T - tail; t < T; ++t) tokens.push_back(t);
+  const auto expert_of = [&](std::int64_t i) {
+    return static_cast<int>(std::upper_bound(offsets.begin(), offsets.end(), i) - offsets.begin() - 1);
+  };
+
+  for (DType d : {DType::bf16, DType::f32}) {
+    mt::Rng rng(dname(d));
+    Vec wv = rng.normals(static_cast<std::size_t>(E * out * in), 1.0 / std::sqrt(static_cast<double>(in)));
+    Vec xb = rng.normals(static_cast<std::size_t>(P * in)), gb = rng.normals(static_cast<std::size_t>(P * out));
+    Vec cwv(static_cast<std::size_t>(M));
+    for (auto& e : cwv) e = rng.uniform(0.1, 1.0);
+    const Dev w(mt::make(d, {E, out, in}, wv)), cw(mt::make(DType::f32, {T, k}, cwv));
+    const Tensor xblock = mt::make(d, {P, in}, xb), gblock = mt::make(d, {P, out}, gb);
+    const auto proj = [&](int e, const double* v) {  // W[e] . v
+      Vec y(out, 0.0);
+      for (std::int64_t c = 0; c < out; ++c)
+        for (std::int64_t q = 0; q < in; ++q) y[c] += wv[(e * out + c) * in + q] * v[q];
+      return y;
+    };
+    const auto proj_t = [&](int e, const Vec& g, Vec& y) {  // y += W[e]^T . g
+      for (std::int64_t c = 0; c < out; ++c)
+        for (std::int64_t q = 0; q < in; ++q) y[q] += wv[(e * out + c) * in + q] * g[c];
+    };
+    for (bool gather : {false, true})
+      for (bool combine : {false, true}) {
+        SCOPED_TRACE(dname(d) + (gather ? " gather" : "") + (combine ? " combine" : ""));
+        // Sorted row i reads x row i, or its token's row when gathering; its gradient is grad_out's row i, or its
+        // token's row times the routing weight when combining.
+        const auto input = [&](std::int64_t i) { return &xb[((gather ? sorted[i] / k : i) % P) * in]; };
+        const auto grad_row = [&](std::int64_t i) {
+          const std::int64_t r = combine ? sorted[i] / k : i;
+          const double s = combine ? cwv[sorted[i]] : 1.0;
+          Vec g(gb.begin() + (r % P) * out, gb.begin() + (r % P + 1) * out);
+          for (double& e : g) e *= s;
+          return g;
+        };
+        Big x(d, gather ? T : M, in), y(d, combine ? T : M, out), gy(d, combine ? T : M, out);
+        Big gx(d, gather ? T : M, in), gcw(DType::f32, T, k);
+        x.repeat(xblock, P);
+        gy.repeat(gblock, P);
+        const TensorView cwg = combine ? cw.view() : TensorView{};
+        const auto bytes = [](std::size_t n) { return static_cast<std::int64_t>(n); };
+        Big ws(DType::u8, 1, bytes(moefuse::moe_linear_workspace_bytes(plan.gpu(), x.view(), w.view(), gather, cwg)));
+        moefuse::moe_linear_forward(plan.gpu(), x.view(), w.view(), gather, cwg, y.view(), ws.flat());
+        Dev gw(Tensor(d, {E, out, in}));  // poisoned
+        Big bws(DType::u8, 1,
+                bytes(moefuse::moe_linear_backward_workspace_bytes(plan.gpu(), x.view(), w.view(), gather, cwg)));
+        moefuse::moe_linear_backward(plan.gpu(), x.view(), w.view(), gather, cwg, gy.view(), gx.view(), gw.view(),
+                                     combine ? gcw.view() : TensorView{}, bws.flat());
+        CUDA_OK(cudaDeviceSynchronize());
+
+        Vec got, want;  // forward rows (or tokens), then gx rows (or tokens)
+        const auto add = [&](const Vec& g, const Vec& r) {
+          got.insert(got.end(), g.begin(), g.end());
+          want.insert(want.end(), r.begin(), r.end());
+        };
+        Vec got_cw, want_cw;
+        for (std::int64_t t : combine ? tokens : rows) {  // forward: sorted rows, or tokens' combined rows
+          Vec ref(out, 0.0);
+          if (!combine) {
+            ref = proj(expert_of(t), input(t));
+          } else {
+            for (int j = 0; j < k; ++j) {
+              const std::int64_t i = positions[t * k + j];
+              const Vec r = proj(ids[t * k + j], input(i));
+              double dot = 0;
+              for (std::int64_t c = 0; c < out; ++c) {
+                ref[c] += cwv[t * k + j] * r[c];
+                dot += gb[(t % P) * out + c] * r[c];
+              }
+              want_cw.push_back(dot);
+            }
+            const Vec g = gcw.get(t, t + 1);
+            got_cw.insert(got_cw.end(), g.begin(), g.end());
+          }
+          add(y.get(t, t + 1), ref);
+        }
+        for (std::int64_t t : gather ? tokens : rows) {  // dX: sorted rows, or tokens summing their k rows
+          Vec ref(in, 0.0);
+          if (!gather)
+            proj_t(expert_of(t), grad_row(t), ref);
+          else
+            for (int j = 0; j < k; ++j) proj_t(ids[t * k + j], grad_row(positions[t * k + j]), ref);
+          add(gx.get(t, t + 1), ref);
+        }
+        EXPECT_CLOSE(got, want, gpu_tol(d));
+        if (combine) {
+          EXPECT_CLOSE(got_cw, want_cw, gpu_tol(d));
+        }
+        // dW: every expert written; expert 8's rows, all past element 2^31 of the rows, against the reference.
+        const Vec gwv = gw.values();
+        for (double e : gwv) ASSERT_FALSE(std::isnan(e)) << "an unwritten weight gradient";
+        Vec ref(static_cast<std::size_t>(out * in), 0.0);
+        for (std::int64_t i = M - tail; i < M; ++i) {
+          const Vec g = grad_row(i);
+          const double* v = input(i);
+          for (std::int64_t c = 0; c < out; ++c)
+            for (std::int64_t q = 0; q < in; ++q) ref[c * in + q] += g[c] * v[q];
+        }
+        EXPECT_CLOSE(Vec(gwv.end() - out * in, gwv.end()), ref, gpu_tol(d));
+      }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
