@@ -57,7 +57,8 @@ def _check_stacked(lora: StackedLora, what: str) -> tuple[int, int, int, int]:
     """Returns (E, r, out, in) of a stacked adapter, or raises ValueError naming `what`."""
     a, b = lora
     if a.dim() != 3 or b.dim() != 3:
-        raise ValueError(f"{what}: a must be [E, r, in] and b [E, out, r], got a {tuple(a.shape)} and b {tuple(b.shape)}")
+        raise ValueError(f"{what}: a must be [E, r, in] and b [E, out, r], got a {tuple(a.shape)} and b "
+                         f"{tuple(b.shape)}")  # fmt: skip
     e, r, n_in = a.shape
     if b.shape[0] != e:
         raise ValueError(f"{what}: a has {e} experts but b has {b.shape[0]} (a {tuple(a.shape)}, b {tuple(b.shape)})")
@@ -92,7 +93,8 @@ def stacked_lora_to_per_expert(gate_up: Optional[StackedLora] = None, down: Opti
     if gate_up is not None:
         e, _, rows, _ = _check_stacked(gate_up, "gate_up")
         if rows % 2:
-            raise ValueError(f"gate_up: b must have 2*I rows (gate then up), got an odd count: {tuple(gate_up.b.shape)}")
+            raise ValueError(f"gate_up: b must have 2*I rows (gate then up), got an odd count: "
+                             f"{tuple(gate_up.b.shape)}")  # fmt: skip
         gate_b, up_b = gate_up.b.split(rows // 2, dim=1)
         for i in range(e):
             for proj, b in (("gate_proj", gate_b), ("up_proj", up_b)):
@@ -120,8 +122,9 @@ def _stack_experts(state: Mapping[str, torch.Tensor], num_experts: int, prefix: 
     return StackedLora(torch.stack(a), torch.stack(b))
 
 
-def per_expert_lora_to_stacked(state: Mapping[str, torch.Tensor], num_experts: int,
-                               prefix: str = "experts.") -> tuple[Optional[StackedLora], Optional[StackedLora]]:  # fmt: skip
+def per_expert_lora_to_stacked(
+    state: Mapping[str, torch.Tensor], num_experts: int, prefix: str = "experts."
+) -> tuple[Optional[StackedLora], Optional[StackedLora]]:
     """(gate_up, down) stacked adapters from per-expert LoRA weights; either is None when its keys are absent.
 
     gate_up has the rank of gate_proj's adapter when every expert's gate_proj and up_proj adapters share lora_A
@@ -136,7 +139,7 @@ def per_expert_lora_to_stacked(state: Mapping[str, torch.Tensor], num_experts: i
 
     gate_up = None
     if present("gate_proj") or present("up_proj"):
-        gate, up = _stack_experts(state, num_experts, prefix, "gate_proj"), _stack_experts(state, num_experts, prefix, "up_proj")
+        gate, up = (_stack_experts(state, num_experts, prefix, proj) for proj in ("gate_proj", "up_proj"))
         if gate.a.shape[2] != up.a.shape[2]:
             raise ValueError(f"gate_proj and up_proj adapters must read the same input width, got lora_A "
                              f"{tuple(gate.a.shape[1:])} and {tuple(up.a.shape[1:])}")  # fmt: skip
@@ -170,9 +173,9 @@ def detect_peft_layout(lora_a: torch.Tensor, lora_b: torch.Tensor, param_shape: 
         raise ValueError(f"PEFT lora_A.weight {tuple(lora_a.shape)} / lora_B.weight {tuple(lora_b.shape)} fit neither "
                          f"layout of a parameter {tuple(param_shape)}")  # fmt: skip
     if len(fits) == 2:
-        raise ValueError(f"ambiguous PEFT layout: the parameter {tuple(param_shape)} has d1 == d2, so the shapes cannot "
-                         f"tell PEFT >= 0.19 ('{SWAPPED}') from <= 0.18 ('{POSITIONAL}'); pass layout= explicitly, or "
-                         "convert from the live ParamWrapper (stacked_from_param_wrapper)")  # fmt: skip
+        raise ValueError(f"ambiguous PEFT layout: the parameter {tuple(param_shape)} has d1 == d2, so the shapes "
+                         f"cannot tell PEFT >= 0.19 ('{SWAPPED}') from <= 0.18 ('{POSITIONAL}'); pass layout= "
+                         "explicitly, or convert from the live ParamWrapper (stacked_from_param_wrapper)")  # fmt: skip
     return fits[0]
 
 
@@ -278,7 +281,8 @@ def per_expert_to_fused(state: Mapping[str, torch.Tensor], num_experts: int,
         ws = [_take(state, _expert_key(prefix, i, proj, "weight")) for i in range(num_experts)]
         for i, w in enumerate(ws):
             if w.shape != ws[0].shape:
-                raise ValueError(f"{proj}.weight of expert {i} is {tuple(w.shape)} but expert 0's is {tuple(ws[0].shape)}")
+                raise ValueError(f"{proj}.weight of expert {i} is {tuple(w.shape)} but expert 0's is "
+                                 f"{tuple(ws[0].shape)}")  # fmt: skip
         return torch.stack(ws)
 
     gate_up, down = torch.cat([stack("gate_proj"), stack("up_proj")], dim=1), stack("down_proj")
@@ -292,6 +296,6 @@ def _check_fused(gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> tuple[i
                          f"and {tuple(down_proj.shape)}")  # fmt: skip
     e, i2, h = gate_up_proj.shape
     if tuple(down_proj.shape) != (e, h, i2 // 2):
-        raise ValueError(f"down_proj must be [E, H, I] = {(e, h, i2 // 2)} for gate_up_proj {tuple(gate_up_proj.shape)}, "
-                         f"got {tuple(down_proj.shape)}")  # fmt: skip
+        raise ValueError(f"down_proj must be [E, H, I] = {(e, h, i2 // 2)} for gate_up_proj "
+                         f"{tuple(gate_up_proj.shape)}, got {tuple(down_proj.shape)}")  # fmt: skip
     return e, i2, h
