@@ -130,7 +130,10 @@ def run_dense(T, shape, dtype, device, frozen, timer):
     A, W1, B, W2 = r(T * k, H), r(H, 2 * I), r(T * k, I), r(I, H)
     G1, G2 = r(T * k, 2 * I), r(T * k, H)
     fwd = timer(lambda: (A @ W1, B @ W2))
-    bwd = (lambda: (G1 @ W1.t(), G2 @ W2.t())) if frozen else (lambda: (G1 @ W1.t(), A.t() @ G1, G2 @ W2.t(), B.t() @ G2))
+    if frozen:
+        bwd = lambda: (G1 @ W1.t(), G2 @ W2.t())
+    else:
+        bwd = lambda: (G1 @ W1.t(), A.t() @ G1, G2 @ W2.t(), B.t() @ G2)
     return dict(fwd_ms=fwd, fwdbwd_ms=fwd + timer(bwd))
 
 

@@ -36,7 +36,8 @@ def parse():
     p.add_argument("--profile", action="store_true",
                    help="print the step's top kernels (torch.profiler) and the GPU's idle gaps per run; "
                         "MOEFUSE_TRACE_DIR=dir also writes a Chrome trace per step")
-    p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: checks the script, times nothing real")
+    p.add_argument("--smoke", action="store_true",
+                   help="a tiny model on the CPU: checks the script, times nothing real")
     return p.parse_args()
 
 
