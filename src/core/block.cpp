@@ -6,7 +6,6 @@
 #include <utility>
 
 #include "core/dispatch.h"
-#include "core/nf4.h"
 #include "core/workspace.h"
 #include "moefuse/moefuse.h"
 
@@ -14,8 +13,10 @@ namespace moefuse {
 
 using detail::Carver;
 using detail::expect;
+using detail::expect_nf4;
 using detail::expect_same_device;
 using detail::expect_same_dtype;
+using detail::is_nf4;
 using detail::kFloatTypes;
 
 namespace {
@@ -126,15 +127,11 @@ void copy_staged(const char* op, std::initializer_list<std::pair<TensorView, Ten
       BACKEND(op, from.device, copy_strided, from, to, stream);
 }
 
-// A 4-bit expert weight (ops.h, nf4_quantize) is u8; the projection ops take it as it is.
-bool nf4(const TensorView& w) { return w.dtype == DType::u8; }
-
 // An expert weight of logical shape [E, out, in]: in x's dtype, or 4-bit, packed [E, out, nf4_row_bytes(in)].
 void check_expert_weight(const char* op, const char* name, const TensorView& w, std::array<std::int64_t, 3> shape,
                          const TensorView& x, bool data) {
-  if (w.defined() && nf4(w)) {
-    expect(op, name, w, {shape[0], shape[1], detail::nf4_bytes_per_row(shape[2])}, {DType::u8}, data);
-    if (data) detail::expect_nf4_aligned(op, name, w);
+  if (is_nf4(w)) {  // the projection ops take it as it is
+    expect_nf4(op, name, w, shape[0], shape[1], shape[2], data);
   } else {
     expect(op, name, w, {shape[0], shape[1], shape[2]}, kFloatTypes, data);
     expect_same_dtype(op, name, w, x.dtype);
@@ -173,9 +170,9 @@ void check_grads(const char* op, const MoeConfig& c, const TensorView& x, const 
   expect_like_x(op, "grads.router", g.router, {c.experts, c.hidden}, x);
   expect_like_x(op, "grads.gate_up", g.gate_up, {c.experts, 2 * c.intermediate, c.hidden}, x);
   expect_like_x(op, "grads.down", g.down, {c.experts, c.hidden, c.intermediate}, x);
-  MOEFUSE_CHECK(!(g.gate_up.defined() && nf4(w.gate_up)), op,
+  MOEFUSE_CHECK(!(g.gate_up.defined() && is_nf4(w.gate_up)), op,
                 "grads.gate_up given, but gate_up is 4-bit (NF4), which is frozen: train a LoRA adapter on it");
-  MOEFUSE_CHECK(!(g.down.defined() && nf4(w.down)), op,
+  MOEFUSE_CHECK(!(g.down.defined() && is_nf4(w.down)), op,
                 "grads.down given, but down is 4-bit (NF4), which is frozen: train a LoRA adapter on it");
   MOEFUSE_CHECK(!(g.gate_up.defined() && w.gate_up_lora.defined()), op,
                 "grads.gate_up given, but gate_up has a LoRA adapter, which freezes it: ask for grads.gate_up_lora");

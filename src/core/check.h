@@ -43,8 +43,12 @@ inline void expect_workspace(const char* op, const TensorView& workspace, std::s
   expect_buffer(op, "workspace", workspace, needed, device);
 }
 
-// A 4-bit weight (ops.h, nf4_quantize) at a 16-byte aligned address: its rows' f32 maxima are read in place.
-void expect_nf4_aligned(const char* op, const char* name, const TensorView& packed);
+// A 4-bit expert weight (ops.h, nf4_quantize) is u8.
+inline bool is_nf4(const TensorView& w) { return w.defined() && w.dtype == DType::u8; }
+// A 4-bit weight of logical shape [experts, out, in] (-1: any size): u8 [experts, out, nf4_row_bytes(in)] and, when
+// `need_data`, at a 16-byte aligned address (its rows' f32 maxima are read in place).
+void expect_nf4(const char* op, const char* name, const TensorView& packed, std::int64_t experts, std::int64_t out,
+                std::int64_t in, bool need_data = true);
 
 constexpr std::initializer_list<DType> kFloatTypes = {DType::f32, DType::bf16, DType::f16};
 

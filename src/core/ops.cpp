@@ -10,10 +10,12 @@
 namespace moefuse {
 
 using detail::expect;
+using detail::expect_nf4;
 using detail::expect_optional;
 using detail::expect_same_dtype;
 using detail::expect_same_device;
 using detail::expect_workspace;
+using detail::is_nf4;
 using detail::kFloatTypes;
 
 namespace {
@@ -51,39 +53,31 @@ void check_features(const char* op, const TensorView& weight) {
                 "weight must have at least one output and one input feature, got ", describe(weight));
 }
 
-bool nf4(const TensorView& w) { return w.defined() && w.dtype == DType::u8; }
-
 // An expert weight may be 4-bit (core/nf4.h): u8 [E, out, nf4_row_bytes(in)], `in` being the width of the op's input
 // `x` (2-D, checked here first), or half of it. Checks the packed view and returns the weight's
 // logical view [E, out, in] in x's dtype, on which the other checks and the workspace queries run. That view points at
 // the packed bytes: no kernel reads it (dense_weight makes the float copy that kernels read).
 TensorView logical_weight(const char* op, const Plan& plan, const TensorView& weight, const char* x_name,
                           const TensorView& x, bool half_of_x, bool data) {
-  if (!nf4(weight)) return weight;
+  if (!is_nf4(weight)) return weight;
   expect(op, x_name, x, {-1, -1}, kFloatTypes, data);
   const std::int64_t in = half_of_x ? x.shape[1] / 2 : x.shape[1];
   MOEFUSE_CHECK(in >= 1, op, "weight is 4-bit, so ", x_name, " must have input columns, got ", describe(x));
-  expect(op, "weight", weight, {plan.experts, -1, detail::nf4_bytes_per_row(in)}, {DType::u8}, data);
-  if (data) detail::expect_nf4_aligned(op, "weight", weight);
+  expect_nf4(op, "weight", weight, plan.experts, -1, in, data);
   return view(weight.data, x.dtype, weight.device, {weight.shape[0], weight.shape[1], in});
 }
 
 // A 4-bit weight's float copy, which the op's workspace holds in front of what the float path needs (nothing for a
 // float weight); sized and laid out by the same carve.
 TensorView take_dense(detail::Carver& c, const TensorView& given, const TensorView& logical) {
-  return nf4(given) ? c.take(logical.dtype, {logical.shape[0], logical.shape[1], logical.shape[2]}) : TensorView{};
-}
-std::size_t dense_bytes(const TensorView& given, const TensorView& logical) {
-  detail::Carver c(logical.device);
-  take_dense(c, given, logical);
-  return c.bytes();
+  return is_nf4(given) ? c.take(logical.dtype, {logical.shape[0], logical.shape[1], logical.shape[2]}) : TensorView{};
 }
 
 // The weight as the kernels read it: a float weight as given; a 4-bit one dequantized into the head of the workspace
 // (experts without rows skipped), `workspace` becoming the rest of it. The op then runs its float path unchanged.
 TensorView dense_weight(const char* op, const Plan& plan, const TensorView& given, const TensorView& logical,
                         TensorView& workspace, void* stream) {
-  if (!nf4(given)) return given;
+  if (!is_nf4(given)) return given;
   detail::Carver c(workspace);
   const TensorView dense = take_dense(c, given, logical);
   workspace = c.take_bytes(workspace.nbytes() - c.bytes());
@@ -203,7 +197,7 @@ void check_linear_backward(const char* op, const Plan& plan, const TensorView& x
 
 // A 4-bit weight has no gradient: it stays frozen, an adapter trains instead.
 void check_frozen(const char* op, const TensorView& weight, const TensorView& grad_weight) {
-  MOEFUSE_CHECK(!(nf4(weight) && grad_weight.defined()), op,
+  MOEFUSE_CHECK(!(is_nf4(weight) && grad_weight.defined()), op,
                 "weight is 4-bit, which stays frozen: grad_weight cannot be asked for (train a LoRA adapter)");
 }
 
@@ -261,13 +255,22 @@ std::size_t linear_bytes(const char* op, const Plan& plan, const TensorView& x, 
                         : base;
 }
 
-// Both workspace queries: a 4-bit weight's float copy in front of the float path's room.
+// A 4-bit weight's float copy in front of the float path's room; w is the checked logical weight.
+std::size_t linear_room(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight,
+                        const TensorView& w, const Lora& lora, bool gather, const TensorView& combine_weights,
+                        bool backward) {
+  detail::Carver c(plan.counts.device);
+  take_dense(c, weight, w);
+  return c.bytes() + linear_bytes(op, plan, x, w, lora, gather, combine_weights, backward);
+}
+
+// Both workspace queries.
 std::size_t linear_query(const char* op, const Plan& plan, const TensorView& x, const TensorView& weight,
                          const Lora& lora, bool gather, const TensorView& combine_weights, bool backward) {
   const TensorView w = logical_weight(op, plan, weight, "x", x, false, false);
   check_linear(op, plan, x, w, gather, combine_weights, false);
   if (lora.defined()) check_lora(op, lora, w, plan, false);
-  return dense_bytes(weight, w) + linear_bytes(op, plan, x, w, lora, gather, combine_weights, backward);
+  return linear_room(op, plan, x, weight, w, lora, gather, combine_weights, backward);
 }
 
 // Both forwards. A backend's fused form takes an adapter in its own kernels where it has one; else the base
@@ -279,8 +282,7 @@ void linear_forward(const Plan& plan, const TensorView& x, const TensorView& wei
   check_linear_forward(op, plan, x, w, gather, combine_weights, out);
   if (lora.defined()) check_lora(op, lora, w, plan);
   const Device d = plan.counts.device;
-  expect_workspace(op, workspace,
-                   dense_bytes(weight, w) + linear_bytes(op, plan, x, w, lora, gather, combine_weights, false), d);
+  expect_workspace(op, workspace, linear_room(op, plan, x, weight, w, lora, gather, combine_weights, false), d);
   const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
   if (lora.defined() && BACKEND(op, d, moe_linear_forward_fused, plan, x, dense, lora, gather, combine_weights, out,
                                 workspace, stream))
@@ -302,8 +304,7 @@ void linear_backward(const Plan& plan, const TensorView& x, const TensorView& we
   if (lora.defined()) check_lora(op, lora, w, plan);
   check_lora_grads(op, lora, w, grad_lora);
   const Device d = plan.counts.device;
-  expect_workspace(op, workspace,
-                   dense_bytes(weight, w) + linear_bytes(op, plan, x, w, lora, gather, combine_weights, true), d);
+  expect_workspace(op, workspace, linear_room(op, plan, x, weight, w, lora, gather, combine_weights, true), d);
   const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
   if (lora.defined() && BACKEND(op, d, moe_linear_backward_fused, plan, x, dense, lora, gather, combine_weights,
                                 grad_out, grad_x, grad_lora, grad_combine_weights, workspace, stream))
@@ -392,8 +393,7 @@ void moe_linear_swiglu_forward(const Plan& plan, TensorView x, TensorView weight
   expect_same_dtype(op, "h", h, w.dtype);
   expect_same_device(op, "h", h, d);
   if (lora.defined()) check_lora(op, lora, w, plan);
-  expect_workspace(op, workspace,
-                   dense_bytes(weight, w) + linear_bytes(op, plan, x, w, lora, true, TensorView{}, false), d);
+  expect_workspace(op, workspace, linear_room(op, plan, x, weight, w, lora, true, TensorView{}, false), d);
   const TensorView dense = dense_weight(op, plan, weight, w, workspace, stream);
   BACKEND(op, d, moe_linear_swiglu_forward, plan, x, dense, lora, h, a, workspace, stream);
 }
@@ -542,10 +542,8 @@ namespace {
 void check_nf4(const char* op, const TensorView& weight, const TensorView& packed) {
   expect(op, "weight", weight, {-1, -1, -1}, kFloatTypes);
   check_features(op, weight);
-  expect(op, "packed", packed, {weight.shape[0], weight.shape[1], detail::nf4_bytes_per_row(weight.shape[2])},
-         {DType::u8});
+  expect_nf4(op, "packed", packed, weight.shape[0], weight.shape[1], weight.shape[2]);
   expect_same_device(op, "packed", packed, weight.device);
-  detail::expect_nf4_aligned(op, "packed", packed);
 }
 }  // namespace
 

@@ -1,6 +1,7 @@
 #include <sstream>
 
 #include "core/check.h"
+#include "core/nf4.h"
 #include "moefuse/moefuse.h"
 
 namespace moefuse {
@@ -141,8 +142,10 @@ void expect_buffer(const char* op, const char* name, const TensorView& buffer, s
   MOEFUSE_CHECK(reinterpret_cast<std::uintptr_t>(buffer.data) % 256 == 0, op, name, " must be 256-byte aligned");
 }
 
-void expect_nf4_aligned(const char* op, const char* name, const TensorView& packed) {
-  MOEFUSE_CHECK(reinterpret_cast<std::uintptr_t>(packed.data) % 16 == 0, op, name,
+void expect_nf4(const char* op, const char* name, const TensorView& packed, std::int64_t experts, std::int64_t out,
+                std::int64_t in, bool need_data) {
+  expect(op, name, packed, {experts, out, nf4_bytes_per_row(in)}, {DType::u8}, need_data);
+  MOEFUSE_CHECK(!need_data || reinterpret_cast<std::uintptr_t>(packed.data) % 16 == 0, op, name,
                 " (4-bit weight) must start at a 16-byte aligned address, got ", packed.data);
 }
 
