@@ -268,21 +268,23 @@ int bench(const Args& a) {
   if (cuda)
     std::printf("  autotuning %s%s\n", autotune_enabled() ? "on, cache " : "off",
                 autotune_enabled() ? (tune_cache().path().empty() ? "in memory" : tune_cache().path().c_str()) : "");
+  // One pass: its time and its rate, `passes` times the forward's FLOPs.
+  const auto row = [&](const std::string& name, double ms, int passes) {
+    std::printf("  %-28s %10.2f %12.1f\n", name.c_str(), ms, passes * flops / ms * 1e-6);
+  };
   std::printf("  %-28s %10s %12s\n", "pass", "ms", "GFLOP/s");
-  std::printf("  %-28s %10.2f %12.1f\n", "forward", f_ms, flops / f_ms * 1e-6);
-  std::printf("  %-28s %10.2f %12.1f\n", "forward+backward (all)", fb_ms, 3 * flops / fb_ms * 1e-6);
-  std::printf("  %-28s %10.2f %12.1f\n", "forward+dX (frozen experts)", fx_ms, 2 * flops / fx_ms * 1e-6);
+  row("forward", f_ms, 1);
+  row("forward+backward (all)", fb_ms, 3);
+  row("forward+dX (frozen experts)", fx_ms, 2);
   if (a.lora > 0) {
-    const std::string name = "forward+backward, LoRA r=" + std::to_string(a.lora);
-    std::printf("  %-28s %10.2f %12.1f\n", name.c_str(), lora_ms, 2 * flops / lora_ms * 1e-6);
+    row("forward+backward, LoRA r=" + std::to_string(a.lora), lora_ms, 2);
     std::printf("  LoRA step / frozen step: %.3fx\n", lora_ms / fx_ms);
   }
   if (a.nf4) {
-    std::printf("  %-28s %10.2f %12.1f\n", "forward+dX, 4-bit experts", fx4_ms, 2 * flops / fx4_ms * 1e-6);
+    row("forward+dX, 4-bit experts", fx4_ms, 2);
     std::printf("  4-bit step / frozen step: %.3fx\n", fx4_ms / fx_ms);
     if (a.lora > 0) {
-      const std::string name = "LoRA r=" + std::to_string(a.lora) + ", 4-bit experts";
-      std::printf("  %-28s %10.2f %12.1f\n", name.c_str(), lora4_ms, 2 * flops / lora4_ms * 1e-6);
+      row("LoRA r=" + std::to_string(a.lora) + ", 4-bit experts", lora4_ms, 2);
       std::printf("  QLoRA step / LoRA step: %.3fx\n", lora4_ms / lora_ms);
     }
     const double mib = 1.0 / (1 << 20);
