@@ -96,6 +96,17 @@ moefuse::Lora to_lora(const OptLora& l, const TensorView& saved = {}, std::int64
 
 void* to_stream(std::uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
+// Binds an op of two tensors and a stream, its arguments named as in the C++ API (and so in its errors).
+void def_two(nb::module_& m, const char* name, void (*op)(TensorView, TensorView, void*), const char* a,
+             const char* b) {
+  m.def(
+      name,
+      [op, a, b](const Array& x, const Array& y, std::uintptr_t stream) {
+        op(to_view(x, a), to_view(y, b), to_stream(stream));
+      },
+      nb::arg(a), nb::arg(b), "stream"_a = 0, nb::call_guard<nb::gil_scoped_release>());
+}
+
 // An op's workspace: alloc(nbytes) -> a u8 tensor from Python, not called for 0 bytes; the array keeps it alive for
 // the call.
 struct Scratch {
@@ -191,18 +202,8 @@ NB_MODULE(_C, m) {
 
   // 4-bit weights.
   m.def("nf4_row_bytes", &moefuse::nf4_row_bytes, "in"_a);
-  m.def(
-      "nf4_quantize",
-      [](const Array& weight, const Array& packed, std::uintptr_t stream) {
-        moefuse::nf4_quantize(to_view(weight, "weight"), to_view(packed, "packed"), to_stream(stream));
-      },
-      "weight"_a, "packed"_a, "stream"_a = 0, release);
-  m.def(
-      "nf4_dequantize",
-      [](const Array& packed, const Array& weight, std::uintptr_t stream) {
-        moefuse::nf4_dequantize(to_view(packed, "packed"), to_view(weight, "weight"), to_stream(stream));
-      },
-      "packed"_a, "weight"_a, "stream"_a = 0, release);
+  def_two(m, "nf4_quantize", &moefuse::nf4_quantize, "weight", "packed");
+  def_two(m, "nf4_dequantize", &moefuse::nf4_dequantize, "packed", "weight");
 
   // Router.
   m.def(
@@ -288,12 +289,7 @@ NB_MODULE(_C, m) {
       "lora"_a.none() = nb::none(), "grad_lora_a"_a.none() = nb::none(), "grad_lora_b"_a.none() = nb::none());
 
   // SwiGLU.
-  m.def(
-      "swiglu_forward",
-      [](const Array& h, const Array& a, std::uintptr_t stream) {
-        moefuse::swiglu_forward(to_view(h, "h"), to_view(a, "a"), to_stream(stream));
-      },
-      "h"_a, "a"_a, "stream"_a = 0, release);
+  def_two(m, "swiglu_forward", &moefuse::swiglu_forward, "h", "a");
   m.def(
       "swiglu_backward",
       [](const Array& h, const Array& grad_a, const Array& grad_h, std::uintptr_t stream) {
